@@ -1,0 +1,1 @@
+"""sinet: find and down-weight mislabeled images with side information (SINet, ECCV 2020)."""

@@ -1,0 +1,37 @@
+"""The ``sinet`` command line: one small command per stage, registered from ``commands/``."""
+
+from __future__ import annotations
+
+import sys
+
+import typer
+
+from . import console
+from .errors import SinetError
+from .store import ArtifactError
+
+app = typer.Typer(
+    name="sinet",
+    help="Find and down-weight mislabeled images in web-crawled datasets using side information (SINet).",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+
+# Each import registers its command(s) on `app`.
+from .commands import extract  # noqa: E402,F401
+
+
+def main() -> None:
+    try:
+        app()
+    except (SinetError, ArtifactError) as e:
+        console.error(str(e))
+        sys.exit(1)
+    except KeyboardInterrupt:
+        console.error("interrupted; written chunks are kept and the next run resumes")
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()

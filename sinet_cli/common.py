@@ -1,0 +1,94 @@
+"""Options and helpers shared by the commands: dataset selection, artifact paths, devices."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from .errors import SinetError
+
+DATA_HELP = (
+    "Dataset: 'demo' (embedded Fashion-MNIST), 'manifest:FILE.tsv', 'imagefolder:DIR'"
+    " (readers for other layouts register more kinds)."
+)
+
+DataOpt = Annotated[str, typer.Option("--data", help=DATA_HELP, rich_help_panel="Dataset")]
+ClassesOpt = Annotated[
+    Optional[Path],
+    typer.Option("--classes", help="Class table TSV (name, synset, description, parent).", rich_help_panel="Dataset"),
+]
+NoiseOpt = Annotated[
+    str, typer.Option("--noise", help="Demo only: none, symmetric or confusion.", rich_help_panel="Dataset")
+]
+NoiseRateOpt = Annotated[
+    float, typer.Option("--noise-rate", help="Demo only: share of training labels corrupted.", rich_help_panel="Dataset")
+]
+NoiseSeedOpt = Annotated[int, typer.Option("--noise-seed", help="Demo only: noise seed.", rich_help_panel="Dataset")]
+OutOpt = Annotated[
+    Optional[Path],
+    typer.Option(
+        "--out",
+        help="Artifact folder (default: $SINET_ARTIFACTS or ./artifacts, then the dataset name).",
+        rich_help_panel="Artifacts",
+    ),
+]
+ForceOpt = Annotated[
+    bool, typer.Option("--force", help="Recompute even when the output is up to date.", rich_help_panel="Artifacts")
+]
+DeviceOpt = Annotated[str, typer.Option("--device", help="cpu, cuda, cuda:N or auto.", rich_help_panel="Compute")]
+
+
+def dataset_name(data: str) -> str:
+    kind, _, arg = data.partition(":")
+    if kind == "demo" or not arg:
+        return kind
+    return Path(arg).stem if Path(arg).suffix else Path(arg).name
+
+
+def artifact_dir(out: Path | None, data: str) -> Path:
+    if out is not None:
+        return out
+    root = Path(os.environ.get("SINET_ARTIFACTS", "artifacts"))
+    return root / dataset_name(data)
+
+
+def load_table(data: str, classes: Path | None = None, noise: str = "symmetric", noise_rate: float = 0.4,
+               noise_seed: int = 0):
+    """Read the dataset named by ``--data`` into a :class:`DatasetTable`."""
+    from .datasets import ClassTable, load_demo, read_imagefolder, read_manifest
+
+    kind, _, arg = data.partition(":")
+    class_table = ClassTable.from_tsv(classes) if classes else None
+    if kind == "demo":
+        try:
+            return load_demo(noise=noise, rate=noise_rate, seed=noise_seed)
+        except ValueError as e:
+            raise SinetError(f"--data demo: {e}") from None
+    if not arg:
+        raise SinetError(f"--data {data!r}: expected KIND:PATH, e.g. manifest:train.tsv")
+    if kind == "manifest":
+        return read_manifest(Path(arg), class_table)
+    if kind == "imagefolder":
+        return read_imagefolder(Path(arg), class_table)
+    readers = _extra_readers()
+    if kind in readers:
+        return readers[kind](Path(arg), class_table)
+    raise SinetError(f"--data {data!r}: unknown dataset kind {kind!r} (demo, manifest, imagefolder{''.join(', ' + k for k in readers)})")
+
+
+def _extra_readers() -> dict:
+    """Readers of published layouts (Clothing1M, WebVision) when present."""
+    return {}
+
+
+def resolve_device(device: str) -> str:
+    import torch
+
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise SinetError(f"--device {device}: CUDA is not available on this machine")
+    return device

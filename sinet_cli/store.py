@@ -1,0 +1,562 @@
+"""The artifact store: every HDF5 schema of the pipeline, atomic writes, provenance, fingerprints.
+
+One module owns the layout of every artifact, so other tools can rely on fixed dataset names:
+
+* ``features.h5``   ``ids`` (N, str), ``labels`` (N, int, noisy), ``features`` (N x D), ``classes`` (C)
+* ``graph.h5``      ``classes`` (C), ``S_w``, ``S_l``, ``S_t`` (C x C float32)
+* ``prototypes.h5`` ``prototypes`` (P x D), ``prototype_class`` (P), ``consistency`` (N)
+* ``scores.h5``     ``ids``, ``weight``, ``distance``, ``nearest_class`` (N)
+
+Every artifact carries attributes: ``schema_version``, ``kind``, ``params`` (JSON), ``inputs``
+(JSON name -> fingerprint), ``package_version``, ``created`` and its own ``fingerprint`` (a
+content hash over kind, params, inputs and the bytes of every dataset). Downstream stages
+record that fingerprint as their input, so staleness is decided by content, not by mtime.
+
+Writes go to ``<name>.partial`` and are renamed into place only when complete; a crash never
+leaves a half-written artifact under the final name, and the previous artifact stays intact.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import hashlib
+import json
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator, Mapping
+
+import h5py
+import numpy as np
+
+SCHEMA_VERSION = 1
+PARTIAL_SUFFIX = ".partial"
+
+
+class ArtifactError(Exception):
+    """An artifact is missing, corrupt, of the wrong schema or inconsistent with another."""
+
+
+@dataclass(frozen=True)
+class Field:
+    """One dataset of an artifact: its name, value kind and symbolic shape."""
+
+    name: str
+    kind: str  # "str", "int", "float"
+    dims: tuple[str, ...]
+    required: bool = True
+
+
+# Symbolic dims: N images, D feature dim, C classes, P prototypes, S skipped images.
+SCHEMAS: dict[str, tuple[Field, ...]] = {
+    "features": (
+        Field("ids", "str", ("N",)),
+        Field("labels", "int", ("N",)),
+        Field("features", "float", ("N", "D")),
+        Field("classes", "str", ("C",)),
+        Field("paths", "str", ("N",), required=False),
+        Field("splits", "str", ("N",), required=False),
+        Field("clean_labels", "int", ("N",), required=False),
+        Field("side_text", "str", ("N",), required=False),
+        Field("probs", "float", ("N", "C"), required=False),
+        Field("skipped_ids", "str", ("S",), required=False),
+        Field("skipped_reasons", "str", ("S",), required=False),
+    ),
+    "graph": (
+        Field("classes", "str", ("C",)),
+        Field("S_w", "float", ("C", "C")),
+        Field("S_l", "float", ("C", "C")),
+        Field("S_t", "float", ("C", "C")),
+        Field("descriptions", "str", ("C",), required=False),
+        Field("description_source", "str", ("C",), required=False),
+        Field("hierarchy_known", "int", ("C",), required=False),
+        Field("label_embeddings", "float", ("C", "E"), required=False),
+    ),
+    "prototypes": (
+        Field("classes", "str", ("C",)),
+        Field("prototypes", "float", ("P", "D")),
+        Field("prototype_class", "int", ("P",)),
+        Field("initial_prototypes", "float", ("C", "D")),
+        Field("ids", "str", ("N",)),
+        Field("consistency", "float", ("N",)),
+        Field("selected", "int", ("N",), required=False),
+    ),
+    "scores": (
+        Field("ids", "str", ("N",)),
+        Field("labels", "int", ("N",)),
+        Field("weight", "float", ("N",)),
+        Field("distance", "float", ("N",)),
+        Field("nearest_class", "int", ("N",)),
+        Field("nearest_distance", "float", ("N",)),
+        Field("classes", "str", ("C",)),
+        Field("clean_labels", "int", ("N",), required=False),
+        Field("paths", "str", ("N",), required=False),
+    ),
+}
+
+STR_DTYPE = h5py.string_dtype("utf-8")
+
+
+def package_version() -> str:
+    try:
+        from importlib.metadata import version
+
+        return version("sinet")
+    except Exception:  # running from a source tree that was not installed
+        return "0+unknown"
+
+
+def canonical_json(obj: Any) -> str:
+    """JSON with sorted keys and no whitespace variance, so equal params hash equally."""
+    return json.dumps(obj, sort_keys=True, separators=(",", ":"), default=str)
+
+
+def fingerprint_file(path: Path, chunk: int = 1 << 20) -> str:
+    """Content hash of a plain input file (manifest, class table, taxonomy)."""
+    h = hashlib.blake2b(digest_size=16)
+    try:
+        with open(path, "rb") as f:
+            while block := f.read(chunk):
+                h.update(block)
+    except OSError as e:
+        raise ArtifactError(f"{path}: cannot read ({e.strerror})") from e
+    return h.hexdigest()
+
+
+def fingerprint_arrays(*arrays: Any) -> str:
+    """Content hash of in-memory values (numpy arrays, strings, lists)."""
+    h = hashlib.blake2b(digest_size=16)
+    for a in arrays:
+        if a is None:
+            h.update(b"<none>")
+        elif isinstance(a, np.ndarray) and a.dtype != object:
+            h.update(str(a.dtype).encode() + str(a.shape).encode())
+            h.update(np.ascontiguousarray(a).tobytes())
+        else:
+            h.update(canonical_json(a if not isinstance(a, np.ndarray) else a.tolist()).encode())
+    return h.hexdigest()
+
+
+def _kind_ok(kind: str, dtype: np.dtype) -> bool:
+    if kind == "str":
+        return h5py.check_string_dtype(dtype) is not None or dtype.kind in ("S", "U", "O")
+    if kind == "int":
+        return dtype.kind in ("i", "u")
+    return dtype.kind == "f"
+
+
+def _h5_dtype(kind: str, value_dtype: np.dtype | None) -> Any:
+    if kind == "str":
+        return STR_DTYPE
+    if value_dtype is not None:
+        return value_dtype
+    return np.int64 if kind == "int" else np.float32
+
+
+def _hash_dataset(h: "hashlib._Hash", ds: h5py.Dataset, rows: int = 65536) -> None:
+    h.update(ds.name.encode() + str(ds.shape).encode() + str(ds.dtype).encode())
+    if ds.shape == () or ds.size == 0:
+        return
+    src = ds.asstr() if h5py.check_string_dtype(ds.dtype) is not None else ds
+    for start in range(0, ds.shape[0], rows):
+        block = src[start : start + rows]
+        if isinstance(block, np.ndarray) and block.dtype != object:
+            h.update(np.ascontiguousarray(block).tobytes())
+        else:
+            h.update("\x00".join(map(str, block)).encode())
+
+
+def _content_fingerprint(f: h5py.File) -> str:
+    h = hashlib.blake2b(digest_size=16)
+    for key in ("kind", "params", "inputs"):
+        h.update(str(f.attrs.get(key, "")).encode())
+    for name in sorted(f.keys()):
+        _hash_dataset(h, f[name])
+    return h.hexdigest()
+
+
+def validate(path: Path, kind: str, f: h5py.File) -> dict[str, int]:
+    """Check an open artifact against its schema; return the resolved symbolic dims."""
+    if kind not in SCHEMAS:
+        raise ArtifactError(f"{path}: unknown artifact kind {kind!r}")
+    found_kind = f.attrs.get("kind")
+    if found_kind != kind:
+        raise ArtifactError(f"{path}: is a {found_kind or 'non-sinet'!s} artifact, expected {kind}")
+    version = int(f.attrs.get("schema_version", -1))
+    if version != SCHEMA_VERSION:
+        raise ArtifactError(
+            f"{path}: schema version {version}, this sinet reads {SCHEMA_VERSION}; rebuild it with --force"
+        )
+    dims: dict[str, int] = {}
+    for field in SCHEMAS[kind]:
+        if field.name not in f:
+            if field.required:
+                raise ArtifactError(f"{path}: missing dataset {field.name!r}")
+            continue
+        ds = f[field.name]
+        if not _kind_ok(field.kind, ds.dtype):
+            raise ArtifactError(f"{path}: dataset {field.name!r} has dtype {ds.dtype}, expected {field.kind}")
+        if len(ds.shape) != len(field.dims):
+            raise ArtifactError(
+                f"{path}: dataset {field.name!r} has shape {ds.shape}, expected {len(field.dims)} dims "
+                f"({' x '.join(field.dims)})"
+            )
+        for sym, n in zip(field.dims, ds.shape):
+            if sym in dims and dims[sym] != n:
+                raise ArtifactError(
+                    f"{path}: dataset {field.name!r} has {sym}={n} but other datasets have {sym}={dims[sym]}"
+                )
+            dims[sym] = n
+    return dims
+
+
+class Artifact:
+    """A validated, open, read-only artifact. Use as a context manager or call ``close()``."""
+
+    def __init__(self, path: Path | str, kind: str):
+        self.path = Path(path)
+        self.kind = kind
+        if not self.path.exists():
+            raise ArtifactError(f"{self.path}: not found (run the stage that writes the {kind} artifact first)")
+        try:
+            self.file = h5py.File(self.path, "r")
+        except OSError as e:
+            raise ArtifactError(f"{self.path}: not a readable HDF5 file ({e})") from e
+        try:
+            self.dims = validate(self.path, kind, self.file)
+        except Exception:
+            self.file.close()
+            raise
+
+    def __enter__(self) -> "Artifact":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self.file.close()
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.file
+
+    @property
+    def params(self) -> dict[str, Any]:
+        return json.loads(self.file.attrs.get("params", "{}"))
+
+    @property
+    def inputs(self) -> dict[str, str]:
+        return json.loads(self.file.attrs.get("inputs", "{}"))
+
+    @property
+    def fingerprint(self) -> str:
+        return str(self.file.attrs["fingerprint"])
+
+    def attr(self, name: str, default: Any = None) -> Any:
+        value = self.file.attrs.get(name, default)
+        return value.decode() if isinstance(value, bytes) else value
+
+    def json_attr(self, name: str, default: Any = None) -> Any:
+        raw = self.file.attrs.get(name)
+        return default if raw is None else json.loads(raw)
+
+    def dataset(self, name: str) -> h5py.Dataset:
+        if name not in self.file:
+            raise ArtifactError(f"{self.path}: missing dataset {name!r}")
+        return self.file[name]
+
+    def read(self, name: str, sl: slice | np.ndarray | None = None) -> np.ndarray:
+        """Read a dataset (or rows of it); strings come back as a numpy array of ``str``."""
+        ds = self.dataset(name)
+        src = ds.asstr() if h5py.check_string_dtype(ds.dtype) is not None else ds
+        value = src[()] if sl is None else src[sl]
+        if isinstance(value, np.ndarray) and value.dtype == object:
+            value = value.astype(str)
+        return value
+
+    def iter_rows(self, names: list[str], chunk_rows: int) -> Iterator[tuple[int, dict[str, np.ndarray]]]:
+        """Stream row blocks of several N-length datasets together: bounded memory for any N."""
+        n = self.dataset(names[0]).shape[0]
+        for start in range(0, n, chunk_rows):
+            yield start, {name: self.read(name, slice(start, min(n, start + chunk_rows))) for name in names}
+
+
+def open_artifact(path: Path | str, kind: str) -> Artifact:
+    return Artifact(path, kind)
+
+
+def read_provenance(path: Path | str) -> dict[str, Any] | None:
+    """Kind, params, inputs and fingerprint of an artifact, or None when absent/unreadable."""
+    try:
+        with h5py.File(path, "r") as f:
+            if "fingerprint" not in f.attrs:
+                return None
+            return {
+                "kind": f.attrs.get("kind"),
+                "params": json.loads(f.attrs.get("params", "{}")),
+                "inputs": json.loads(f.attrs.get("inputs", "{}")),
+                "fingerprint": str(f.attrs["fingerprint"]),
+                "schema_version": int(f.attrs.get("schema_version", -1)),
+            }
+    except (OSError, ValueError):
+        return None
+
+
+def artifact_fingerprint(path: Path | str, kind: str) -> str:
+    """The stored content fingerprint of a valid artifact (cheap: an attribute read)."""
+    with open_artifact(path, kind) as art:
+        return art.fingerprint
+
+
+def is_up_to_date(path: Path | str, kind: str, params: Mapping[str, Any], inputs: Mapping[str, str]) -> bool:
+    """True when ``path`` is a valid artifact built from these exact params and input fingerprints."""
+    prov = read_provenance(path)
+    if prov is None or prov["kind"] != kind or prov["schema_version"] != SCHEMA_VERSION:
+        return False
+    return canonical_json(prov["params"]) == canonical_json(dict(params)) and canonical_json(
+        prov["inputs"]
+    ) == canonical_json(dict(inputs))
+
+
+class ArtifactWriter:
+    """Writes one artifact to ``<path>.partial`` and renames it into place on ``commit()``.
+
+    Modes:
+      * ``"new"``: start from an empty file (an old partial is discarded).
+      * ``"resume"``: reopen an existing partial written with the same kind, params and inputs,
+        keeping the rows it committed (extract-features after a kill); otherwise start new.
+      * ``"append"``: copy the existing final artifact to the partial and grow it (incremental
+        scoring); the final file is untouched until ``commit()``.
+
+    Row-wise datasets are appended in lockstep through :meth:`append_rows`; the number of rows
+    committed is recorded in the ``rows_committed`` attribute after each flush, so a partial
+    file killed mid-append is truncated back to its last complete block on resume.
+    """
+
+    def __init__(
+        self,
+        path: Path | str,
+        kind: str,
+        params: Mapping[str, Any],
+        inputs: Mapping[str, str],
+        mode: str = "new",
+    ):
+        if kind not in SCHEMAS:
+            raise ArtifactError(f"{path}: unknown artifact kind {kind!r}")
+        self.path = Path(path)
+        self.kind = kind
+        self.partial = self.path.with_name(self.path.name + PARTIAL_SUFFIX)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.params_json = canonical_json(dict(params))
+        self.inputs_json = canonical_json(dict(inputs))
+        self.resumed = False
+        self._fields = {f.name: f for f in SCHEMAS[kind]}
+        if mode == "resume" and self.partial.exists() and self._partial_matches():
+            self.file = h5py.File(self.partial, "r+")
+            self.resumed = True
+            self._truncate_to_committed()
+        elif mode == "append":
+            if not self.path.exists():
+                raise ArtifactError(f"{self.path}: nothing to append to")
+            shutil.copyfile(self.path, self.partial)
+            self.file = h5py.File(self.partial, "r+")
+            self.file.attrs["params"] = self.params_json
+            self.file.attrs["inputs"] = self.inputs_json
+            self.file.attrs["rows_committed"] = self._row_count()
+        else:
+            self.partial.unlink(missing_ok=True)
+            self.file = h5py.File(self.partial, "w")
+            self.file.attrs["kind"] = kind
+            self.file.attrs["schema_version"] = SCHEMA_VERSION
+            self.file.attrs["params"] = self.params_json
+            self.file.attrs["inputs"] = self.inputs_json
+            self.file.attrs["rows_committed"] = 0
+
+    # -- resume support -------------------------------------------------------------------
+    def _partial_matches(self) -> bool:
+        try:
+            with h5py.File(self.partial, "r") as f:
+                return (
+                    f.attrs.get("kind") == self.kind
+                    and int(f.attrs.get("schema_version", -1)) == SCHEMA_VERSION
+                    and f.attrs.get("params") == self.params_json
+                    and f.attrs.get("inputs") == self.inputs_json
+                )
+        except (OSError, ValueError):
+            return False  # a partial corrupted by the kill: start over
+
+    def _row_datasets(self) -> list[str]:
+        return [n for n in self.file.keys() if self.file[n].maxshape and self.file[n].maxshape[0] is None]
+
+    def _row_count(self) -> int:
+        rows = self._row_datasets()
+        return int(self.file[rows[0]].shape[0]) if rows else 0
+
+    def _truncate_to_committed(self) -> None:
+        n = int(self.file.attrs.get("rows_committed", 0))
+        for name in self._row_datasets():
+            ds = self.file[name]
+            if ds.shape[0] != n:
+                ds.resize(n, axis=0)
+
+    @property
+    def rows_committed(self) -> int:
+        if not self.file:  # closed by commit(): the count recorded at that moment
+            return self._final_rows
+        return int(self.file.attrs.get("rows_committed", 0))
+
+    # -- writing -----------------------------------------------------------------------------
+    def set_attr(self, name: str, value: Any) -> None:
+        self.file.attrs[name] = value if isinstance(value, (str, int, float, np.number)) else canonical_json(value)
+
+    def get_attr(self, name: str, default: Any = None) -> Any:
+        return self.file.attrs.get(name, default)
+
+    def write(self, name: str, value: Any) -> None:
+        """Write (or replace) a whole fixed-size dataset."""
+        field = self._fields.get(name)
+        if field is None:
+            raise ArtifactError(f"{self.path}: {name!r} is not part of the {self.kind} schema")
+        if name in self.file:
+            del self.file[name]
+        if field.kind == "str":
+            self.file.create_dataset(name, data=np.asarray([str(v) for v in value], dtype=object), dtype=STR_DTYPE)
+        else:
+            arr = np.asarray(value)
+            self.file.create_dataset(name, data=arr, dtype=_h5_dtype(field.kind, arr.dtype))
+
+    def create_rows(self, name: str, tail_shape: tuple[int, ...] = (), dtype: Any = None, chunk_rows: int = 4096) -> None:
+        """Declare a growable row-wise dataset (first axis N)."""
+        if name in self.file:
+            return
+        field = self._fields.get(name)
+        if field is None:
+            raise ArtifactError(f"{self.path}: {name!r} is not part of the {self.kind} schema")
+        h5dtype = _h5_dtype(field.kind, np.dtype(dtype) if dtype is not None else None)
+        self.file.create_dataset(
+            name,
+            shape=(0, *tail_shape),
+            maxshape=(None, *tail_shape),
+            dtype=h5dtype,
+            chunks=(max(1, chunk_rows), *tail_shape),
+        )
+
+    def append_rows(self, rows: Mapping[str, Any], **attrs: Any) -> None:
+        """Append the same number of rows to several row datasets, then record the new count."""
+        lengths = {len(v) for v in rows.values()}
+        if len(lengths) != 1:
+            raise ArtifactError(f"{self.path}: append with unequal row counts {lengths}")
+        (k,) = lengths
+        n0 = self.rows_committed
+        for name, value in rows.items():
+            if name not in self.file:
+                arr = np.asarray(value)
+                self.create_rows(name, arr.shape[1:], arr.dtype if arr.dtype != object else None)
+            ds = self.file[name]
+            if ds.shape[0] != n0:
+                raise ArtifactError(f"{self.path}: dataset {name!r} has {ds.shape[0]} rows, expected {n0}")
+            ds.resize(n0 + k, axis=0)
+            if h5py.check_string_dtype(ds.dtype) is not None:
+                ds[n0 : n0 + k] = np.asarray([str(v) for v in value], dtype=object)
+            else:
+                ds[n0 : n0 + k] = np.asarray(value)
+        self.file.attrs["rows_committed"] = n0 + k
+        for key, val in attrs.items():
+            self.set_attr(key, val)
+        self.file.flush()
+
+    def commit(self) -> str:
+        """Validate, fingerprint, close and atomically rename into place. Returns the fingerprint."""
+        try:
+            validate(self.partial, self.kind, self.file)
+            self.file.attrs["package_version"] = package_version()
+            self.file.attrs["created"] = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+            fp = _content_fingerprint(self.file)
+            self.file.attrs["fingerprint"] = fp
+            self._final_rows = int(self.file.attrs.get("rows_committed", 0))
+        finally:
+            self.file.close()
+        os.replace(self.partial, self.path)
+        return fp
+
+    def abort(self, keep_partial: bool = False) -> None:
+        """Close without committing; the partial is kept only when asked (resumable stages)."""
+        try:
+            self.file.close()
+        finally:
+            if not keep_partial:
+                self.partial.unlink(missing_ok=True)
+
+
+def write_artifact(
+    path: Path | str,
+    kind: str,
+    data: Mapping[str, Any],
+    params: Mapping[str, Any],
+    inputs: Mapping[str, str],
+    attrs: Mapping[str, Any] | None = None,
+) -> str:
+    """Write a whole artifact atomically. Returns its content fingerprint."""
+    writer = ArtifactWriter(path, kind, params, inputs, mode="new")
+    try:
+        for name, value in data.items():
+            if value is not None:
+                writer.write(name, value)
+        for key, val in (attrs or {}).items():
+            writer.set_attr(key, val)
+        return writer.commit()
+    except BaseException:
+        writer.abort()
+        raise
+
+
+# -- FAISS -------------------------------------------------------------------------------------
+
+
+def write_faiss_index(path: Path | str, index: Any) -> None:
+    """Write a FAISS index atomically (temp file + rename). GPU indexes are moved to CPU first."""
+    import faiss
+
+    path = Path(path)
+    tmp = path.with_name(path.name + PARTIAL_SUFFIX)
+    if hasattr(faiss, "index_gpu_to_cpu") and "Gpu" in type(index).__name__:
+        index = faiss.index_gpu_to_cpu(index)
+    faiss.write_index(index, str(tmp))
+    os.replace(tmp, path)
+
+
+def read_faiss_index(path: Path | str, expected_dim: int | None = None, expected_rows: int | None = None) -> Any:
+    import faiss
+
+    path = Path(path)
+    if not path.exists():
+        raise ArtifactError(f"{path}: not found")
+    try:
+        index = faiss.read_index(str(path))
+    except RuntimeError as e:
+        raise ArtifactError(f"{path}: not a readable FAISS index ({str(e).splitlines()[0]})") from e
+    if expected_dim is not None and index.d != expected_dim:
+        raise ArtifactError(f"{path}: index dimension {index.d}, expected {expected_dim}")
+    if expected_rows is not None and index.ntotal != expected_rows:
+        raise ArtifactError(f"{path}: index holds {index.ntotal} vectors, expected {expected_rows}")
+    return index
+
+
+# -- plain JSON artifacts (metrics) ------------------------------------------------------------
+
+
+def write_json(path: Path | str, obj: Any) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + PARTIAL_SUFFIX)
+    tmp.write_text(json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n")
+    os.replace(tmp, path)
+
+
+def write_text(path: Path | str, text: str) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + PARTIAL_SUFFIX)
+    tmp.write_text(text)
+    os.replace(tmp, path)

@@ -1,0 +1,1 @@
+"""Pipeline stages: plain computation over arrays and paths. No stage imports another."""

@@ -22,9 +22,10 @@ app = typer.Typer(
 from .commands import extract  # noqa: E402,F401
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
+    """Console entry point: one-line errors and exit status 1 for bad input or artifacts."""
     try:
-        app()
+        app(args=argv)
     except (SinetError, ArtifactError) as e:
         console.error(str(e))
         sys.exit(1)

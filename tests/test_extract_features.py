@@ -1,0 +1,167 @@
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import stages.extract_features as stage
+from sinet_cli import store
+from sinet_cli.datasets import load_demo
+
+TINY = ["--backbone", "test_efficientnet", "--random-init", "--image-size", "32"]
+
+
+@pytest.fixture
+def manifest(tmp_path):
+    """24 real demo images as JPEG files, 3 classes, plus a class table."""
+    demo = load_demo(noise="none")
+    rows = ["id\tpath\tlabel\tsplit\tclean_label"]
+    for k, c in enumerate([0, 1, 7]):
+        for j, i in enumerate(np.flatnonzero(demo.labels == c)[:8]):
+            f = tmp_path / "img" / f"{c}_{j}.jpg"
+            f.parent.mkdir(exist_ok=True)
+            Image.fromarray(demo.pixels[i]).save(f)
+            split = "val" if j == 7 else "train"
+            rows.append(f"{c}_{j}\timg/{f.name}\t{k}\t{split}\t{k}")
+    (tmp_path / "m.tsv").write_text("\n".join(rows) + "\n")
+    (tmp_path / "classes.tsv").write_text("name\tsynset\ntee\ttee_shirt.n.01\ntrouser\ttrouser.n.01\nsneaker\tsneaker.n.01\n")
+    return tmp_path
+
+
+def _extract(sinet, root, out, *extra):
+    return sinet("extract-features", "--data", f"manifest:{root / 'm.tsv'}", "--classes", root / "classes.tsv",
+                 *TINY, "--out", out, "--workers", "0", *extra)
+
+
+def _read(path):
+    with store.open_artifact(path, "features") as art:
+        return {k: art.read(k) for k in ("ids", "labels", "features", "splits")} | {"art_params": art.params}
+
+
+def test_extract_writes_normalized_features_and_skips_up_to_date(sinet, manifest, tmp_path):
+    code, _, err = _extract(sinet, manifest, tmp_path / "out")
+    assert code == 0, err
+    f = _read(tmp_path / "out" / "features.h5")
+    assert len(f["ids"]) == 24 and f["features"].shape == (24, 256)
+    np.testing.assert_allclose(np.linalg.norm(f["features"].astype(np.float32), axis=1), 1.0, atol=2e-3)
+    assert sorted(set(f["splits"])) == ["train", "val"]
+    code, _, err = _extract(sinet, manifest, tmp_path / "out")
+    assert code == 0 and "up to date" in err
+
+
+def test_corrupt_and_missing_images_are_logged_and_skipped(sinet, manifest, tmp_path):
+    (manifest / "img" / "0_1.jpg").write_bytes(b"\xff\xd8\xff\xe0 this is not a jpeg")
+    (manifest / "img" / "1_2.jpg").unlink()
+    code, _, err = _extract(sinet, manifest, tmp_path / "out")
+    assert code == 0, err
+    assert "skipped image 0_1" in err and "cannot decode" in err
+    assert "skipped image 1_2" in err and "file not found" in err
+    with store.open_artifact(tmp_path / "out" / "features.h5", "features") as art:
+        ids = list(art.read("ids"))
+        assert len(ids) == 22 and "0_1" not in ids and "1_2" not in ids
+        assert sorted(art.read("skipped_ids")) == ["0_1", "1_2"]
+
+
+def test_interrupted_extraction_resumes_without_redoing_chunks(sinet, manifest, tmp_path, monkeypatch):
+    code, _, err = _extract(sinet, manifest, tmp_path / "full", "--batch-size", "4", "--chunk-rows", "8")
+    assert code == 0, err
+    full = _read(tmp_path / "full" / "features.h5")
+
+    real_extract = stage.extract
+    seen: list[int] = []
+
+    def interrupted(*args, **kwargs):
+        for k, batch in enumerate(real_extract(*args, **kwargs)):
+            if k == 5:  # after 2 chunks of 8 rows were flushed (batches 0-3), mid third chunk
+                raise KeyboardInterrupt
+            yield batch
+
+    monkeypatch.setattr(stage, "extract", interrupted)
+    code, _, err = _extract(sinet, manifest, tmp_path / "part", "--batch-size", "4", "--chunk-rows", "8")
+    assert code != 0 and "16 rows written; run the same command again to resume" in err
+    assert not (tmp_path / "part" / "features.h5").exists()
+    assert (tmp_path / "part" / "features.h5.partial").exists()
+
+    def recording(*args, **kwargs):
+        seen.extend(kwargs["positions"])
+        yield from real_extract(*args, **kwargs)
+
+    monkeypatch.setattr(stage, "extract", recording)
+    code, _, err = _extract(sinet, manifest, tmp_path / "part", "--batch-size", "4", "--chunk-rows", "8")
+    assert code == 0, err
+    assert "resuming at image 16" in err
+    assert seen == list(range(16, 24))  # the two written chunks were not redone
+    part = _read(tmp_path / "part" / "features.h5")
+    assert part["ids"].tolist() == full["ids"].tolist()
+    np.testing.assert_array_equal(part["features"], full["features"])
+
+
+def test_shards_merge_to_the_same_features(sinet, manifest, tmp_path):
+    out = tmp_path / "out"
+    assert _extract(sinet, manifest, out / "single")[0] == 0
+    for i in range(3):
+        code, _, err = _extract(sinet, manifest, out, "--shard", f"{i}/3")
+        assert code == 0, err
+    code, _, err = sinet("merge-features", "--shards", "3", "--out", out)
+    assert code == 0, err
+    merged, single = _read(out / "features.h5"), _read(out / "single" / "features.h5")
+    assert merged["ids"].tolist() == single["ids"].tolist()
+    np.testing.assert_allclose(merged["features"], single["features"], atol=1e-3)
+    code, _, err = _extract(sinet, manifest, out, "--shard", "3/3")
+    assert code == 1 and "--shard '3/3'" in err
+
+
+def test_weights_load_by_order_and_by_name(tmp_path):
+    model, _ = stage.build_backbone("test_efficientnet", None, random_init=True)
+    sd = model.state_dict()
+    renamed = {f"layer{i}": v.clone() + 1 for i, v in enumerate(sd.values())}
+    torch.save(renamed, tmp_path / "renamed.pth")
+    torch.save({"state_dict": {f"module.{k}": v for k, v in sd.items()}}, tmp_path / "named.pth")
+    m1, info1 = stage.build_backbone("test_efficientnet", tmp_path / "renamed.pth")
+    assert info1.mapping == "by-order"
+    first = next(iter(m1.state_dict().values()))
+    torch.testing.assert_close(first, next(iter(sd.values())) + 1)
+    m2, info2 = stage.build_backbone("test_efficientnet", tmp_path / "named.pth")
+    assert info2.mapping == "by-name"
+    bad = dict(renamed)
+    bad["layer0"] = torch.zeros(3)
+    torch.save(bad, tmp_path / "bad.pth")
+    with pytest.raises(ValueError, match="bad.pth: tensor layer0"):
+        stage.build_backbone("test_efficientnet", tmp_path / "bad.pth")
+
+
+class Evil:
+    def __reduce__(self):
+        return (print, ("code ran",))
+
+
+def test_weight_file_cannot_execute_code(tmp_path):
+    torch.save({"x": Evil()}, tmp_path / "evil.pth")
+    with pytest.raises(ValueError, match="evil.pth: not a loadable tensor state dict"):
+        stage.read_state_dict(tmp_path / "evil.pth")
+
+
+def test_no_weights_needs_explicit_random_init():
+    with pytest.raises(ValueError, match="ask for random init explicitly"):
+        stage.build_backbone("test_efficientnet", None)
+
+
+def test_packaged_lite0_weights_give_imagenet_features():
+    """The offline lite0 file maps onto timm's tf_efficientnet_lite0 and classifies like ImageNet."""
+    from sinet_cli.sideinfo import default_weights
+
+    model, info = stage.build_backbone("tf_efficientnet_lite0", default_weights("tf_efficientnet_lite0"),
+                                       num_classes=0)
+    assert info.mapping == "by-order" and info.feature_dim == 1280 and len(info.ignored_keys) == 2
+    pre = stage.Preprocess.for_model(model, 64)
+    demo = load_demo(noise="none")
+    idx = np.concatenate([np.flatnonzero(demo.labels == c)[:20] for c in (1, 8)])  # trousers vs bags
+    feats = np.concatenate([b.features for b in stage.extract(model, pre, pixels=demo.pixels, positions=idx)])
+    sims = feats @ feats.T
+    within = (sims[:20, :20].mean() + sims[20:, 20:].mean()) / 2
+    across = sims[:20, 20:].mean()
+    assert within > across + 0.1  # pretrained features separate real classes
+
+
+def test_help_lists_commands(sinet):
+    code, out, _ = sinet("--help")
+    assert code == 0 and "extract-features" in out and "merge-features" in out

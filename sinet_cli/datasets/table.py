@@ -108,7 +108,9 @@ class DatasetTable:
     """One row per image: id, path or pixels, noisy label, split, optional clean label and side text.
 
     ``clean_labels`` holds -1 where the true label is unknown. ``pixels`` (N x H x W[x3] uint8)
-    replaces ``paths`` for datasets held in memory (the embedded demo).
+    replaces ``paths`` for datasets held in memory (the embedded demo). ``subset`` (optional, one
+    string per row) names the part of a published dataset a row comes from, e.g. Clothing1M's
+    ``noisy`` / ``clean`` training sets or WebVision's ``google/q0001`` source and query.
     """
 
     name: str
@@ -121,13 +123,16 @@ class DatasetTable:
     clean_labels: np.ndarray | None = None
     side_text: np.ndarray | None = None
     provenance: dict[str, Any] = field(default_factory=dict)
+    subset: np.ndarray | None = None
 
     def __post_init__(self) -> None:
         n = len(self.ids)
         self.ids = np.asarray(self.ids, dtype=str)
         self.labels = np.asarray(self.labels, dtype=np.int64)
         self.splits = np.asarray(self.splits, dtype=str)
-        for name in ("labels", "splits", "paths", "pixels", "clean_labels", "side_text"):
+        if self.subset is not None:
+            self.subset = np.asarray(self.subset, dtype=str)
+        for name in ("labels", "splits", "paths", "pixels", "clean_labels", "side_text", "subset"):
             value = getattr(self, name)
             if value is not None and len(value) != n:
                 raise ValueError(f"dataset {self.name}: {name} has {len(value)} rows, ids has {n}")
@@ -153,6 +158,7 @@ class DatasetTable:
             pixels=pick(self.pixels),
             clean_labels=pick(self.clean_labels),
             side_text=pick(self.side_text),
+            subset=pick(self.subset),
         )
 
     def split(self, name: str) -> "DatasetTable":
@@ -166,7 +172,7 @@ class DatasetTable:
 
     def fingerprint(self) -> str:
         """Content hash of everything a stage reads from the table."""
-        return fingerprint_arrays(
+        parts = [
             self.classes.fingerprint(),
             self.ids,
             self.labels,
@@ -175,4 +181,7 @@ class DatasetTable:
             None if self.pixels is None else fingerprint_arrays(self.pixels),
             self.clean_labels,
             self.side_text,
-        )
+        ]
+        if self.subset is not None:  # appended only when present: older fingerprints stay valid
+            parts.append(self.subset)
+        return fingerprint_arrays(*parts)

@@ -147,7 +147,7 @@ class DatasetTable:
     def __len__(self) -> int:
         return len(self.ids)
 
-    def subset(self, mask: np.ndarray) -> "DatasetTable":
+    def take(self, mask: np.ndarray) -> "DatasetTable":
         pick = lambda a: None if a is None else a[mask]  # noqa: E731
         return replace(
             self,
@@ -162,7 +162,7 @@ class DatasetTable:
         )
 
     def split(self, name: str) -> "DatasetTable":
-        return self.subset(self.splits == name)
+        return self.take(self.splits == name)
 
     def noise_mask(self) -> np.ndarray | None:
         """True where the noisy label differs from a known clean label (None when unknown)."""

@@ -17,7 +17,7 @@ DATA_OPTS   = --data $(DATA) --noise $(NOISE) --noise-rate $(NOISE_RATE) --noise
 # extract-features
 BACKBONE   ?= tf_efficientnet_lite0
 IMAGE_SIZE ?= 64
-BATCH_SIZE ?= 256
+BATCH_SIZE ?= 64
 DEVICE     ?= auto
 
 .PHONY: install test demo bench clean-demo help

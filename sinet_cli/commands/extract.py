@@ -64,7 +64,7 @@ def extract_features(
         typer.Option("--probs", help="Also store class probabilities (the weights' classifier must have C outputs).",
                      rich_help_panel="Model"),
     ] = False,
-    batch_size: Annotated[int, typer.Option(help="Images per forward pass.", rich_help_panel="Compute")] = 256,
+    batch_size: Annotated[int, typer.Option(help="Images per forward pass (64 is fastest on CPU here).", rich_help_panel="Compute")] = 64,
     workers: Annotated[int, typer.Option(help="DataLoader decoding processes (image files).", rich_help_panel="Compute")] = 2,
     device: DeviceOpt = "auto",
     dtype: Annotated[str, typer.Option(help="On-disk feature dtype: float16 or float32.", rich_help_panel="Artifacts")] = "float16",

@@ -126,3 +126,40 @@ def test_imagefolder_with_and_without_splits(tmp_path):
     (tmp_path / "flat" / "bee").mkdir()
     with pytest.raises(InputError, match="class 'bee' has no training images"):
         read_imagefolder(tmp_path / "flat")
+
+
+def test_openset_junk_is_real_outside_images_at_the_requested_share():
+    t = load_demo(noise="confusion:0.2+openset:0.2", seed=1)
+    train = t.splits == "train"
+    junk = t.clean_labels == -2
+    assert junk[train].mean() == pytest.approx(0.2, abs=1e-3)
+    assert not junk[~train].any()
+    assert all(i.startswith("mnist-junk-") for i in t.ids[junk])
+    assert t.noise_mask()[junk].all()  # junk counts as noise whatever its random label
+    assert np.bincount(t.labels[junk], minlength=10).min() > 0  # labels spread over all classes
+    # the junk really is MNIST: digits have far more black background than garments
+    assert (t.pixels[junk] == 0).mean() > (t.pixels[train & ~junk] == 0).mean() + 0.2
+    closed = train & ~junk
+    assert 0.05 < (t.labels[closed] != t.clean_labels[closed]).mean() < 0.2
+
+
+def test_second_demo_is_mnist_with_fashion_junk():
+    t = load_demo(noise="symmetric:0.4+openset:0.1", name="demo-mnist")
+    assert t.classes.names[:3] == ["zero", "one", "two"] and t.classes.synsets[4] == "four.n.01"
+    junk = t.clean_labels == -2
+    assert all(i.startswith("fmnist-junk-") for i in t.ids[junk])
+    closed = (t.splits == "train") & ~junk
+    assert (t.labels[closed] != t.clean_labels[closed]).mean() == pytest.approx(0.4, abs=1e-3)
+
+
+def test_noise_mask_ignores_unknown_clean_labels():
+    t = load_demo(noise="symmetric", rate=0.4)
+    t.clean_labels[:10] = -1
+    assert not t.noise_mask()[:10].any()
+
+
+def test_bad_noise_spec():
+    with pytest.raises(ValueError, match="unknown noise kind 'gaussian'"):
+        load_demo(noise="gaussian")
+    with pytest.raises(ValueError, match="open-set rate"):
+        load_demo(noise="openset:1.0")

@@ -13,6 +13,8 @@ from ..errors import InputError
 from ..store import fingerprint_arrays
 
 SPLITS = ("train", "val", "test")
+UNKNOWN = -1  # clean label not known
+OUTSIDE = -2  # clean label: the image belongs to none of the classes (open-set noise)
 CLASS_COLUMNS = ("name", "synset", "description", "parent")
 
 
@@ -165,10 +167,12 @@ class DatasetTable:
         return self.take(self.splits == name)
 
     def noise_mask(self) -> np.ndarray | None:
-        """True where the noisy label differs from a known clean label (None when unknown)."""
+        """True where the noisy label differs from the clean one (open-set rows included);
+        None when no clean labels are known. Rows with an UNKNOWN clean label count as clean;
+        use ``clean_labels != UNKNOWN`` to leave them out of a score."""
         if self.clean_labels is None:
             return None
-        return self.labels != self.clean_labels
+        return (self.clean_labels != UNKNOWN) & (self.labels != self.clean_labels)
 
     def fingerprint(self) -> str:
         """Content hash of everything a stage reads from the table."""

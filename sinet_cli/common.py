@@ -11,8 +11,8 @@ import typer
 from .errors import SinetError
 
 DATA_HELP = (
-    "Dataset: 'demo' (embedded Fashion-MNIST), 'manifest:FILE.tsv', 'imagefolder:DIR'"
-    " (readers for other layouts register more kinds)."
+    "Dataset: 'demo' (embedded Fashion-MNIST), 'manifest:FILE.tsv', 'imagefolder:DIR',"
+    " 'clothing1m:DIR', 'webvision:DIR' or 'mini-webvision:DIR' (the published layouts)."
 )
 
 DataOpt = Annotated[str, typer.Option("--data", help=DATA_HELP, rich_help_panel="Dataset")]
@@ -45,7 +45,8 @@ def dataset_name(data: str) -> str:
     kind, _, arg = data.partition(":")
     if kind == "demo" or not arg:
         return kind
-    return Path(arg).stem if Path(arg).suffix else Path(arg).name
+    name = Path(arg).stem if Path(arg).suffix else Path(arg).name
+    return f"mini-{name}" if kind == "mini-webvision" else name  # not the full WebVision's folder
 
 
 def artifact_dir(out: Path | None, data: str) -> Path:
@@ -80,8 +81,11 @@ def load_table(data: str, classes: Path | None = None, noise: str = "symmetric",
 
 
 def _extra_readers() -> dict:
-    """Readers of published layouts (Clothing1M, WebVision) when present."""
-    return {}
+    """Readers of published layouts: ``reader(path, class_table_or_None) -> DatasetTable``."""
+    from .datasets.clothing1m import read_clothing1m
+    from .datasets.webvision import read_mini_webvision, read_webvision
+
+    return {"clothing1m": read_clothing1m, "webvision": read_webvision, "mini-webvision": read_mini_webvision}
 
 
 def resolve_device(device: str) -> str:

@@ -11,7 +11,7 @@ import typer
 from .errors import SinetError
 
 DATA_HELP = (
-    "Dataset: 'demo' (embedded Fashion-MNIST), 'manifest:FILE.tsv', 'imagefolder:DIR',"
+    "Dataset: 'demo' (embedded Fashion-MNIST), 'demo-mnist' (embedded MNIST), 'manifest:FILE.tsv', 'imagefolder:DIR',"
     " 'clothing1m:DIR', 'webvision:DIR' or 'mini-webvision:DIR' (the published layouts)."
 )
 
@@ -21,7 +21,9 @@ ClassesOpt = Annotated[
     typer.Option("--classes", help="Class table TSV (name, synset, description, parent).", rich_help_panel="Dataset"),
 ]
 NoiseOpt = Annotated[
-    str, typer.Option("--noise", help="Demo only: none, symmetric or confusion.", rich_help_panel="Dataset")
+    str,
+    typer.Option("--noise", help="Demo only: none, symmetric, confusion, openset, or a mix such as "
+                 "'confusion:0.2+openset:0.1'.", rich_help_panel="Dataset"),
 ]
 NoiseRateOpt = Annotated[
     float, typer.Option("--noise-rate", help="Demo only: share of training labels corrupted.", rich_help_panel="Dataset")
@@ -43,7 +45,7 @@ DeviceOpt = Annotated[str, typer.Option("--device", help="cpu, cuda, cuda:N or a
 
 def dataset_name(data: str) -> str:
     kind, _, arg = data.partition(":")
-    if kind == "demo" or not arg:
+    if kind in ("demo", "demo-mnist") or not arg:
         return kind
     name = Path(arg).stem if Path(arg).suffix else Path(arg).name
     return f"mini-{name}" if kind == "mini-webvision" else name  # not the full WebVision's folder
@@ -63,9 +65,9 @@ def load_table(data: str, classes: Path | None = None, noise: str = "symmetric",
 
     kind, _, arg = data.partition(":")
     class_table = ClassTable.from_tsv(classes) if classes else None
-    if kind == "demo":
+    if kind in ("demo", "demo-mnist"):
         try:
-            return load_demo(noise=noise, rate=noise_rate, seed=noise_seed)
+            return load_demo(noise=noise, rate=noise_rate, seed=noise_seed, name=kind)
         except ValueError as e:
             raise SinetError(f"--data demo: {e}") from None
     if not arg:

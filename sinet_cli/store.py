@@ -59,6 +59,7 @@ SCHEMAS: dict[str, tuple[Field, ...]] = {
         Field("splits", "str", ("N",), required=False),
         Field("clean_labels", "int", ("N",), required=False),
         Field("side_text", "str", ("N",), required=False),
+        Field("subset", "str", ("N",), required=False),
         Field("probs", "float", ("N", "C"), required=False),
         Field("skipped_ids", "str", ("S",), required=False),
         Field("skipped_reasons", "str", ("S",), required=False),
@@ -92,6 +93,7 @@ SCHEMAS: dict[str, tuple[Field, ...]] = {
         Field("classes", "str", ("C",)),
         Field("clean_labels", "int", ("N",), required=False),
         Field("paths", "str", ("N",), required=False),
+        Field("splits", "str", ("N",), required=False),
     ),
 }
 

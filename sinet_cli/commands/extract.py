@@ -144,6 +144,8 @@ def extract_features(
             rows["clean_labels"] = table.clean_labels[pos]
         if table.side_text is not None:
             rows["side_text"] = table.side_text[pos]
+        if table.subset is not None:
+            rows["subset"] = table.subset[pos]
         if probs:
             rows["probs"] = np.concatenate([b.probs[b.ok] for b in buf]).astype(np.float32)
         if len(pos):
@@ -241,7 +243,8 @@ def merge_features(
             return
         writer = store.ArtifactWriter(target, "features", params, inputs, mode="new")
         try:
-            row_names = [n for n in ("ids", "labels", "features", "splits", "paths", "clean_labels", "side_text", "probs")
+            row_names = [n for n in ("ids", "labels", "features", "splits", "paths", "clean_labels", "side_text", "subset",
+                                     "probs")
                          if n in first]
             skipped_ids: list[str] = []
             skipped_reasons: list[str] = []

@@ -1,0 +1,528 @@
+"""``sinet train``: models A, B, C (paper table 1) and an oracle, on cached features or on images."""
+
+from __future__ import annotations
+
+import copy
+import inspect
+import json
+import os
+import time
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Annotated, Any, Iterator, Optional
+
+import numpy as np
+import typer
+
+from .. import console, store
+from ..app import app
+from ..common import (
+    ClassesOpt,
+    DataOpt,
+    DeviceOpt,
+    ForceOpt,
+    NoiseOpt,
+    NoiseRateOpt,
+    NoiseSeedOpt,
+    OutOpt,
+    artifact_dir,
+    load_table,
+    resolve_device,
+)
+from ..errors import SinetError
+from ..progress import progress_bar
+from ..sideinfo import DEFAULT_BACKBONE, default_weights
+
+DEFAULT_ALPHA, DEFAULT_BETA = 1.2, 1.5  # eq. 6 defaults (tables 4-5), used when scores.h5 does not record them
+
+P_MODE, P_IN, P_OPT, P_IMG, P_ART = "Mode", "Inputs", "Optimization", "Images (--on images)", "Artifacts"
+
+
+# ------------------------------------------------------------------------------------ helpers
+
+
+def parse_steps(text: str | None, epochs: int) -> tuple[int, ...]:
+    from stages import train as stage
+
+    if text is None or not text.strip():
+        return stage.scaled_lr_steps(epochs)
+    try:
+        steps = tuple(int(s) for s in text.replace(" ", "").split(",") if s)
+    except ValueError:
+        raise SinetError(f"--lr-steps {text!r}: expected comma-separated epochs, e.g. 30,60,80,90") from None
+    if any(s < 1 for s in steps) or list(steps) != sorted(steps):
+        raise SinetError(f"--lr-steps {text!r}: expected increasing epochs >= 1")
+    return steps
+
+
+def read_weights(scores_path: Path, source: Path | str, ids: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, dict, str]:
+    """w_i of every training image (matched by id), the scores' params and fingerprint."""
+    with store.open_artifact(scores_path, "scores") as art:
+        sid, w, slab = art.read("ids"), art.read("weight").astype(np.float32), art.read("labels")
+        params, fp = art.params, art.fingerprint
+    order = np.argsort(sid, kind="stable")
+    sorted_ids = sid[order]
+    pos = np.clip(np.searchsorted(sorted_ids, ids), 0, max(len(sid) - 1, 0))
+    found = (sorted_ids[pos] == ids) if len(sid) else np.zeros(len(ids), bool)
+    if not found.all():
+        miss = ids[~found]
+        raise SinetError(
+            f"{scores_path}: no weight for training image {miss[0]!r} of {source} ({len(miss)} of {len(ids)} "
+            "training images missing; rerun sinet score-noise on these features)"
+        )
+    rows = order[pos]
+    bad = np.flatnonzero(slab[rows] != labels)
+    if len(bad):
+        i = bad[0]
+        raise SinetError(
+            f"{scores_path}: image {ids[i]!r} has label {slab[rows[i]]} there but {labels[i]} in {source} "
+            f"({len(bad)} differ); the scores belong to another labeling, rerun sinet score-noise"
+        )
+    return w[rows], params, fp
+
+
+def read_features_for(features_path: Path, ids: np.ndarray) -> tuple[np.ndarray, str]:
+    with store.open_artifact(features_path, "features") as art:
+        fid = art.read("ids")
+        feats = art.read("features")
+        fp = art.fingerprint
+    index = {k: i for i, k in enumerate(fid)}
+    missing = [k for k in ids if k not in index]
+    if missing:
+        raise SinetError(f"{features_path}: no feature for image {missing[0]!r} ({len(missing)} missing); rerun extract-features")
+    return np.asarray(feats[[index[k] for k in ids]], dtype=np.float32), fp
+
+
+def read_prototypes(path: Path, classes: list[str]) -> tuple[np.ndarray, np.ndarray, str]:
+    with store.open_artifact(path, "prototypes") as art:
+        pc = list(art.read("classes"))
+        if pc != list(classes):
+            raise SinetError(f"{path}: classes differ from the training data's; rebuild the prototypes")
+        return art.read("prototypes").astype(np.float32), art.read("prototype_class"), art.fingerprint
+
+
+@contextmanager
+def _locked(path: Path) -> Iterator[None]:
+    import fcntl
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path.with_name(path.name + ".lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+
+
+def merge_shared_metrics(path: Path, run: str, entry: dict[str, Any]) -> None:
+    """Set ``metrics.json["train"][run]`` keeping everything else (other runs, other stages' keys)."""
+    with _locked(path):
+        data: dict[str, Any] = {}
+        if path.exists():
+            try:
+                data = json.loads(path.read_text())
+            except (OSError, ValueError):
+                console.warn(f"{path}: unreadable, starting a new one")
+                data = {}
+        data.setdefault("train", {})[run] = entry
+        store.write_json(path, data)
+
+
+def finished_run(metrics_path: Path, model_path: Path, params: dict, inputs: dict) -> bool:
+    if not (metrics_path.exists() and model_path.exists()):
+        return False
+    try:
+        m = json.loads(metrics_path.read_text())
+    except (OSError, ValueError):
+        return False
+    return store.canonical_json(m.get("params")) == store.canonical_json(params) and store.canonical_json(
+        m.get("inputs")
+    ) == store.canonical_json(inputs)
+
+
+def initial_config(cfg, epochs: int | None, lr_steps_text: str | None):
+    """The top-k smoothing's initial model: same settings, its own epochs, no fine-tuning phase."""
+    import dataclasses
+
+    from stages import train as stage
+
+    n = epochs or cfg.epochs
+    steps = stage.scaled_lr_steps(n) if lr_steps_text is None else tuple(s for s in cfg.lr_steps if s < n)
+    return dataclasses.replace(cfg, epochs=n, lr_steps=steps, finetune_epochs=0, finetune_size=0)
+
+
+@contextmanager
+def _bar(desc: str, total: int, quiet: bool) -> Iterator:
+    if quiet:
+        yield None
+        return
+    with progress_bar(desc, total) as adv:
+        yield adv
+
+
+def save_model(path: Path, state_dict: dict) -> None:
+    import torch
+
+    tmp = path.with_name(path.name + ".partial")
+    torch.save(state_dict, tmp)
+    os.replace(tmp, path)
+
+
+def _summary(stats: dict) -> str:
+    return f"top-1 {stats['top1']:.2f} %, top-5 {stats['top5']:.2f} %"
+
+
+# ------------------------------------------------------------------------------------ command
+
+
+@app.command("train")
+def train(
+    mode: Annotated[str, typer.Option(help="A: all images, unweighted. B: only images with w > --threshold, "
+                                      "unweighted. C: weighted by w (SINet, eq. 1). oracle: the clean labels "
+                                      "(only when known).", rich_help_panel=P_MODE)] = "C",
+    on: Annotated[str, typer.Option(help="features: a head on cached features (CPU, fast). images: a full timm "
+                                    "model on images (GPU; several with torchrun).", rich_help_panel=P_MODE)] = "features",
+    threshold: Annotated[Optional[float], typer.Option(
+        help="Mode B / top-k smoothing: confident images have w above this. Default: the median training "
+             "weight (B keeps the more confident half).", rich_help_panel=P_MODE)] = None,
+    soft_targets: Annotated[bool, typer.Option("--soft-targets", help="Mode C: eq. 7's per-class weights "
+                            "w_ic = max(0, alpha - ||v_c - g_i||)^beta from prototypes.h5 instead of eq. 1.",
+                            rich_help_panel=P_MODE)] = False,
+    soft_mix: Annotated[float, typer.Option(help="--soft-targets: share of the target moved onto the label "
+                        "(0: eq. 7 as is, 1: eq. 1).", rich_help_panel=P_MODE)] = 0.0,
+    soft_keep: Annotated[int, typer.Option(help="--soft-targets: keep each image's K largest class weights "
+                         "(all when K >= classes).", rich_help_panel=P_MODE)] = 16,
+    alpha: Annotated[Optional[float], typer.Option(help="--soft-targets: eq. 6 alpha (default: scores.h5's, "
+                     "else 1.2).", rich_help_panel=P_MODE)] = None,
+    beta: Annotated[Optional[float], typer.Option(help="--soft-targets: eq. 6 beta (default: scores.h5's, "
+                    "else 1.5).", rich_help_panel=P_MODE)] = None,
+    topk_smoothing: Annotated[int, typer.Option(help="K > 0: top-k label smoothing (3.4): a model trained on "
+                              "the confident images predicts the others; their targets mix the label with "
+                              "its top-K predictions.", rich_help_panel=P_MODE)] = 0,
+    topk_mix: Annotated[float, typer.Option(help="Top-k smoothing: weight of the predictions in the target "
+                        "(1 - it stays on the label); 0.5 trusts both equally.", rich_help_panel=P_MODE)] = 0.5,
+    topk_epochs: Annotated[Optional[int], typer.Option(help="Epochs of the initial top-k model (default "
+                           "--epochs).", rich_help_panel=P_MODE)] = None,
+    suffix: Annotated[str, typer.Option(help="Run name suffix: output in train-<mode>-<suffix>/ and that key "
+                      "in metrics.json (e.g. seed1, topk).", rich_help_panel=P_MODE)] = "",
+    data: DataOpt = "demo",
+    classes: ClassesOpt = None,
+    noise: NoiseOpt = "symmetric",
+    noise_rate: NoiseRateOpt = 0.4,
+    noise_seed: NoiseSeedOpt = 0,
+    features: Annotated[Optional[Path], typer.Option(help="features.h5 (default: in the artifact folder).",
+                        rich_help_panel=P_IN)] = None,
+    scores: Annotated[Optional[Path], typer.Option(help="scores.h5 with w_i (default: in the artifact folder).",
+                      rich_help_panel=P_IN)] = None,
+    prototypes: Annotated[Optional[Path], typer.Option(help="prototypes.h5 for --soft-targets (default: in "
+                          "the artifact folder).", rich_help_panel=P_IN)] = None,
+    head: Annotated[str, typer.Option(help="--on features: linear or mlp (hidden layer, ReLU).",
+                    rich_help_panel=P_OPT)] = "linear",
+    hidden: Annotated[int, typer.Option(help="--head mlp: hidden units.", rich_help_panel=P_OPT)] = 512,
+    dropout: Annotated[float, typer.Option(help="Dropout after pooling (paper: 0.25).", rich_help_panel=P_OPT)] = 0.25,
+    epochs: Annotated[int, typer.Option(help="Training epochs (paper: 100).", rich_help_panel=P_OPT)] = 100,
+    lr: Annotated[float, typer.Option(help="Initial SGD learning rate (paper: 0.1).", rich_help_panel=P_OPT)] = 0.1,
+    momentum: Annotated[float, typer.Option(help="SGD momentum.", rich_help_panel=P_OPT)] = 0.9,
+    weight_decay: Annotated[float, typer.Option(help="L2 weight decay.", rich_help_panel=P_OPT)] = 1e-4,
+    batch_size: Annotated[int, typer.Option(help="Global batch size (all processes together).",
+                          rich_help_panel=P_OPT)] = 256,
+    lr_steps: Annotated[Optional[str], typer.Option(help="Epochs after which the lr is multiplied by "
+                        "--lr-gamma, e.g. 30,60,80,90 (default: the paper's 30, 60, 80, 90 percent of --epochs).",
+                        rich_help_panel=P_OPT)] = None,
+    lr_gamma: Annotated[float, typer.Option(help="Step-decay factor.", rich_help_panel=P_OPT)] = 0.1,
+    seed: Annotated[int, typer.Option(help="Seed of initialization, shuffling, augmentation and dropout.",
+                    rich_help_panel=P_OPT)] = 0,
+    backbone: Annotated[str, typer.Option(help="Any timm model name.", rich_help_panel=P_IMG)] = DEFAULT_BACKBONE,
+    weights: Annotated[Optional[Path], typer.Option(help="Backbone state dict to start from (loaded "
+                       "weights_only). Default: the packaged ImageNet lite0 weights.", rich_help_panel=P_IMG)] = None,
+    random_init: Annotated[bool, typer.Option("--random-init", help="Start from random weights.",
+                           rich_help_panel=P_IMG)] = False,
+    image_size: Annotated[int, typer.Option(help="Training input size (paper: 224).", rich_help_panel=P_IMG)] = 224,
+    finetune_size: Annotated[int, typer.Option(help="Progressive resolution: fine-tune at this larger size "
+                             "after --epochs.", rich_help_panel=P_IMG)] = 0,
+    finetune_epochs: Annotated[int, typer.Option(help="Epochs at --finetune-size.", rich_help_panel=P_IMG)] = 0,
+    finetune_lr: Annotated[Optional[float], typer.Option(help="Learning rate while fine-tuning (default: the "
+                           "last lr of the main schedule).", rich_help_panel=P_IMG)] = None,
+    min_crop: Annotated[float, typer.Option(help="Random-resized-crop: smallest area fraction.",
+                        rich_help_panel=P_IMG)] = 0.08,
+    workers: Annotated[int, typer.Option(help="Image decoding processes per training process.",
+                       rich_help_panel=P_IMG)] = 2,
+    device: DeviceOpt = "auto",
+    out: OutOpt = None,
+    force: ForceOpt = False,
+) -> None:
+    """Train a classifier with per-image weights w_i from scores.h5 (eq. 1) and report top-1/top-5 on the
+    clean validation split (metrics.json).
+
+    Resumes from its last finished epoch after a kill. Under torchrun, --on images trains with DDP.
+
+    Example: sinet train --mode C --on features --head mlp
+    """
+    from stages import train as stage
+
+    if mode not in stage.MODES:
+        raise SinetError(f"--mode {mode!r}: choose one of {', '.join(stage.MODES)}")
+    if on not in ("features", "images"):
+        raise SinetError(f"--on {on!r}: choose features or images")
+    if soft_targets and mode != "C":
+        raise SinetError("--soft-targets replaces mode C's eq. 1 by eq. 7: use it with --mode C")
+    if topk_smoothing < 0:
+        raise SinetError("--topk-smoothing must be >= 0")
+    if topk_smoothing and mode in ("B", "oracle"):
+        raise SinetError(f"--topk-smoothing smooths the labels of the non-confident images: use --mode A or C, not {mode}")
+    if topk_smoothing and soft_targets:
+        raise SinetError("--topk-smoothing and --soft-targets both replace the targets: choose one")
+    if suffix and not suffix.replace("-", "").replace("_", "").isalnum():
+        raise SinetError(f"--suffix {suffix!r}: letters, digits, - and _ only")
+    try:
+        cfg = stage.TrainConfig(
+            epochs=epochs, lr=lr, momentum=momentum, weight_decay=weight_decay, batch_size=batch_size,
+            lr_steps=parse_steps(lr_steps, epochs), lr_gamma=lr_gamma, seed=seed, image_size=image_size,
+            finetune_size=finetune_size, finetune_epochs=finetune_epochs, finetune_lr=finetune_lr, min_crop=min_crop,
+        )
+    except ValueError as e:
+        raise SinetError(str(e)) from None
+    if on == "features" and (finetune_epochs or finetune_size):
+        raise SinetError("--finetune-size/--finetune-epochs apply to --on images")
+
+    folder = artifact_dir(out, data)
+    features_path = features or folder / "features.h5"
+    scores_path = scores or folder / "scores.h5"
+    needs_scores = mode in ("B", "C") or topk_smoothing > 0
+    run = mode + (f"-{suffix}" if suffix else "")
+    run_dir = folder / f"train-{run}"
+
+    # ---- the training / validation rows
+    if on == "features":
+        with store.open_artifact(features_path, "features") as art:
+            ids, labels = art.read("ids"), art.read("labels")
+            class_names = list(art.read("classes"))
+            splits = art.read("splits") if "splits" in art else np.full(len(ids), "train")
+            clean = art.read("clean_labels") if "clean_labels" in art else None
+            feats_all = art.read("features")
+            source_fp = art.fingerprint
+        source_name: Path | str = features_path
+        inputs = {"features": source_fp}
+    else:
+        table = load_table(data, classes, noise, noise_rate, noise_seed)
+        ids, labels, splits, clean = table.ids, table.labels, table.splits, table.clean_labels
+        class_names = list(table.classes.names)
+        source_name = f"--data {data}"
+        inputs = {"dataset": table.fingerprint()}
+    num_classes = len(class_names)
+    tr = np.flatnonzero(splits == "train")
+    va = np.flatnonzero(splits == "val")
+    if len(tr) == 0:
+        raise SinetError(f"{source_name}: no rows with split 'train'")
+    tr_clean = None if clean is None else clean[tr]
+
+    w_train = None
+    scores_params: dict = {}
+    if needs_scores:
+        w_train, scores_params, inputs["scores"] = read_weights(scores_path, source_name, ids[tr], labels[tr])
+    thr = None
+    if mode == "B" or topk_smoothing:
+        thr = stage.default_threshold(w_train) if threshold is None else float(threshold)
+    try:
+        rows, y, w = stage.select_rows(mode, labels[tr], w_train, tr_clean, thr)
+    except ValueError as e:
+        raise SinetError(f"{source_name}: {e}") from None
+
+    params: dict[str, Any] = {
+        "on": on, "mode": mode, "threshold": thr, "seed": seed, "epochs": epochs, "lr": lr, "momentum": momentum,
+        "weight_decay": weight_decay, "batch_size": batch_size, "lr_steps": list(cfg.lr_steps), "lr_gamma": lr_gamma,
+        "dropout": dropout, "topk_smoothing": topk_smoothing,
+    }
+    if topk_smoothing:
+        params.update(topk_mix=topk_mix, topk_epochs=topk_epochs or epochs)
+    if on == "features":
+        params.update(head=head, hidden=hidden if head == "mlp" else None)
+    else:
+        params.update(backbone=backbone, random_init=random_init, image_size=image_size,
+                      finetune_size=finetune_size if finetune_epochs else 0, finetune_epochs=finetune_epochs,
+                      finetune_lr=finetune_lr if finetune_epochs else None, min_crop=min_crop)
+        if weights is not None and random_init:
+            raise SinetError("--weights and --random-init exclude each other")
+        weight_path = None if random_init else (weights or default_weights(backbone))
+        if weight_path is not None:
+            inputs["weights"] = store.fingerprint_file(weight_path)
+
+    # ---- eq. 7 soft targets: distances of each training image to every class prototype
+    proto = None
+    if soft_targets:
+        a = alpha if alpha is not None else float(scores_params.get("alpha", DEFAULT_ALPHA))
+        b = beta if beta is not None else float(scores_params.get("beta", DEFAULT_BETA))
+        params.update(soft_targets=True, soft_mix=soft_mix, soft_keep=soft_keep, alpha=a, beta=b)
+        proto_path = prototypes or folder / "prototypes.h5"
+        pv, pc, inputs["prototypes"] = read_prototypes(proto_path, class_names)
+        if on == "features":
+            g = np.asarray(feats_all[tr][rows], np.float32)
+        else:
+            g, inputs["features"] = read_features_for(features_path, ids[tr][rows])
+        proto = (g, pv, pc, a, b)
+
+    metrics_path, model_path, ckpt_path = run_dir / "metrics.json", run_dir / "model.pt", run_dir / "checkpoint.pt"
+    if not force and finished_run(metrics_path, model_path, params, inputs):
+        console.info(f"{run_dir}: up to date, nothing to do (use --force to retrain)")
+        return
+    if force:
+        for p in (ckpt_path, run_dir / "topk-init.pt"):
+            p.unlink(missing_ok=True)
+    run_key = store.fingerprint_arrays(store.canonical_json(params), store.canonical_json(inputs))
+
+    dev = resolve_device(device)
+    rank, world = 0, 1
+    if on == "images":
+        dev, rank, world = _init_distributed(dev)
+    done = stage.checkpoint_epoch(ckpt_path, run_key) if ckpt_path.exists() else None
+    if rank == 0 and ckpt_path.exists():
+        if done is None:
+            console.warn(f"{ckpt_path}: from other parameters or inputs, starting over")
+        else:
+            console.info(f"{ckpt_path}: resuming after epoch {done} of {cfg.total_epochs}")
+
+    t0 = time.time()
+    if proto is not None:
+        g, pv, pc, a, b = proto
+        try:
+            targets = stage.soft_targets(g, y, pv, pc, num_classes, alpha=a, beta=b, mix=soft_mix, keep=soft_keep)
+        except ValueError as e:
+            raise SinetError(str(e)) from None
+    else:
+        targets = stage.hard_targets(y, w)
+
+    try:
+        if on == "features":
+            x_train = np.asarray(feats_all[tr][rows], np.float32)
+            if topk_smoothing:
+                conf = w_train[rows] > thr
+                init_cfg = initial_config(cfg, topk_epochs, lr_steps)
+                with progress_bar("train top-k initial model", init_cfg.total_epochs * int(conf.sum())) as adv:
+                    init = stage.train_features(x_train[conf], stage.hard_targets(y[conf]), num_classes, init_cfg,
+                                                head=head, hidden=hidden, dropout=dropout, device=dev,
+                                                checkpoint=run_dir / "topk-init.pt", run_key=run_key + "-init",
+                                                progress=adv)
+                pi, pp = stage.topk_predictions(stage.predict_features(init.model, x_train, device=dev), topk_smoothing)
+                targets = stage.topk_smoothed_targets(y, w, ~conf, pi, pp, topk_mix)
+            with progress_bar(f"train {run}", cfg.total_epochs * len(rows)) as adv:
+                result = stage.train_features(x_train, targets, num_classes, cfg, head=head, hidden=hidden,
+                                              dropout=dropout, device=dev, checkpoint=ckpt_path, run_key=run_key,
+                                              progress=adv)
+            val_pred = None
+            if len(va):
+                val_pred, _ = stage.topk_predictions(
+                    stage.predict_features(result.model, np.asarray(feats_all[va], np.float32), device=dev), 5)
+        else:
+            result, val_pred = _train_on_images(
+                stage, table, tr[rows], va, y, w, targets, num_classes, cfg, run_dir, ckpt_path, run_key,
+                backbone=backbone, weight_path=weight_path, random_init=random_init, dropout=dropout, dev=dev,
+                workers=workers, rank=rank, topk=(topk_smoothing, topk_mix, topk_epochs, thr,
+                                                  None if not topk_smoothing else w_train[rows]),
+                lr_steps_text=lr_steps)
+    except ValueError as e:
+        raise SinetError(str(e)) from None
+    finally:
+        if world > 1:
+            import torch.distributed as dist
+
+            if dist.is_initialized():
+                dist.destroy_process_group()
+    if rank != 0:
+        return
+
+    stats: dict[str, Any] = {"top1": None, "top5": None}
+    eval_labels = "none"
+    if val_pred is not None:
+        # the clean label where known, else the given one; validation images of no class are left out
+        c_val = clean[va] if clean is not None else np.full(len(va), stage.UNKNOWN)
+        y_val = np.where(c_val >= 0, c_val, labels[va])
+        keep = c_val != stage.OUTSIDE
+        n_clean = int((c_val >= 0).sum())
+        eval_labels = "clean_labels" if n_clean == keep.sum() else ("labels" if n_clean == 0 else "mixed")
+        if keep.any():
+            stats = stage.topk_accuracy(val_pred[keep], y_val[keep], ks=(1, 5))
+    else:
+        console.warn(f"{source_name}: no rows with split 'val'; no accuracy reported")
+    selected_noise = None
+    if tr_clean is not None:
+        known = tr_clean[rows] != stage.UNKNOWN
+        if known.any():
+            selected_noise = float(np.mean(y[known] != tr_clean[rows][known]))
+    metrics = {
+        "run": run, "mode": mode, "on": on, **stats, "eval_labels": eval_labels, "n_train": int(len(rows)),
+        "n_val": int(len(va)), "threshold": thr, "mean_weight": float(targets.mass.mean()),
+        "train_noise_rate": selected_noise, "seconds": round(time.time() - t0, 2),
+        "resumed_from_epoch": result.resumed_from, "history": result.history,
+        "classes": class_names, "params": params, "inputs": inputs,
+    }
+    run_dir.mkdir(parents=True, exist_ok=True)
+    save_model(model_path, result.model.state_dict())
+    store.write_json(metrics_path, metrics)
+    merge_shared_metrics(folder / "metrics.json", run, {
+        "mode": mode, "on": on, "seed": seed, "top1": stats["top1"], "top5": stats["top5"], "n_train": int(len(rows)),
+        "eval_labels": eval_labels, "run_dir": str(run_dir), "params": params,
+    })
+    acc = _summary(stats) if stats["top1"] is not None else "no validation split"
+    console.info(f"{run_dir}: model {run} on {len(rows)} images, {acc} on {len(va)} {eval_labels} val images")
+
+
+def _init_distributed(dev: str) -> tuple[str, int, int]:
+    """Join the torchrun process group when WORLD_SIZE > 1 (gloo on CPU, nccl on CUDA)."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return dev, 0, 1
+    import torch
+    import torch.distributed as dist
+
+    if dev.startswith("cuda"):
+        local = int(os.environ.get("LOCAL_RANK", "0"))
+        torch.cuda.set_device(local)
+        dev = f"cuda:{local}"
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if dev.startswith("cuda") else "gloo")
+    return dev, dist.get_rank(), dist.get_world_size()
+
+
+def _train_on_images(stage, table, positions, va, y, w, targets, num_classes, cfg, run_dir, ckpt_path, run_key, *,
+                     backbone, weight_path, random_init, dropout, dev, workers, rank, topk, lr_steps_text):
+    """Build the timm model (extract-features' build_backbone), train it (DDP under torchrun), predict val."""
+    import torch
+
+    from stages import extract_features as fx
+
+    kwargs = {"random_init": random_init, "num_classes": 0}
+    if "seed" in inspect.signature(fx.build_backbone).parameters:
+        kwargs["seed"] = cfg.seed
+    torch.manual_seed(cfg.seed)
+    try:
+        net, _info = fx.build_backbone(backbone, weight_path, **kwargs)
+    except ValueError as e:
+        raise SinetError(str(e)) from None
+    model = stage.ImageClassifier(net, num_classes, dropout=dropout, seed=cfg.seed)
+    pp = fx.Preprocess.for_model(net, cfg.image_size)
+    final_size = cfg.size_at(cfg.total_epochs - 1)
+    eval_pp = fx.Preprocess.for_model(net, final_size)
+    source = stage.ImageSource(paths=table.paths, pixels=table.pixels)
+    k, mix, k_epochs, thr, w_sel = topk
+    quiet = rank != 0
+    if k:
+        conf = w_sel > thr
+        init_cfg = initial_config(cfg, k_epochs, lr_steps_text)
+        init_model = copy.deepcopy(model)
+        with _bar("train top-k initial model", init_cfg.total_epochs * int(conf.sum()), quiet) as adv:
+            stage.train_images(init_model, source, positions[conf], stage.hard_targets(y[conf]), num_classes, init_cfg,
+                               mean=pp.mean, std=pp.std, device=dev, workers=workers,
+                               checkpoint=run_dir / "topk-init.pt", run_key=run_key + "-init", progress=adv)
+        eval_init = fx.Preprocess.for_model(net, init_cfg.image_size)
+        pi, pv = stage.predict_images_topk(init_model, source, positions, eval_init, k=k, decode_size=eval_init.resize,
+                                           device=dev)
+        targets = stage.topk_smoothed_targets(y, w, ~conf, pi, pv, mix)
+    with _bar("train", cfg.total_epochs * len(positions), quiet) as adv:
+        result = stage.train_images(model, source, positions, targets, num_classes, cfg, mean=pp.mean, std=pp.std,
+                                    device=dev, workers=workers, checkpoint=ckpt_path, run_key=run_key,
+                                    progress=adv)
+    val_pred = None
+    if len(va):
+        val_pred, _ = stage.predict_images_topk(result.model, source, va, eval_pp, k=5, decode_size=eval_pp.resize,
+                                                device=dev)
+    return result, val_pred

@@ -20,6 +20,7 @@ app = typer.Typer(
 
 # Each import registers its command(s) on `app`.
 from .commands import extract  # noqa: E402,F401
+from .commands import graph  # noqa: E402,F401
 from .commands import train  # noqa: E402,F401
 
 

@@ -1,0 +1,595 @@
+"""build-graph: the class relation graphs of SINet, section 3.1 (eq. 2 and eq. 3).
+
+* ``S_w`` (hierarchy, "HW"): a similarity from the shortest-path distance between the classes'
+  nodes in a hierarchy (WordNet's hypernym graph or a user's taxonomy). The hierarchy arrives as
+  one *ancestor map* per class: ``{node: number of edges from the class's node}`` (the class's own
+  node at 0), i.e. what nltk's ``Synset._shortest_hypernym_paths`` computes. The distance of two
+  classes is ``d(a, b) = min over common ancestors k of anc_a[k] + anc_b[k]``, which is exactly
+  nltk's ``shortest_path_distance``. Each map is computed once per class and the C x C distances
+  come from a vectorized min-plus over a dense (shared ancestors x C) matrix, one row at a time,
+  never from a per-pair graph search. Transforms: ``path`` 1/(1+d) (default), ``wup``
+  (Wu-Palmer, as nltk's ``wup_similarity``), ``exp`` exp(-d/tau). No common ancestor -> 0.
+* ``S_l`` (text, "CD"/"CN"): the cosine similarity of label embeddings (eq. 2), from a frozen
+  sentence encoder over each class's description (CD) or name (CN).
+* ``S_t = S_l + S_w`` (eq. 3). A source that is switched off contributes a zero matrix.
+
+Optional text head (``--text-head bilstm``), as in the paper: a bidirectional LSTM over the
+*frozen* token-level embeddings of the sentence encoder's transformer; only the LSTM is trained.
+
+Training objective of the text head: a symmetric InfoNCE (contrastive) loss over classes.
+Each class has several texts that describe it (its description, WordNet gloss, lemma names,
+hypernym gloss, the user's description, its name). At every step a batch of B classes is
+drawn and two of each class's texts (drawn at random; the same text twice when a class has
+only one, token dropout making the two views differ) are encoded by the BiLSTM, mean-pooled over
+tokens and L2-normalized into z1, z2 (B x 2H). With logits = z1 z2^T / temperature, the loss is
+    L = 1/2 [ CE(logits, diag) + CE(logits^T, diag) ],
+i.e. each text must pick the other text of its own class among the B classes of the batch: texts
+of the same class are pulled together, texts of different classes pushed apart. Adam, seeded,
+a few hundred steps at most. The class embedding v_i is the trained BiLSTM's pooled output
+(eval mode, no dropout) over the class's description, and S_l follows from eq. 2.
+"""
+
+from __future__ import annotations
+
+from collections import Counter, deque
+from dataclasses import dataclass, field
+from typing import Callable, Hashable, Mapping, Sequence
+
+import numpy as np
+
+HIERARCHY_SIMS = ("path", "wup", "exp")
+ROOT = "*ROOT*"  # simulated root joining separate trees (nltk does the same for verbs)
+
+Ancestors = Mapping[Hashable, int]
+ProgressFn = Callable[[int], None]
+
+
+# -- hierarchy: S_w ----------------------------------------------------------------------------
+
+
+def _shared_index(ancestors: Sequence[Ancestors | None]) -> tuple[dict[Hashable, int], np.ndarray, int]:
+    """The nodes held by at least two classes (only those can be common ancestors) as a dense
+    (M x C) matrix of distances, ``inf`` (a sentinel of the chosen int dtype) where absent."""
+    counts: Counter = Counter()
+    maxd = 0
+    for anc in ancestors:
+        if anc:
+            counts.update(anc.keys())
+            maxd = max(maxd, max(anc.values()))
+    shared = [k for k, c in counts.items() if c >= 2]
+    index = {k: i for i, k in enumerate(shared)}
+    # sentinel inf > any finite sum (2 maxd) and inf + maxd within the dtype: no overflow below
+    if maxd <= 63:
+        dtype, inf = np.uint8, 128
+    elif maxd <= 16000:
+        dtype, inf = np.uint16, 32768
+    else:
+        dtype, inf = np.int64, 1 << 40
+    C = len(ancestors)
+    D = np.full((len(shared), C), inf, dtype=dtype)
+    rows, cols, vals = [], [], []
+    for c, anc in enumerate(ancestors):
+        if anc:
+            for k, d in anc.items():
+                i = index.get(k)
+                if i is not None:
+                    rows.append(i)
+                    cols.append(c)
+                    vals.append(d)
+    if rows:
+        D[np.asarray(rows), np.asarray(cols)] = np.asarray(vals, dtype=dtype)
+    return index, D, inf
+
+
+def _check_ancestors(ancestors: Sequence[Ancestors | None]) -> None:
+    for c, anc in enumerate(ancestors):
+        if anc is None:
+            continue
+        if not anc:
+            raise ValueError(f"class {c}: empty ancestor map (it must hold the class's own node at 0)")
+        if min(anc.values()) < 0:
+            raise ValueError(f"class {c}: negative distance in its ancestor map")
+        if min(anc.values()) != 0:
+            raise ValueError(f"class {c}: ancestor map has no node at distance 0 (the class's own node)")
+
+
+def hierarchy_distances(
+    ancestors: Sequence[Ancestors | None],
+    progress: ProgressFn | None = None,
+) -> np.ndarray:
+    """Shortest-path distances between classes from their ancestor maps.
+
+    Args:
+        ancestors: per class ``{node: edges from the class's node}`` (own node at 0), or ``None``
+            for a class whose place in the hierarchy is unknown.
+        progress: called with the number of rows finished.
+
+    Returns:
+        C x C float32: d(a, b) = min over common ancestors k of anc_a[k] + anc_b[k] (0 on the
+        diagonal of known classes); ``inf`` where no common ancestor exists or a class is unknown.
+    """
+    _check_ancestors(ancestors)
+    C = len(ancestors)
+    index, D, inf = _shared_index(ancestors)
+    out = np.full((C, C), np.inf, dtype=np.float32)
+    for a, anc in enumerate(ancestors):
+        if anc is not None:
+            items = [(index[k], d) for k, d in anc.items() if k in index]
+            if items:
+                idx = np.fromiter((i for i, _ in items), dtype=np.int64, count=len(items))
+                da = np.fromiter((d for _, d in items), dtype=D.dtype, count=len(items))
+                best = (D[idx] + da[:, None]).min(axis=0)  # min-plus over common ancestors
+                row = best.astype(np.float32)
+                row[best >= inf] = np.inf
+                out[a] = row
+            out[a, a] = 0.0
+        if progress is not None and (a % 256 == 255 or a == C - 1):
+            progress(a % 256 + 1)
+    unknown = np.array([anc is None for anc in ancestors], dtype=bool)
+    out[:, unknown] = np.inf
+    return out
+
+
+def wup_similarities(
+    ancestors: Sequence[Ancestors | None],
+    node_depth: Mapping[Hashable, tuple[int, int]],
+    lengths: Sequence[Ancestors | None] | None = None,
+    progress: ProgressFn | None = None,
+) -> np.ndarray:
+    """Wu-Palmer similarity from ancestor maps, as nltk's ``wup_similarity``.
+
+    The least common subsumer l of (a, b) is the common ancestor of greatest ``select`` depth
+    (nltk: ``min_depth``; ties go to a itself, then to the smallest node name), and
+    wup = 2 h / (len_a(l) + len_b(l) + 2 h) with h = ``depth`` + 1 (nltk: ``max_depth() + 1``).
+
+    Args:
+        ancestors: as for :func:`hierarchy_distances`.
+        node_depth: ``{node: (select, depth)}`` for every node of every ancestor map.
+        lengths: per class ``{ancestor: len}``, the path length used above; default the ancestor
+            maps themselves (hypernym edges). nltk uses its ``shortest_path_distance`` between the
+            class and the LCS, which differs under multiple inheritance.
+        progress: called with the number of rows finished.
+
+    Returns:
+        C x C float32 in [0, 1]; 1 on the diagonal of known classes, 0 without a common ancestor.
+    """
+    _check_ancestors(ancestors)
+    C = len(ancestors)
+    index, D, inf = _shared_index(ancestors)
+    if lengths is None:
+        L = D
+    else:
+        if len(lengths) != C:
+            raise ValueError(f"lengths has {len(lengths)} entries for {C} classes")
+        L = np.zeros(D.shape, dtype=np.float64)
+        for c, (anc, ln) in enumerate(zip(ancestors, lengths)):
+            if anc is not None:
+                if ln is None or any(k not in ln for k in anc):
+                    raise ValueError(f"class {c}: lengths must cover every node of its ancestor map")
+                for k in anc:
+                    i = index.get(k)
+                    if i is not None:
+                        L[i, c] = ln[k]
+    missing = [k for anc in ancestors if anc for k in anc if k not in node_depth]
+    if missing:
+        raise ValueError(f"node_depth lacks node {missing[0]!r}")
+    sel = {k: node_depth[k][0] for k in index}
+    out = np.zeros((C, C), dtype=np.float32)
+    cols = np.arange(C)
+    for a, anc in enumerate(ancestors):
+        if anc is not None:
+            ln = anc if lengths is None else lengths[a]
+            items = [(k, d) for k, d in anc.items() if k in index]
+            if items:
+                items.sort(key=lambda kd: (-sel[kd[0]], kd[1] != 0, str(kd[0])))
+                idx = np.asarray([index[k] for k, _ in items])
+                la = np.asarray([ln[k] for k, _ in items], dtype=np.float64)
+                h = np.asarray([node_depth[k][1] + 1 for k, _ in items], dtype=np.float64)
+                common = D[idx] < inf
+                first = common.argmax(axis=0)  # the LCS of (a, b): first common ancestor in LCS order
+                has = common.any(axis=0)
+                lb = L[idx[first], cols].astype(np.float64)
+                hl = h[first]
+                w = 2.0 * hl / (la[first] + lb + 2.0 * hl)
+                out[a] = np.where(has, w, 0.0)
+            out[a, a] = 1.0
+        if progress is not None and (a % 256 == 255 or a == C - 1):
+            progress(a % 256 + 1)
+    unknown = np.array([anc is None for anc in ancestors], dtype=bool)
+    out[:, unknown] = 0.0
+    return out
+
+
+def similarity_from_distance(dist: np.ndarray, sim: str = "path", tau: float = 1.0) -> np.ndarray:
+    """``path``: 1 / (1 + d); ``exp``: exp(-d / tau). ``inf`` distances give 0."""
+    d = np.asarray(dist, dtype=np.float64)
+    if sim == "path":
+        s = 1.0 / (1.0 + d)
+    elif sim == "exp":
+        if not tau > 0:
+            raise ValueError(f"tau must be > 0, got {tau}")
+        s = np.exp(-d / tau)
+    else:
+        raise ValueError(f"similarity {sim!r} is not a distance transform; choose path or exp")
+    s[~np.isfinite(d)] = 0.0
+    return s.astype(np.float32)
+
+
+def hierarchy_similarity(
+    ancestors: Sequence[Ancestors | None] | None = None,
+    *,
+    distances: np.ndarray | None = None,
+    sim: str = "path",
+    tau: float = 1.0,
+    node_depth: Mapping[Hashable, tuple[int, int]] | None = None,
+    lengths: Sequence[Ancestors | None] | None = None,
+    progress: ProgressFn | None = None,
+) -> np.ndarray:
+    """S_w: the hierarchy graph G_w of section 3.1 as a C x C matrix.
+
+    Give either ``ancestors`` (per-class ancestor maps, ``None`` = unknown class) or a ready
+    ``distances`` matrix (``inf`` = no path). A class whose place is unknown (``None``) gets a
+    row and column of 0 with 1 on the diagonal.
+
+    Args:
+        ancestors: per-class ancestor maps, see :func:`hierarchy_distances`.
+        distances: C x C shortest-path distances instead of ``ancestors``.
+        sim: ``path`` (1/(1+d)), ``wup`` (Wu-Palmer, needs ``ancestors`` and ``node_depth``),
+            ``exp`` (exp(-d/tau)).
+        tau: temperature of ``exp``.
+        node_depth: ``{node: (select depth, depth)}`` for ``wup``.
+        lengths: optional per-class path lengths to ancestors for ``wup``, see
+            :func:`wup_similarities`.
+        progress: called with the number of rows finished.
+    """
+    if sim not in HIERARCHY_SIMS:
+        raise ValueError(f"unknown hierarchy similarity {sim!r}; choose one of {', '.join(HIERARCHY_SIMS)}")
+    if (ancestors is None) == (distances is None):
+        raise ValueError("give exactly one of ancestors and distances")
+    if sim == "wup":
+        if ancestors is None or node_depth is None:
+            raise ValueError("wup needs ancestor maps and node depths")
+        S = wup_similarities(ancestors, node_depth, lengths, progress)
+    else:
+        if distances is None:
+            distances = hierarchy_distances(ancestors, progress)
+        distances = np.asarray(distances)
+        if distances.ndim != 2 or distances.shape[0] != distances.shape[1]:
+            raise ValueError(f"distances must be C x C, got shape {distances.shape}")
+        S = similarity_from_distance(distances, sim, tau)
+    if ancestors is not None:
+        for c, anc in enumerate(ancestors):
+            if anc is None:  # unknown place: no hierarchy relation, only itself
+                S[c, :] = 0.0
+                S[:, c] = 0.0
+                S[c, c] = 1.0
+    return S
+
+
+def taxonomy_ancestors(
+    nodes: Sequence[str],
+    parents: Mapping[str, Sequence[str]],
+    root: str | None = ROOT,
+) -> tuple[list[dict[str, int] | None], dict[str, tuple[int, int]]]:
+    """Ancestor maps of ``nodes`` in a user taxonomy (``child -> parents``), by tree distance.
+
+    Top-level nodes (no parent) hang under a simulated ``root`` so that classes of separate trees
+    are still related (far apart); ``root=None`` leaves them unrelated. A node that appears
+    nowhere in the taxonomy gets ``None`` (unknown place).
+
+    Returns:
+        (per-node ancestor maps, ``{node: (min_depth, max_depth)}`` for Wu-Palmer).
+
+    Raises:
+        ValueError: the taxonomy has a cycle (the message lists it).
+    """
+    graph: dict[str, list[str]] = {str(c): [str(p) for p in ps] for c, ps in parents.items()}
+    present = set(graph) | {p for ps in graph.values() for p in ps}
+    # cycle check: iterative three-colour DFS over child -> parent edges
+    state: dict[str, int] = {}
+    for start in graph:
+        if state.get(start):
+            continue
+        stack: list[tuple[str, int]] = [(start, 0)]
+        path: list[str] = []
+        while stack:
+            node, i = stack.pop()
+            if i == 0:
+                state[node] = 1
+                path.append(node)
+            ps = graph.get(node, [])
+            if i < len(ps):
+                stack.append((node, i + 1))
+                p = ps[i]
+                if state.get(p) == 1:
+                    cycle = path[path.index(p):] + [p]
+                    raise ValueError(f"the taxonomy has a cycle: {' -> '.join(cycle)}")
+                if not state.get(p):
+                    stack.append((p, 0))
+            else:
+                state[node] = 2
+                path.pop()
+
+    def up(node: str) -> list[str]:
+        ps = graph.get(node, [])
+        if not ps and root is not None and node != root:
+            return [root]
+        return ps
+
+    maps: list[dict[str, int] | None] = []
+    for n in nodes:
+        n = str(n)
+        if n not in present:
+            maps.append(None)
+            continue
+        dist: dict[str, int] = {}
+        queue = deque([(n, 0)])
+        while queue:
+            s, d = queue.popleft()
+            if s in dist:
+                continue
+            dist[s] = d
+            queue.extend((p, d + 1) for p in up(s))
+        maps.append(dist)
+
+    depth: dict[str, tuple[int, int]] = {}
+
+    def node_depth(s: str) -> tuple[int, int]:
+        # iterative memoized (min, max) depth below the top (root at 0)
+        todo = [s]
+        while todo:
+            x = todo[-1]
+            if x in depth:
+                todo.pop()
+                continue
+            ps = up(x)
+            pending = [p for p in ps if p not in depth]
+            if pending:
+                todo.extend(pending)
+                continue
+            depth[x] = (0, 0) if not ps else (1 + min(depth[p][0] for p in ps), 1 + max(depth[p][1] for p in ps))
+            todo.pop()
+        return depth[s]
+
+    for m in maps:
+        for k in m or ():
+            node_depth(k)
+    return maps, depth
+
+
+# -- text: S_l (eq. 2) and the blend (eq. 3) ---------------------------------------------------
+
+
+def cosine_similarity(embeddings: np.ndarray) -> np.ndarray:
+    """S_l from label embeddings v_i (C x E)."""
+    v = np.asarray(embeddings, dtype=np.float64)
+    if v.ndim != 2:
+        raise ValueError(f"embeddings must be C x E, got shape {v.shape}")
+    norms = np.linalg.norm(v, axis=1)
+    if np.any(norms == 0) or not np.all(np.isfinite(norms)):
+        raise ValueError(f"embedding of class {int(np.flatnonzero((norms == 0) | ~np.isfinite(norms))[0])} is zero or not finite")
+    # eq. 2: S_l^ij = v_i^T v_j / (||v_i||_2 ||v_j||_2)
+    S = (v @ v.T) / np.outer(norms, norms)
+    return np.clip(S, -1.0, 1.0).astype(np.float32)
+
+
+@dataclass
+class Graphs:
+    """The three C x C relation matrices and which sources fed them."""
+
+    S_w: np.ndarray
+    S_l: np.ndarray
+    S_t: np.ndarray
+    sources: list[str] = field(default_factory=list)
+
+
+def relation_graphs(
+    num_classes: int,
+    S_w: np.ndarray | None = None,
+    label_similarities: Mapping[str, np.ndarray] | None = None,
+) -> Graphs:
+    """Blend the enabled sources into S_t; a source switched off contributes zeros.
+
+    Args:
+        num_classes: C.
+        S_w: the hierarchy similarity (``None`` when the hierarchy source is off).
+        label_similarities: eq. 2 matrices by text source name (``"text"`` = descriptions (CD),
+            ``"name"`` = class names (CN)); several are summed into S_l.
+    """
+    C = num_classes
+    zeros = np.zeros((C, C), dtype=np.float32)
+    sources: list[str] = []
+    Sw = zeros.copy()
+    if S_w is not None:
+        Sw = np.asarray(S_w, dtype=np.float32)
+        if Sw.shape != (C, C):
+            raise ValueError(f"S_w has shape {Sw.shape}, expected {(C, C)}")
+        sources.append("hierarchy")
+    Sl = zeros.copy()
+    for name, S in (label_similarities or {}).items():
+        S = np.asarray(S, dtype=np.float32)
+        if S.shape != (C, C):
+            raise ValueError(f"label similarity {name!r} has shape {S.shape}, expected {(C, C)}")
+        Sl = Sl + S
+        sources.append(name)
+    # eq. 3: S_t = S_l + S_w
+    St = Sl + Sw
+    return Graphs(Sw, Sl, St.astype(np.float32), sources)
+
+
+# -- optional BiLSTM text head (paper: BERT frozen, LSTM fine-tuned) ---------------------------
+
+
+@dataclass
+class TextHeadResult:
+    """Class embeddings from the trained head and the record of its training."""
+
+    embeddings: np.ndarray  # C x 2H, the pooled BiLSTM output over each class's description
+    losses: list[float]  # training loss per step
+    eval_loss_before: float  # InfoNCE of description vs. another text of the class, untrained head
+    eval_loss_after: float  # the same after training
+    steps: int
+
+
+def _make_head(dim_in: int, hidden: int, dropout: float):
+    import torch
+    from torch import nn
+
+    class BiLSTMHead(nn.Module):
+        """BiLSTM over frozen token embeddings, mean-pooled over the real tokens."""
+
+        def __init__(self) -> None:
+            super().__init__()
+            self.drop = nn.Dropout(dropout)
+            self.lstm = nn.LSTM(dim_in, hidden, batch_first=True, bidirectional=True)
+
+        def forward(self, x: "torch.Tensor", lengths: "torch.Tensor") -> "torch.Tensor":
+            from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
+
+            packed = pack_padded_sequence(self.drop(x), lengths.cpu(), batch_first=True, enforce_sorted=False)
+            out, _ = self.lstm(packed)
+            out, _ = pad_packed_sequence(out, batch_first=True, total_length=x.shape[1])
+            mask = (torch.arange(x.shape[1], device=x.device)[None, :] < lengths[:, None]).to(out.dtype)
+            return (out * mask[..., None]).sum(1) / lengths[:, None].to(out.dtype)
+
+    return BiLSTMHead()
+
+
+def train_text_head(
+    class_texts: Sequence[Sequence[str]],
+    descriptions: Sequence[str],
+    encode_tokens: Callable[[list[str]], list[np.ndarray]],
+    *,
+    hidden: int = 192,
+    steps: int = 200,
+    batch_classes: int = 64,
+    lr: float = 2e-3,
+    temperature: float = 0.1,
+    dropout: float = 0.1,
+    seed: int = 0,
+    device: str = "cpu",
+    num_threads: int | None = 1,
+    progress: ProgressFn | None = None,
+) -> TextHeadResult:
+    """Train the BiLSTM text head with the InfoNCE objective of the module docstring.
+
+    Args:
+        class_texts: per class, the texts that describe it (at least one each).
+        descriptions: per class, the text whose pooled embedding becomes the class embedding.
+        encode_tokens: frozen encoder: texts -> one (T_i x E) token-embedding array per text.
+        hidden: LSTM units per direction (embedding size 2 * hidden).
+        steps: optimizer steps (0: the untrained head, for comparison).
+        batch_classes: classes per step (the InfoNCE negatives).
+        lr: Adam learning rate.
+        temperature: InfoNCE temperature.
+        dropout: token-embedding dropout (the augmentation between two views of a text).
+        seed: seeds the head's initialization, the sampling and the dropout.
+        device: torch device.
+        num_threads: torch CPU threads while training (restored afterwards); the head is small, and
+            one thread avoids the oversubscription that makes it many times slower on busy machines.
+            ``None`` keeps torch's setting.
+        progress: called with 1 after each step.
+    """
+    import torch
+
+    C = len(class_texts)
+    if C < 2:
+        raise ValueError("the text head needs at least 2 classes (InfoNCE contrasts classes)")
+    if len(descriptions) != C:
+        raise ValueError(f"{len(descriptions)} descriptions for {C} classes")
+    if any(len(t) == 0 for t in class_texts):
+        raise ValueError(f"class {next(i for i, t in enumerate(class_texts) if len(t) == 0)} has no text")
+    if steps < 0 or batch_classes < 2 or not temperature > 0:
+        raise ValueError("steps must be >= 0, batch_classes >= 2 and temperature > 0")
+
+    # frozen token embeddings, computed once for every distinct text
+    uniq: dict[str, int] = {}
+    for texts in class_texts:
+        for t in texts:
+            uniq.setdefault(t, len(uniq))
+    for t in descriptions:
+        uniq.setdefault(t, len(uniq))
+    token_arrays = encode_tokens(list(uniq))
+    if len(token_arrays) != len(uniq):
+        raise ValueError(f"encode_tokens returned {len(token_arrays)} arrays for {len(uniq)} texts")
+    toks = [torch.as_tensor(np.asarray(a), dtype=torch.float16) for a in token_arrays]
+    if any(t.ndim != 2 or t.shape[0] == 0 for t in toks):
+        raise ValueError("encode_tokens must return one non-empty (tokens x dim) array per text")
+    dim = toks[0].shape[1]
+    text_ids = [[uniq[t] for t in texts] for texts in class_texts]
+    desc_ids = [uniq[t] for t in descriptions]
+
+    threads_before = torch.get_num_threads()
+    if num_threads is not None:
+        torch.set_num_threads(num_threads)
+    try:
+        return _train(
+            toks, text_ids, desc_ids, dim, hidden, dropout, steps, batch_classes, lr, temperature, seed, device, progress
+        )
+    finally:
+        torch.set_num_threads(threads_before)
+
+
+def _train(toks, text_ids, desc_ids, dim, hidden, dropout, steps, batch_classes, lr, temperature, seed, device,
+           progress) -> TextHeadResult:
+    import torch
+    import torch.nn.functional as F
+
+    C = len(text_ids)
+    dev = torch.device(device)
+
+    def batch(ids: Sequence[int]) -> tuple["torch.Tensor", "torch.Tensor"]:
+        seqs = [toks[i] for i in ids]
+        lengths = torch.tensor([s.shape[0] for s in seqs])
+        x = torch.zeros(len(seqs), int(lengths.max()), dim)
+        for j, s in enumerate(seqs):
+            x[j, : s.shape[0]] = s.float()
+        return x.to(dev), lengths.to(dev)
+
+    def info_nce(z1: "torch.Tensor", z2: "torch.Tensor") -> "torch.Tensor":
+        logits = F.normalize(z1, dim=1) @ F.normalize(z2, dim=1).T / temperature
+        target = torch.arange(len(z1), device=logits.device)
+        return 0.5 * (F.cross_entropy(logits, target) + F.cross_entropy(logits.T, target))
+
+    # fixed evaluation pairs: description vs. another text of the class (itself if it has none)
+    eval_classes = np.random.default_rng(seed).permutation(C)[: min(C, 512)]
+    eval_a = [desc_ids[c] for c in eval_classes]
+    eval_b = [next((i for i in text_ids[c] if i != desc_ids[c]), desc_ids[c]) for c in eval_classes]
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        head = _make_head(dim, hidden, dropout).to(dev)
+        gen = np.random.default_rng(seed)
+
+        def evaluate() -> float:
+            head.eval()
+            with torch.no_grad():
+                return float(info_nce(head(*batch(eval_a)), head(*batch(eval_b))))
+
+        before = evaluate()
+        opt = torch.optim.Adam(head.parameters(), lr=lr)
+        losses: list[float] = []
+        B = min(C, batch_classes)
+        for _ in range(steps):
+            head.train()
+            cls = gen.choice(C, size=B, replace=False)
+            first, second = [], []
+            for c in cls:
+                ids = text_ids[c]
+                pick = gen.choice(len(ids), size=2, replace=len(ids) < 2)
+                first.append(ids[pick[0]])
+                second.append(ids[pick[1]])
+            loss = info_nce(head(*batch(first)), head(*batch(second)))
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            losses.append(float(loss.detach()))
+            if progress is not None:
+                progress(1)
+        after = evaluate()
+        head.eval()
+        out = []
+        with torch.no_grad():
+            for s in range(0, C, 256):
+                out.append(head(*batch(desc_ids[s : s + 256])).cpu().numpy())
+    return TextHeadResult(np.concatenate(out).astype(np.float32), losses, before, after, steps)

@@ -1,29 +1,74 @@
 # sinet: the pipeline as make targets with real files under artifacts/$(DATASET)/.
-# Every stage also checks content fingerprints itself, so a target whose inputs did not
-# really change is a no-op that finishes in seconds.
+#
+#   make demo                                   # the whole chain on the embedded demo
+#   make all DATASET=clothing1m DATA_ROOT=/data/clothing1m
+#   make all DATASET=webvision  DATA_ROOT=/data/webvision
+#   make all DATASET=manifest   DATA_ROOT=/data/crawl.tsv CLASSES=/data/classes.tsv
+#
+# Each target depends on the artifacts it reads, and each sinet command also checks the
+# content fingerprints and parameters it was built from: a stage whose inputs and options did
+# not change says "up to date" and does nothing, so a second `make demo` takes seconds and a
+# changed parameter reruns only the stages downstream of it.
 
 PY        ?= python3
 SINET     ?= $(PY) -m sinet_cli
-DATASET   ?= demo
-DATA      ?= demo
-ART       ?= artifacts/$(DATASET)
 
-# demo noise
+# ---- dataset -----------------------------------------------------------------------------
+DATASET   ?= demo
+DATA_ROOT ?=
+CLASSES   ?=
+# demo noise (ignored by the other readers)
 NOISE      ?= symmetric
 NOISE_RATE ?= 0.4
 NOISE_SEED ?= 0
-DATA_OPTS   = --data $(DATA) --noise $(NOISE) --noise-rate $(NOISE_RATE) --noise-seed $(NOISE_SEED)
+ifeq ($(DATASET),demo)
+  DATA ?= demo
+else ifeq ($(DATASET),demo-mnist)
+  DATA ?= demo-mnist
+else
+  DATA ?= $(DATASET):$(DATA_ROOT)
+endif
+ART       ?= artifacts/$(notdir $(DATASET))
+TABLE_OPTS = --data $(DATA) $(if $(CLASSES),--classes $(CLASSES)) --out $(ART)
+DATA_OPTS  = $(TABLE_OPTS) --noise $(NOISE) --noise-rate $(NOISE_RATE) --noise-seed $(NOISE_SEED)
 
-# extract-features
+# ---- build-graph -------------------------------------------------------------------------
+SOURCES        ?= wordnet,text
+HIERARCHY_SIM  ?= path
+TEXT_HEAD      ?= none
+GRAPH_OPTS     ?=
+# ---- extract-features --------------------------------------------------------------------
 BACKBONE   ?= tf_efficientnet_lite0
+WEIGHTS    ?=
 IMAGE_SIZE ?= 64
 BATCH_SIZE ?= 64
+WORKERS    ?= 2
 DEVICE     ?= auto
+EXTRACT_OPTS ?=
+# ---- make-prototypes (eq. 4-5) -----------------------------------------------------------
+TEMPERATURE ?= 0.1
+GAMMA       ?= 1.0
+WEIGHTING   ?= consistency
+PER_CLASS   ?= 1
+ROUNDS      ?= 1
+PROTO_OPTS  ?=
+# ---- score-noise (eq. 6) -----------------------------------------------------------------
+ALPHA      ?= 1.2
+BETA       ?= 1.5
+SCORE_OPTS ?=
+# ---- train (eq. 1) -----------------------------------------------------------------------
+ON         ?= features
+EPOCHS     ?= 100
+SEEDS      ?= 0
+# the clean-label oracle needs known true labels: the demos have them
+MODES      ?= A B C $(if $(filter demo demo-mnist,$(DATASET)),oracle)
+TRAIN_OPTS ?=
 
-.PHONY: install test demo bench clean-demo help
+.PHONY: help install test demo all graph features prototypes scores train summary bench clean-demo FORCE
 help:
 	@echo "make demo   - run the whole pipeline on the embedded demo (installs first)"
 	@echo "make test   - run the test suite (installs first)"
+	@echo "make all DATASET=clothing1m|webvision|manifest|imagefolder DATA_ROOT=PATH - the chain on a real dataset"
 	@echo "make bench  - speed/quality benchmarks"
 
 .install.stamp: pyproject.toml
@@ -35,11 +80,43 @@ install: .install.stamp
 test: install
 	$(PY) -m pytest -q
 
-$(ART)/features.h5: FORCE | install
-	$(SINET) extract-features $(DATA_OPTS) --out $(ART) --backbone $(BACKBONE) --image-size $(IMAGE_SIZE) \
-		--batch-size $(BATCH_SIZE) --device $(DEVICE)
+# Real file targets. FORCE makes make ask sinet, which decides by content fingerprints.
+$(ART)/graph.h5: FORCE | install
+	$(SINET) build-graph $(TABLE_OPTS) --sources $(SOURCES) --hierarchy-sim $(HIERARCHY_SIM) \
+		--text-head $(TEXT_HEAD) $(GRAPH_OPTS)
 
-demo: $(ART)/features.h5
+$(ART)/features.h5: FORCE | install
+	$(SINET) extract-features $(DATA_OPTS) --backbone $(BACKBONE) $(if $(WEIGHTS),--weights $(WEIGHTS)) \
+		--image-size $(IMAGE_SIZE) --batch-size $(BATCH_SIZE) --workers $(WORKERS) --device $(DEVICE) $(EXTRACT_OPTS)
+
+$(ART)/prototypes.h5: $(ART)/features.h5 $(ART)/graph.h5 FORCE
+	$(SINET) make-prototypes --out $(ART) --temperature $(TEMPERATURE) --gamma $(GAMMA) \
+		--weighting $(WEIGHTING) --per-class $(PER_CLASS) --rounds $(ROUNDS) --device $(DEVICE) $(PROTO_OPTS)
+
+$(ART)/scores.h5: $(ART)/prototypes.h5 FORCE
+	$(SINET) score-noise --out $(ART) --alpha $(ALPHA) --beta $(BETA) $(SCORE_OPTS)
+
+$(ART)/metrics.json: $(ART)/scores.h5 FORCE
+	for seed in $(SEEDS); do for mode in $(MODES); do \
+		$(SINET) train $(DATA_OPTS) --on $(ON) --mode $$mode --epochs $(EPOCHS) --seed $$seed \
+			$(if $(filter-out 0,$(SEEDS)),--suffix seed$$seed) --device $(DEVICE) $(TRAIN_OPTS) || exit 1; \
+	done; done
+
+graph: $(ART)/graph.h5
+features: $(ART)/features.h5
+prototypes: $(ART)/prototypes.h5
+scores: $(ART)/scores.h5
+train: $(ART)/metrics.json
+
+summary: $(ART)/metrics.json
+	$(SINET) summary --out $(ART)
+
+all: summary
+
+demo: all
+
+bench: install
+	$(PY) bench/run_all.py
 
 clean-demo:
 	rm -rf artifacts/demo

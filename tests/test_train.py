@@ -191,17 +191,18 @@ def test_weighting_out_the_noise_recovers_the_clean_model():
     noisy = r.random(len(y)) < 0.45
     y_noisy = np.where(noisy, (y + r.integers(1, 3, len(y))) % 3, y)
     cfg = stage.TrainConfig(epochs=6, lr=0.5, lr_steps=(4,), batch_size=32)
-    xv, yv = _blobs(n=300, seed=2)  # same centers, fresh points are not needed: compare agreement with clean
-    w = (~noisy).astype(np.float32)
-    c = stage.train_features(x, stage.hard_targets(y_noisy, w), 3, cfg, dropout=0.0)
-    clean_rows = np.flatnonzero(~noisy)
-    o = stage.train_features(x[clean_rows], stage.hard_targets(y[clean_rows]), 3,
-                             cfg, dropout=0.0)
-    a = stage.train_features(x, stage.hard_targets(y_noisy), 3, cfg, dropout=0.0)
-    acc = {k: stage.topk_accuracy(stage.topk_predictions(stage.predict_features(m.model, xv), 1)[0], yv, (1,))["top1"]
-           for k, m in (("C", c), ("clean", o), ("A", a))}
-    assert acc["C"] >= acc["A"]
-    assert acc["C"] > 90
+    runs = {
+        "C": stage.hard_targets(y_noisy, (~noisy).astype(np.float32)),  # w = 0 on every noisy image
+        "A": stage.hard_targets(y_noisy),
+        "clean": stage.hard_targets(y),
+    }
+    acc = {}
+    for k, t in runs.items():
+        m = stage.train_features(x, t, 3, cfg, dropout=0.0).model
+        pred = stage.topk_predictions(stage.predict_features(m, x), 1)[0]
+        acc[k] = stage.topk_accuracy(pred, y, (1,))["top1"]  # agreement with the true labels
+    assert acc["C"] > acc["A"] + 5
+    assert abs(acc["C"] - acc["clean"]) <= 1
 
 
 # ------------------------------------------------------------------------------------- images

@@ -20,6 +20,8 @@ app = typer.Typer(
 
 # Each import registers its command(s) on `app`.
 from .commands import extract  # noqa: E402,F401
+from .commands import prototypes  # noqa: E402,F401
+from .commands import score  # noqa: E402,F401
 from .commands import graph  # noqa: E402,F401
 from .commands import train  # noqa: E402,F401
 

@@ -1,0 +1,402 @@
+"""``sinet score-noise``: prototypes + features.h5 -> scores.h5 + suspects.tsv (eq. 6).
+
+Streams features.h5 block by block (memory does not grow with N beyond a few N-length numeric
+arrays). Incremental for cron: when scores.h5 exists for the same prototypes and options, only
+ids not yet scored are scored and appended. A lock (``scores.h5.lock``) keeps concurrent runs
+from interleaving.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import time
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Annotated, Iterator, Optional
+
+import numpy as np
+import typer
+
+from .. import console, store
+from ..app import app
+from ..common import DataOpt, ForceOpt, OutOpt, artifact_dir
+from ..errors import SinetError
+from ..progress import progress_bar
+
+PANEL_EQ6 = "Weighting (eq. 6)"
+SUSPECT_COLUMNS = ("id", "path", "label", "suggested_class", "weight", "distance")
+
+
+# -- lock ----------------------------------------------------------------------------------------
+
+
+@contextmanager
+def exclusive_lock(target: Path, wait: float) -> Iterator[None]:
+    """Hold ``<target>.lock`` (flock) for the run; give up after ``wait`` seconds."""
+    lock_path = target.with_name(target.name + ".lock")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644)
+    deadline = time.monotonic() + max(0.0, wait)
+    try:
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise SinetError(
+                        f"{target}: another score-noise run holds {lock_path}; gave up after {wait:g}s "
+                        "(retry later, or pass --wait SECONDS)"
+                    ) from None
+                time.sleep(min(0.1, left))
+        try:
+            yield
+        finally:
+            fcntl.flock(fd, fcntl.LOCK_UN)
+    finally:
+        os.close(fd)
+
+
+# -- ids -----------------------------------------------------------------------------------------
+
+
+def id_hashes(ids: np.ndarray) -> np.ndarray:
+    """64-bit polynomial hashes of string ids, vectorized over the UCS-4 code points (no Python
+    loop over rows). Two distinct ids collide with probability about 2^-64 per pair."""
+    a = np.asarray(ids).astype(str)
+    if a.size == 0:
+        return np.zeros(0, dtype=np.uint64)
+    width = a.dtype.itemsize // 4
+    codes = a.view(np.uint32).reshape(len(a), width).astype(np.uint64)
+    h = np.full(len(a), 0xCBF29CE484222325, dtype=np.uint64)
+    mult = np.uint64(0x100000001B3)
+    with np.errstate(over="ignore"):
+        for j in range(width):
+            col = codes[:, j]
+            h = np.where(col != 0, (h ^ col) * mult, h)  # NUL only pads: ids of any width agree
+        h ^= h >> np.uint64(33)
+        h *= np.uint64(0xFF51AFD7ED558CCD)
+        h ^= h >> np.uint64(33)
+    return h
+
+
+def scored_hashes(path: Path, chunk: int) -> np.ndarray:
+    with store.open_artifact(path, "scores") as art:
+        parts = [id_hashes(rows["ids"]) for _, rows in art.iter_rows(["ids"], chunk)]
+    return np.sort(np.concatenate(parts)) if parts else np.zeros(0, dtype=np.uint64)
+
+
+def is_member(h: np.ndarray, sorted_h: np.ndarray) -> np.ndarray:
+    if len(sorted_h) == 0:
+        return np.zeros(len(h), dtype=bool)
+    pos = np.minimum(np.searchsorted(sorted_h, h), len(sorted_h) - 1)
+    return sorted_h[pos] == h
+
+
+# -- suspects.tsv ----------------------------------------------------------------------------
+
+
+def _clean_field(values: np.ndarray) -> list[str]:
+    return [str(v).replace("\t", " ").replace("\n", " ").replace("\r", " ") for v in values]
+
+
+def write_suspects(
+    scores_path: Path,
+    out_path: Path,
+    order: np.ndarray,
+    labels: np.ndarray,
+    nearest_class: np.ndarray,
+    weight: np.ndarray,
+    distance: np.ndarray,
+    classes: np.ndarray,
+    chunk: int,
+) -> None:
+    """Write the rows ``order`` of scores.h5 to a TSV in that order, in bounded memory.
+
+    Lines are formatted block by block in file order into a scratch file, with each line's byte
+    offset recorded by its rank; the final file is then assembled in rank order by vectorized
+    gathers from a memory map of the scratch file.
+    """
+    rank = np.full(len(weight), -1, dtype=np.int64)
+    rank[order] = np.arange(len(order))
+    offsets = np.zeros(len(order), dtype=np.int64)
+    lengths = np.zeros(len(order), dtype=np.int64)
+    names = np.asarray(_clean_field(classes), dtype=object)
+    scratch = out_path.with_name(out_path.name + ".scratch")
+    partial = out_path.with_name(out_path.name + store.PARTIAL_SUFFIX)
+    try:
+        pos = 0
+        with open(scratch, "wb") as f, store.open_artifact(scores_path, "scores") as art:
+            cols = ["ids"] + (["paths"] if "paths" in art else [])
+            for start, rows in art.iter_rows(cols, chunk):
+                r = rank[start : start + len(rows["ids"])]
+                sel = np.flatnonzero(r >= 0)
+                if len(sel) == 0:
+                    continue
+                g = start + sel
+                paths = _clean_field(rows["paths"][sel]) if "paths" in rows else [""] * len(sel)
+                lab, near = labels[g], nearest_class[g]
+                lab_names = np.where((lab >= 0) & (lab < len(names)), names[np.clip(lab, 0, len(names) - 1)], lab.astype(str))
+                lines = [
+                    f"{i}\t{p}\t{ln}\t{nn}\t{w:.6g}\t{d:.6g}\n".encode()
+                    for i, p, ln, nn, w, d in zip(_clean_field(rows["ids"][sel]), paths, lab_names, names[near],
+                                                  weight[g].tolist(), distance[g].tolist())
+                ]
+                blob = b"".join(lines)
+                lens = np.fromiter((len(x) for x in lines), dtype=np.int64, count=len(lines))
+                offsets[r[sel]] = pos + np.concatenate([[0], np.cumsum(lens)[:-1]])
+                lengths[r[sel]] = lens
+                f.write(blob)
+                pos += len(blob)
+        with open(partial, "wb") as out:
+            out.write(("\t".join(SUSPECT_COLUMNS) + "\n").encode())
+            if pos:
+                mm = np.memmap(scratch, dtype=np.uint8, mode="r")
+                step = 65536
+                for i in range(0, len(order), step):
+                    o, n = offsets[i : i + step], lengths[i : i + step]
+                    if len(n) == 0:
+                        continue
+                    ends = np.cumsum(n)
+                    idx = np.repeat(o - (ends - n), n) + np.arange(ends[-1])
+                    out.write(mm[idx].tobytes())
+                del mm
+        os.replace(partial, out_path)
+    finally:
+        scratch.unlink(missing_ok=True)
+        partial.unlink(missing_ok=True)
+
+
+# -- the command -----------------------------------------------------------------------------
+
+
+@app.command("score-noise")
+def score_noise(
+    data: DataOpt = "demo",
+    features: Annotated[
+        Optional[Path], typer.Option(help="features.h5 to score (default: <artifact folder>/features.h5).",
+                                     rich_help_panel="Artifacts")
+    ] = None,
+    prototypes: Annotated[
+        Optional[Path], typer.Option(help="prototypes.h5, with prototypes.faiss beside it "
+                                     "(default: <artifact folder>/prototypes.h5).", rich_help_panel="Artifacts")
+    ] = None,
+    alpha: Annotated[float, typer.Option(help="Shift alpha of eq. 6: distances >= alpha get weight 0 (table 4).",
+                                         rich_help_panel=PANEL_EQ6)] = 1.2,
+    beta: Annotated[float, typer.Option(help="Contrast beta of eq. 6 (table 5).", rich_help_panel=PANEL_EQ6)] = 1.5,
+    max_suspects: Annotated[
+        int, typer.Option(help="Rows in suspects.tsv (worst first; rows with weight 0 or a nearer prototype of another "
+                          "class); 0 = all of them.", rich_help_panel="Artifacts")
+    ] = 100000,
+    wait: Annotated[
+        float, typer.Option(help="Seconds to wait for another score-noise run on the same scores.h5.",
+                            rich_help_panel="Artifacts")
+    ] = 0.0,
+    chunk_rows: Annotated[int, typer.Option(help="Rows per streamed block.", rich_help_panel="Compute")] = 16384,
+    out: OutOpt = None,
+    force: ForceOpt = False,
+) -> None:
+    """Weight every image by its distance to its class prototype (eq. 6), suggest the nearest
+    prototype's class, and rank the suspects. Re-running on a grown features.h5 scores only the
+    new ids (cron); new prototypes rescore everything.
+
+    Example: sinet score-noise --data demo --alpha 1.2 --beta 1.5
+    """
+    from stages import score_noise as stage
+
+    folder = artifact_dir(out, data)
+    features_path = features or folder / "features.h5"
+    proto_path = prototypes or folder / "prototypes.h5"
+    index_path = proto_path.with_suffix(".faiss")
+    target = folder / "scores.h5"
+    suspects_path = folder / "suspects.tsv"
+    if not alpha > 0 or not beta > 0:
+        raise SinetError(f"--alpha {alpha} / --beta {beta}: both must be > 0")
+    if chunk_rows < 1:
+        raise SinetError("--chunk-rows must be >= 1")
+
+    with store.open_artifact(proto_path, "prototypes") as pa:
+        classes = pa.read("classes")
+        protos = np.ascontiguousarray(pa.read("prototypes"), dtype=np.float32)
+        proto_class = pa.read("prototype_class").astype(np.int64)
+        proto_fp = pa.fingerprint
+    feats = store.open_artifact(features_path, "features")
+    try:
+        f_classes = feats.read("classes")
+        if len(f_classes) != len(classes) or (f_classes != classes).any():
+            raise SinetError(
+                f"{features_path} has {len(f_classes)} classes but {proto_path} was built for {len(classes)}"
+                if len(f_classes) != len(classes) else
+                f"{features_path} and {proto_path} disagree on class names "
+                f"(first: {f_classes[f_classes != classes][0]!r} vs {classes[f_classes != classes][0]!r})"
+            )
+        if feats.dims["D"] != protos.shape[1]:
+            raise SinetError(
+                f"{features_path} holds {feats.dims['D']}-d features but {proto_path} holds {protos.shape[1]}-d "
+                "prototypes; extract both with the same backbone"
+            )
+        index = store.read_faiss_index(index_path, expected_dim=protos.shape[1], expected_rows=len(protos))
+        if not np.allclose(index.reconstruct_n(0, index.ntotal), protos, atol=1e-5):
+            raise SinetError(f"{index_path} does not hold the prototypes of {proto_path}; rerun make-prototypes --force")
+        try:
+            slots = stage.class_slots(proto_class, len(classes))
+        except ValueError as e:
+            raise SinetError(f"{proto_path}: {e}") from None
+
+        params = {"alpha": alpha, "beta": beta}
+        inputs = {"features": feats.fingerprint, "prototypes": proto_fp}
+        with exclusive_lock(target, wait):
+            if not force and store.is_up_to_date(target, "scores", params, inputs) and suspects_path.exists():
+                console.info(f"{target}: up to date, nothing to do (use --force to rescore)")
+                return
+            prev = store.read_provenance(target)
+            append = (
+                not force and prev is not None and prev["kind"] == "scores"
+                and prev["schema_version"] == store.SCHEMA_VERSION
+                and store.canonical_json(prev["params"]) == store.canonical_json(params)
+                and prev["inputs"].get("prototypes") == proto_fp
+            )
+            if prev is not None and not append and not force:
+                why = "options changed" if prev["params"] != params else "prototypes changed"
+                console.info(f"{target}: {why}; rescoring every row")
+            import torch
+
+            threads = torch.get_num_threads()
+            torch.set_num_threads(1)  # torch only does O(B x D) work here; FAISS's own threads do the search,
+            try:  # and two OpenMP pools spinning on the same cores slow each other down badly
+                run_scoring(stage, feats, features_path, target, suspects_path, protos, proto_class, slots, index,
+                            classes, params, inputs, append, max_suspects, chunk_rows)
+            finally:
+                torch.set_num_threads(threads)
+    finally:
+        feats.close()
+
+
+def run_scoring(stage, feats, features_path, target, suspects_path, protos, proto_class, slots, index, classes,
+                params, inputs, append, max_suspects, chunk_rows) -> None:
+    n = feats.dims["N"]
+    t0 = time.perf_counter()
+    big = max(chunk_rows, 65536)
+    has_clean = "clean_labels" in feats
+    # splits are copied only with clean labels: they say which rows the detection metrics cover
+    optional = [k for k in ("clean_labels", "paths", "splits") if k in feats and (k != "splits" or has_clean)]
+    top = stage.TopSuspects(max_suspects) if max_suspects > 0 else None
+    numeric = ("labels", "weight", "distance", "nearest_class", "clean_labels", "train")
+    collected: dict[str, list[np.ndarray]] = {k: [] for k in numeric}
+    new_mask = None
+    n_old = 0
+    if append:
+        # one pass over the scores already written: their id hashes, the columns the metrics and
+        # the suspect ranking need, and their suspect candidates
+        hashes = []
+        with store.open_artifact(target, "scores") as art:
+            have = [k for k in ("clean_labels", "paths", "splits") if k in art]
+            cols = ["ids", "labels", "weight", "distance", "nearest_class"] + [k for k in have if k != "paths"]
+            if top is not None and "paths" in have:
+                cols.append("paths")
+            for start, rows in art.iter_rows(cols, big):
+                hashes.append(id_hashes(rows["ids"]))
+                collect(collected, rows)
+                if top is not None:
+                    feed(top, start, rows)
+                n_old = start + len(rows["ids"])
+        existing = np.sort(np.concatenate(hashes)) if hashes else np.zeros(0, dtype=np.uint64)
+        new_mask = np.zeros(n, dtype=bool)
+        for start, rows in feats.iter_rows(["ids"], big):
+            new_mask[start : start + len(rows["ids"])] = ~is_member(id_hashes(rows["ids"]), existing)
+        n_new = int(new_mask.sum())
+        if n_new == 0:
+            console.info(f"{target}: every id of {features_path} is already scored; nothing to do")
+            return
+        console.info(f"{target}: {n_old} ids already scored, scoring {n_new} new")
+        optional = have
+    total = n if new_mask is None else int(new_mask.sum())
+    fill = {"clean_labels": -1, "paths": "", "splits": ""}  # appended rows of a file that lacks the field
+    writer = store.ArtifactWriter(target, "scores", params, inputs, mode="append" if append else "new")
+    try:
+        if not append:
+            writer.write("classes", classes)
+        pos = n_old
+        with progress_bar("score-noise", total) as advance:
+            read = ["ids", "labels", "features"] + [k for k in optional if k in feats]
+            for start, rows in feats.iter_rows(read, chunk_rows):
+                b = len(rows["ids"])
+                if new_mask is not None:
+                    keep = new_mask[start : start + b]
+                    if not keep.any():
+                        continue
+                    rows = {k: v[keep] for k, v in rows.items()}
+                labels = rows["labels"].astype(np.int64)
+                s = stage.score_block(rows["features"], labels, protos, slots, proto_class, index,
+                                      params["alpha"], params["beta"])
+                out = {"ids": rows["ids"], "labels": labels, "weight": s.weight, "distance": s.distance,
+                       "nearest_class": s.nearest_class, "nearest_distance": s.nearest_distance}
+                for k in optional:
+                    out[k] = rows[k] if k in rows else np.full(len(labels), fill[k])
+                writer.append_rows(out)
+                collect(collected, out)
+                if top is not None:
+                    feed(top, pos, out)
+                pos += len(labels)
+                advance(len(labels))
+        full = {k: np.concatenate(v) for k, v in collected.items() if v}
+        detection = {}
+        if "clean_labels" in full:
+            for name, suspicion in (("weight", 1.0 - full["weight"]), ("distance", full["distance"])):
+                m = stage.detection_metrics(full["labels"], full["clean_labels"], suspicion, full["train"])
+                if m:
+                    detection[name] = m
+        writer.set_attr("detection", detection)
+        writer.set_attr("scored_last_run", total)
+        fp = writer.commit()
+    except BaseException:
+        writer.abort()
+        raise
+    if top is not None:
+        n_suspects = write_top_suspects(suspects_path, top.result(), classes)
+    else:
+        order = stage.suspect_order(full["weight"], full["distance"], full["labels"], full["nearest_class"])
+        write_suspects(target, suspects_path, order, full["labels"], full["nearest_class"], full["weight"],
+                       full["distance"], classes, big)
+        n_suspects = len(order)
+    seconds = time.perf_counter() - t0
+    n_all = len(full["weight"])
+    msg = (f"{target}: {n_all} images ({total} scored now) in {seconds:.1f}s, {n_suspects} suspects -> "
+           f"{suspects_path}, {int((full['weight'] == 0).sum())} with weight 0 (fingerprint {fp[:12]})")
+    if "weight" in detection:
+        d = detection["weight"]
+        msg += (f"; noise detection on train ({d['noise_rate']:.0%} noisy): ROC-AUC {d['roc_auc']:.4f} "
+                f"AP {d['average_precision']:.4f}")
+    console.info(msg)
+
+
+def collect(collected: dict[str, list[np.ndarray]], rows: dict[str, np.ndarray]) -> None:
+    """Keep the N-length numeric columns (and the train flag) that the metrics and ranking need."""
+    n = len(rows["labels"])
+    for k in ("labels", "weight", "distance", "nearest_class", "clean_labels"):
+        if k in rows:
+            collected[k].append(np.asarray(rows[k]))
+    collected["train"].append(rows["splits"] == "train" if "splits" in rows else np.ones(n, dtype=bool))
+
+
+def feed(top, start: int, rows: dict[str, np.ndarray]) -> None:
+    n = len(rows["labels"])
+    top.add(np.arange(start, start + n), rows["weight"], rows["distance"], rows["labels"], rows["nearest_class"],
+            ids=np.asarray(rows["ids"]), paths=np.asarray(rows["paths"]) if "paths" in rows else np.full(n, ""))
+
+
+def write_top_suspects(out_path: Path, top: dict[str, np.ndarray], classes: np.ndarray) -> int:
+    names = np.asarray(_clean_field(classes), dtype=object)
+    lines = ["\t".join(SUSPECT_COLUMNS) + "\n"]
+    if top:
+        lab = top["labels"]
+        lab_names = np.where((lab >= 0) & (lab < len(names)), names[np.clip(lab, 0, len(names) - 1)], lab.astype(str))
+        lines += [
+            f"{i}\t{p}\t{ln}\t{nn}\t{w:.6g}\t{d:.6g}\n"
+            for i, p, ln, nn, w, d in zip(_clean_field(top["ids"]), _clean_field(top["paths"]), lab_names,
+                                          names[top["nearest_class"]], top["weight"].tolist(), top["distance"].tolist())
+        ]
+    store.write_text(out_path, "".join(lines))
+    return len(lines) - 1

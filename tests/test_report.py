@@ -1,0 +1,385 @@
+"""Tests for ``stages.report`` (hand-computed values) and ``sinet report`` (synthetic artifacts,
+a C=2000 size bound, and the page opened in headless Chromium)."""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import os
+import re
+import shutil
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from sinet_cli import store
+from stages import report as stage
+
+# the bound stated in the README: a page of 5,000 classes with the defaults stays under 10 MB
+PAGE_BOUND = 10 * 2**20
+
+
+# -- the stage ---------------------------------------------------------------------------------
+
+
+def test_class_noise_by_hand():
+    # class 0: 4 train rows, weights 0, 0.5, 0, 1.0 -> 2 low at threshold 0; clean: one flipped,
+    #          one unknown (-1) -> true 1/3
+    # class 1: 3 train rows, weights 0.2, 0.05, 0.9 -> 0 low at 0, 2 low at 0.2; clean: one
+    #          open-set (-2) -> true 1/3
+    # class 2: no train rows (its row is val) -> NaN
+    labels = np.array([0, 0, 0, 0, 1, 1, 1, 2])
+    weight = np.array([0.0, 0.5, 0.0, 1.0, 0.2, 0.05, 0.9, 0.0])
+    clean = np.array([0, 1, -1, 0, 1, -2, 1, 2])
+    train = np.array([1, 1, 1, 1, 1, 1, 1, 0], dtype=bool)
+    n = stage.class_noise(labels, weight, 3, 0.0, clean, train)
+    assert n.n_train.tolist() == [4, 3, 0]
+    assert n.n_low.tolist() == [2, 0, 0]
+    assert n.estimated[:2].tolist() == [0.5, 0.0] and np.isnan(n.estimated[2])
+    assert n.n_known.tolist() == [3, 3, 0]
+    assert n.n_noisy.tolist() == [1, 1, 0]
+    assert np.allclose(n.true[:2], [1 / 3, 1 / 3]) and np.isnan(n.true[2])
+    n2 = stage.class_noise(labels, weight, 3, 0.2, clean, train)
+    assert n2.n_low.tolist() == [2, 2, 0]  # w <= 0.2 counts
+    est, true = stage.overall_rates(n2)
+    assert est == pytest.approx(4 / 7) and true == pytest.approx(2 / 6)
+    assert stage.noise_order(n2).tolist() == [1, 0, 2]  # 2/3 > 1/2, empty class last
+    assert stage.class_noise(labels, weight, 3).true.tolist().count(None) == 0
+    with pytest.raises(ValueError, match="label outside"):
+        stage.class_noise(labels, weight, 2)
+
+
+def test_otsu_threshold_by_hand():
+    # two groups at 0 and 1: the first cut that separates them is after bin 0 of 256
+    assert stage.otsu_threshold(np.array([0, 0, 0, 1, 1, 1.0])) == 1 / 256
+    # groups around 0.1 and 0.8 (the max): the cut falls between them, and the rule splits them exactly
+    w = np.r_[np.full(30, 0.1), np.full(10, 0.12), np.full(50, 0.7), np.full(10, 0.8)]
+    t = stage.otsu_threshold(w)
+    assert 0.12 <= t < 0.7
+    assert stage.is_low_weight(w, t).sum() == 40
+    assert stage.otsu_threshold(np.full(5, 0.3)) == 0.0
+    n = stage.class_noise(np.array([0, 0, 1, 1]), np.array([0.0, 1.0, 0.0, 0.0]), 2, 0.0,
+                          np.array([1, 0, 1, -1]))
+    assert stage.rule_quality(n) == (pytest.approx(1 / 2), pytest.approx(1 / 1))  # low & known: 2, noisy: 1
+
+
+def test_nearest_classes_by_hand():
+    S = np.array([
+        [1.0, 0.2, 0.9, 0.5],
+        [0.2, 1.0, 0.3, 0.3],
+        [0.9, 0.3, 1.0, 0.1],
+        [0.5, 0.3, 0.1, 1.0],
+    ])
+    idx, sim = stage.nearest_classes(S, 3)
+    assert idx.tolist() == [[2, 3, 1], [2, 3, 0], [0, 1, 3], [0, 1, 2]]  # ties (class 1: 0.3, 0.3) by index
+    assert sim[0].tolist() == [0.9, 0.5, 0.2]
+    idx2, _ = stage.nearest_classes(S, 10)
+    assert idx2.shape == (4, 3)  # never more than C-1, never itself
+    # the partitioned path for large C agrees with a full stable sort
+    rng = np.random.default_rng(1)
+    big = rng.integers(0, 6, (300, 300)).astype(np.float32)
+    got, _ = stage.nearest_classes(big, 3)
+    s = big.astype(np.float64)
+    np.fill_diagonal(s, -np.inf)
+    assert (got == np.argsort(-s, axis=1, kind="stable")[:, :3]).all()
+
+
+def test_extremes_quantiles_histogram_focus():
+    labels = np.array([0, 0, 0, 1, 1, 0])
+    weight = np.array([0.0, 0.3, 0.0, 0.1, 0.2, 0.9])
+    distance = np.array([1.5, 0.9, 1.9, 1.1, 1.0, 0.2])
+    train = np.array([1, 1, 1, 1, 1, 0], dtype=bool)
+    sus = stage.extremes_per_class(labels, weight, [0, 1], 2, secondary=-distance, rows=train)
+    assert [s.tolist() for s in sus] == [[2, 0], [3, 4]]  # weight 0 first, the farther of the two first
+    typ = stage.extremes_per_class(labels, distance, [0], 5, rows=train)
+    assert typ[0].tolist() == [1, 0, 2]  # row 5 is not train
+    q = stage.class_quantiles(weight, labels, np.array([0, 1, 2]), (0.25, 0.5))
+    assert np.allclose(q[0], np.quantile(weight[labels == 0], [0.25, 0.5]))
+    assert np.allclose(q[1], np.quantile(weight[labels == 1], [0.25, 0.5]))
+    assert np.isnan(q[2]).all()
+    edges, counts = stage.weight_histogram(np.array([0.0, 0.0, 0.5, 1.0]), bins=2, upper=1.0)
+    assert edges.tolist() == [0.0, 0.5, 1.0] and counts.tolist() == [2, 2]
+    _, g = stage.weight_histogram(np.array([0.0, 0.0, 0.5, 1.0]), 2, 1.0, groups=np.array([0, 1, 1, 1]))
+    assert g.tolist() == [[1, 0], [1, 2]]
+    near = np.array([[1, 2], [0, 2], [1, 0], [0, 1]])
+    assert stage.focus_classes(np.array([3, 2, 0, 1]), near, 3).tolist() == [3, 0, 1]
+    assert stage.focus_classes(np.array([2, 3]), near, 10).tolist() == [2, 1, 0, 3]
+
+
+# -- synthetic artifacts -----------------------------------------------------------------------
+
+
+def write_synthetic(folder: Path, C: int, per_class: int, *, paths: list[str] | None = None, names=None,
+                    provenance: dict | None = None, ids=None, seed: int = 0, metrics: bool = True,
+                    graph_dtype=np.float32) -> dict:
+    """graph/features/prototypes/scores artifacts of C classes with per_class train rows each
+    plus one val row per class; class c has a true noise share growing with c."""
+    rng = np.random.default_rng(seed)
+    names = names or [f"class {c:04d}" for c in range(C)]
+    n_tr = C * per_class
+    labels = np.r_[np.repeat(np.arange(C), per_class), np.arange(C)]
+    n = len(labels)
+    split = np.array(["train"] * n_tr + ["val"] * C)
+    clean = labels.copy()
+    flip = rng.random(n_tr) < (np.repeat(np.arange(C), per_class) % 5) / 10  # 0..40 % noise
+    clean[:n_tr][flip] = (labels[:n_tr][flip] + 1) % C
+    distance = np.where(np.r_[flip, np.zeros(C, bool)], rng.uniform(1.0, 1.6, n), rng.uniform(0.2, 1.3, n))
+    weight = np.maximum(0, 1.2 - distance) ** 1.5
+    nearest = np.where(distance > 1.2, (labels + 1) % C, labels)
+    ids = ids if ids is not None else np.array([f"img-{i:06d}" for i in range(n)])
+    D = 4
+    feats = rng.normal(size=(n, D)).astype(np.float16)
+    S_w = rng.random((C, C)).astype(graph_dtype)
+    S_w = (S_w + S_w.T) / 2
+    S_l = rng.random((C, C)).astype(graph_dtype)
+    S_l = (S_l + S_l.T) / 2
+    graph_fp = store.write_artifact(folder / "graph.h5", "graph",
+                                    {"classes": names, "S_w": S_w, "S_l": S_l, "S_t": S_w + S_l},
+                                    {"sources": ["synthetic"]}, {"classes": "x"})
+    fdata = {"ids": ids, "labels": labels, "features": feats, "classes": names, "splits": split,
+             "clean_labels": clean}
+    if paths is not None:
+        fdata["paths"] = paths
+    attrs = {"dataset_provenance": provenance} if provenance else None
+    feat_fp = store.write_artifact(folder / "features.h5", "features", fdata, {"backbone": "synthetic"},
+                                   {"dataset": "y"}, attrs)
+    proto_fp = store.write_artifact(folder / "prototypes.h5", "prototypes", {
+        "classes": names, "prototypes": rng.normal(size=(C, D)).astype(np.float32),
+        "prototype_class": np.arange(C), "initial_prototypes": np.zeros((C, D), np.float32),
+        "ids": ids[:n_tr], "consistency": rng.random(n_tr).astype(np.float32)},
+        {"topk": 0.5}, {"features": feat_fp, "graph": graph_fp})
+    # scores.h5 without splits/clean labels/paths: the report takes them from features.h5 by id
+    order = rng.permutation(n)  # and in another row order than features.h5
+    store.write_artifact(folder / "scores.h5", "scores", {
+        "ids": ids[order], "labels": labels[order], "weight": weight[order].astype(np.float32),
+        "distance": distance[order].astype(np.float32), "nearest_class": nearest[order],
+        "nearest_distance": distance[order].astype(np.float32), "classes": names},
+        {"alpha": 1.2, "beta": 1.5}, {"features": feat_fp, "prototypes": proto_fp},
+        {"detection": {"weight": {"roc_auc": 0.9, "average_precision": 0.8, "noise_rate": 0.2, "rows": n_tr}}})
+    if metrics:
+        store.write_json(folder / "metrics.json", {"train": {
+            "C": {"mode": "C", "on": "features", "seed": 0, "top1": 81.0, "top5": 97.25, "n_train": n_tr,
+                  "eval_labels": "clean_labels"},
+            "A": {"mode": "A", "on": "features", "seed": 0, "top1": 74.5, "top5": 95.0, "n_train": n_tr,
+                  "eval_labels": "clean_labels"}}})
+    return {"labels": labels, "weight": weight, "distance": distance, "clean": clean, "split": split, "ids": ids,
+            "names": names, "nearest": nearest}
+
+
+def image_tags(text: str) -> list[str]:
+    return re.findall(r"<img [^>]*>", text)
+
+
+def decode_images(text: str) -> list:
+    from PIL import Image
+
+    out = []
+    for src in re.findall(r'src="data:image/png;base64,([^"]+)"', text):
+        out.append(Image.open(io.BytesIO(base64.b64decode(src))))
+    return out
+
+
+def test_report_small(tmp_path, sinet):
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    C, per = 4, 6
+    n = C * per + C
+    paths = []
+    for i in range(n):
+        p = tmp_path / "img" / f"{i}.png"
+        p.parent.mkdir(exist_ok=True)
+        if i != 3:  # row 3 is missing: a placeholder, not an error
+            Image.fromarray(rng.integers(0, 255, (20, 30, 3), dtype=np.uint8)).save(p)
+        paths.append(str(p))
+    names = ["cat", "dog <b>&", "fox", "owl"]  # markup in a name must be escaped
+    art = tmp_path / "art"
+    truth = write_synthetic(art, C, per, paths=paths, names=names)
+    code, out, err = sinet("report", "--out", art, "--per-class", 3, "--max-classes", 2, "--low-weight", "0")
+    assert code == 0, err
+    page = art / "report" / "index.html"
+    text = page.read_text()
+    for name in ("noise-rate.png", "weights.png", "weights-by-class.png", "S_t.png", "S_w.png", "S_l.png"):
+        assert (art / "report" / name).stat().st_size > 1000
+    assert "dog &lt;b&gt;&amp;" in text and "dog <b>" not in text
+    assert not re.search(r'(src|href)="(https?:)?//', text)  # nothing external
+    imgs = decode_images(text)
+    assert len(imgs) == len(image_tags(text)) == 6 + 2 * (2 * 3)  # 6 plots + 2 classes x (3 suspect + 3 typical)
+    assert all(im.size[0] <= 48 and im.size[1] <= 48 for im in imgs[-12:])
+    # the per-class numbers against the truth written above
+    train = truth["split"] == "train"
+    lab, w = truth["labels"][train], truth["weight"][train]
+    tsv = [line.split("\t") for line in (art / "report" / "classes.tsv").read_text().splitlines()[1:]]
+    by_name = {r[0]: r for r in tsv}
+    for c, name in enumerate(names):
+        est = np.mean(w[lab == c] <= 0)
+        tru = np.mean(truth["clean"][train][lab == c] != c)
+        assert float(by_name[name][3]) == pytest.approx(est, abs=1e-4)
+        assert float(by_name[name][4]) == pytest.approx(tru, abs=1e-4)
+    # the noisiest class's suspects are its lowest-weight train rows
+    worst = tsv[0][0]
+    c = names.index(worst)
+    rows = np.flatnonzero(train & (truth["labels"] == c))
+    expect = rows[np.lexsort((-truth["distance"][rows], truth["weight"][rows]))][:3]
+    sec = text[text.index(f'id="class-{c}"'):]
+    sec = sec[: sec.index('<span class="label">typical')]
+    assert re.findall(r'title="(img-\d+):', sec) == [truth["ids"][r] for r in expect]
+    assert "Accuracy" in text and text.index(">A<") < text.index(">C<")  # A/B/C order
+    assert ">81.00%<" in text and ">97.25%<" in text  # sinet train writes percent
+    assert "1 thumbnail(s) could not be read" in text or 3 not in expect
+    assert "w ≤ 0 (weight 0" in text
+    # up to date: the second run does nothing; another option rebuilds
+    code, out, err = sinet("report", "--out", art, "--per-class", 3, "--max-classes", 2, "--low-weight", "0.0")
+    assert code == 0 and "up to date" in err
+    code, out, err = sinet("report", "--out", art, "--per-class", 2, "--max-classes", 2, "--low-weight", "q0.5")
+    assert code == 0 and "up to date" not in err
+    t = float(np.quantile(w, 0.5))
+    assert f"w ≤ {t:.4g} (T = the 0.5 quantile" in page.read_text()
+    tsv = [line.split("\t") for line in (art / "report" / "classes.tsv").read_text().splitlines()[1:]]
+    for r in tsv:
+        c = names.index(r[0])
+        assert float(r[3]) == pytest.approx(np.mean(w[lab == c] <= t), abs=1e-4)
+    code, out, err = sinet("report", "--out", art, "--low-weight", "often")
+    assert code == 1 and "--low-weight 'often'" in err
+    assert not list((art / "report").glob("*.partial"))
+
+
+def test_report_demo_thumbnails_come_from_the_recorded_demo(tmp_path, sinet):
+    from sinet_cli.datasets import load_demo
+
+    prov = {"reader": "demo", "noise": "symmetric", "rate": 0.2, "seed": 3, "confusion_pairs": None}
+    table = load_demo("symmetric", 0.2, 3)
+    ids = table.ids[:5 * 3 + 5]  # ids are matched, not positions
+    art = tmp_path / "art"
+    truth = write_synthetic(art, 5, 3, provenance=prov, ids=ids, metrics=False)
+    code, _, err = sinet("report", "--out", art, "--per-class", 1, "--max-classes", 5, "--thumb-size", 28)
+    assert code == 0, err
+    text = (art / "report" / "index.html").read_text()
+    assert "Accuracy" not in text
+    srcs = re.findall(r'<figure[^>]*title="([^":]+):[^"]*"><img src="data:image/png;base64,([^"]+)"', text)
+    assert len(srcs) == 10
+    from PIL import Image
+
+    pos = {str(i): k for k, i in enumerate(table.ids)}
+    for image_id, b64 in srcs:
+        got = np.asarray(Image.open(io.BytesIO(base64.b64decode(b64))))
+        assert np.array_equal(got, table.pixels[pos[image_id]])  # 28 px: the demo's own pixels
+    assert truth["ids"][0] in text
+
+
+def test_report_2000_classes_stays_under_the_bound(tmp_path, sinet):
+    """Worst case for the size: random-noise RGB thumbnails (incompressible), long class names."""
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    files = []
+    for i in range(4):
+        p = tmp_path / f"noise{i}.png"
+        Image.fromarray(rng.integers(0, 255, (64, 64, 3), dtype=np.uint8)).save(p)
+        files.append(str(p))
+    C, per = 2000, 3
+    n = C * per + C
+    names = [f"n{c:08d} a rather long class name number {c}" for c in range(C)]
+    art = tmp_path / "art"
+    write_synthetic(art, C, per, paths=[files[i % 4] for i in range(n)], names=names, graph_dtype=np.float16)
+    code, _, err = sinet("report", "--out", art, "--max-classes", 50, "--per-class", 8)
+    assert code == 0, err
+    text = (art / "report" / "index.html").read_text()
+    size = len(text.encode())
+    assert text.count("<tr><td>") == C  # every class in the searchable index
+    assert text.count('class="class-block"') == 50
+    # per=3 train rows per class: up to 3 suspects + 3 typical per shown class, all real images
+    assert len(image_tags(text)) == 6 + 50 * 6
+    # the bound for 5,000 classes with the defaults: the per-class index row grows linearly, the
+    # rest (thumbnails of 50 classes x 16 at worst, plots of <= 60 classes) does not grow with C
+    rows = sum(len(r.encode()) for r in re.findall(r"<tr><td>.*?</tr>", text))
+    figures = re.findall(r"<figure (?:class=\"\w+\" )?title=.*?</figure>", text)
+    assert len(figures) == 50 * 6
+    per_thumb = np.mean([len(f.encode()) for f in figures])
+    rest = size - rows - per_thumb * len(figures)  # plots (<= 60 classes each), styles, provenance
+    projected = rest + rows / C * 5000 + per_thumb * 50 * 16
+    assert projected < PAGE_BOUND, f"projected {projected / 2**20:.1f} MiB for 5,000 classes"
+    assert size < PAGE_BOUND
+    assert "the heat maps show 60 of them" in text
+
+
+# -- the page in a browser ---------------------------------------------------------------------
+
+
+def chromium() -> str | None:
+    for name in ("chromium", "chromium-browser", "google-chrome", "google-chrome-stable"):
+        path = shutil.which(name)
+        if path:
+            return path
+    return None
+
+
+def browse(binary: str, page: Path, profile: Path) -> tuple[str, str]:
+    """Load a page headless; return (DOM after load, Chromium's stderr log)."""
+    cmd = [binary, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+           "--disable-background-networking", "--disable-component-update", "--disable-sync",
+           "--disable-dev-shm-usage", f"--user-data-dir={profile}", "--enable-logging=stderr", "--v=0",
+           "--virtual-time-budget=5000", "--dump-dom", page.resolve().as_uri()]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    return proc.stdout, proc.stderr
+
+
+def console_errors(log: str) -> list[str]:
+    return [line for line in log.splitlines()
+            if ("CONSOLE" in line and ("ERROR" in line.upper() or "Uncaught" in line)) or "Uncaught" in line]
+
+
+def ci_was_set() -> bool:
+    """CI as the process was started with (tests/conftest.py sets CI=1 for every test run, so
+    os.environ cannot tell): /proc/self/environ keeps the environment given at exec time."""
+    try:
+        raw = Path("/proc/self/environ").read_bytes()
+    except OSError:
+        return bool(os.environ.get("CI"))
+    env = dict(kv.split(b"=", 1) for kv in raw.split(b"\0") if b"=" in kv)
+    return env.get(b"CI", b"").lower() not in (b"", b"0", b"false", b"no")
+
+
+@pytest.fixture
+def browser() -> str:
+    binary = chromium()
+    if binary is None:
+        if ci_was_set() or os.environ.get("SINET_REQUIRE_CHROMIUM"):
+            pytest.fail("chromium is not installed (.ci/run installs it)")
+        pytest.skip("chromium is not installed (apt-get install chromium)")
+    return binary
+
+
+def test_report_opens_in_chromium(tmp_path, sinet, browser):
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    paths = []
+    for i in range(3 * 4 + 3):
+        p = tmp_path / f"{i}.png"
+        Image.fromarray(rng.integers(0, 255, (32, 32), dtype=np.uint8)).save(p)
+        paths.append(str(p))
+    art = tmp_path / "art"
+    write_synthetic(art, 3, 4, paths=paths, names=["a", "b", "c"])
+    code, _, err = sinet("report", "--out", art)
+    assert code == 0, err
+    page = art / "report" / "index.html"
+    n_img = len(image_tags(page.read_text()))
+    dom, log = browse(browser, page, tmp_path / "profile")
+    m = re.search(r'data-images-loaded="(\d+)" data-images-total="(\d+)"', dom)
+    assert m, "the page's load script did not run"
+    assert int(m.group(1)) == int(m.group(2)) == n_img > 6
+    assert re.search(r'id="class-count"[^>]*>3 of 3 classes<', dom)  # the filter script ran
+    assert console_errors(log) == [], console_errors(log)
+    # the check itself: a page with a script error and a broken image is caught
+    bad = tmp_path / "bad.html"
+    bad.write_text(page.read_text().replace("<script>", "<script>undefinedFunction();</script><script>", 1)
+                   .replace("data:image/png;base64,", "data:image/png;base64,AAAA", 1))
+    dom, log = browse(browser, bad, tmp_path / "profile2")
+    m = re.search(r'data-images-loaded="(\d+)" data-images-total="(\d+)"', dom)
+    assert m and int(m.group(1)) == int(m.group(2)) - 1
+    assert console_errors(log), log[-2000:]

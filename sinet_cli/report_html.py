@@ -56,6 +56,7 @@ i { font-style: normal; color: #666; }
 .scroll { max-height: 420px; overflow-y: auto; border: 1px solid #ddd; display: inline-block; }
 img.plot { max-width: 100%; height: auto; border: 1px solid #eee; }
 .plots { display: flex; flex-wrap: wrap; gap: 12px; align-items: flex-start; }
+.plots.three figure.plot { flex: 1 1 0; min-width: 0; } .plots.three img.plot { width: 100%; }
 .montage { display: flex; flex-wrap: wrap; gap: 6px; margin: 2px 0 8px; }
 figure.plot { margin: 0; } figure.plot figcaption { font-size: 12px; color: #666; max-width: 640px; }
 .montage figure { margin: 0; width: calc(var(--thumb) + 4px); font-size: 10px; line-height: 1.2; text-align: center; }
@@ -126,6 +127,7 @@ class Page:
     rows: list[ClassRow]
     sections: list[ClassSection]
     heatmap_note: str
+    heatmaps_in_a_row: bool = False  # small heat maps: three side by side, scaled to fit
     metrics: list[dict[str, Any]] = field(default_factory=list)
     detection: dict[str, dict[str, Any]] = field(default_factory=dict)
     provenance: list[dict[str, Any]] = field(default_factory=list)
@@ -244,7 +246,7 @@ def render(page: Page) -> str:
                       for k, v in page.summary)
     notes = "".join(f'<p class="muted">{escape(n)}</p>' for n in page.notes)
     legend = ("Border: <span style=\"color:#d62728\">red</span> = truly mislabeled, "
-              "<span style=\"color:#2ca02c\">green</span> = correctly labeled (from the clean labels); "
+              "<span style=\"color:#2ca02c\">green</span> = correctly labeled (from the clean labels). "
               if page.has_truth else "")
     parts = [
         "<!DOCTYPE html>",
@@ -272,7 +274,8 @@ def render(page: Page) -> str:
         '<div class="plots">' + _plot(page, "weights.png") + _plot(page, "weights-by-class.png") + "</div>",
         "<h2>Class relations</h2>",
         f'<p class="muted">{escape(page.heatmap_note)}</p>',
-        '<div class="plots">' + "".join(_plot(page, n) for n in ("S_t.png", "S_w.png", "S_l.png")) + "</div>",
+        f'<div class="plots{" three" if page.heatmaps_in_a_row else ""}">'
+        + "".join(_plot(page, n) for n in ("S_t.png", "S_w.png", "S_l.png")) + "</div>",
         "<h2>Classes in detail</h2>",
         f'<p class="muted">Per class: its most suspect training images (lowest weight; caption: the suggested class = '
         f"class of the nearest prototype, and the weight) and its most typical ones (nearest to the class prototype; "

@@ -517,7 +517,7 @@ def report(
             notes.append("No image source (no paths and not an embedded demo): thumbnails are placeholders.")
         page = html.Page(
             title=f"sinet report: {folder.name}", summary=summary, rule=rule, thumb_size=thumb_size, plots=plots,
-            rows=rows, sections=sections, heatmap_note=heat_note, metrics=metrics,
+            rows=rows, sections=sections, heatmap_note=heat_note, heatmaps_in_a_row=len(subset) <= 25, metrics=metrics,
             detection={k: v for k, v in detection.items() if isinstance(v, dict)}, provenance=provenance,
             has_truth=has_truth, notes=notes)
         text = html.render(page)

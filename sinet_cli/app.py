@@ -20,11 +20,12 @@ app = typer.Typer(
 
 # Each import registers its command(s) on `app`.
 from .commands import extract  # noqa: E402,F401
+from .commands import summary  # noqa: E402,F401
 from .commands import prototypes  # noqa: E402,F401
 from .commands import score  # noqa: E402,F401
-from .commands import graph  # noqa: E402,F401
 from .commands import train  # noqa: E402,F401
 from .commands import report  # noqa: E402,F401
+from .commands import graph  # noqa: E402,F401
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -25,9 +25,12 @@ def train_mask(art: store.Artifact, chunk: int) -> np.ndarray:
     n = art.dims["N"]
     if "splits" not in art:
         return np.ones(n, dtype=bool)
+    ds = art.dataset("splits")  # raw bytes: no per-row decoding
     mask = np.zeros(n, dtype=bool)
-    for start, rows in art.iter_rows(["splits"], max(chunk, 65536)):
-        mask[start : start + len(rows["splits"])] = rows["splits"] == "train"
+    step = max(chunk, 65536)
+    for start in range(0, n, step):
+        block = np.asarray(ds[start : start + step])
+        mask[start : start + len(block)] = (block == b"train") | (block == "train")
     return mask
 
 

@@ -156,6 +156,14 @@ def _h5_dtype(kind: str, value_dtype: np.dtype | None) -> Any:
     return np.int64 if kind == "int" else np.float32
 
 
+def _as_str_objects(value: Any) -> np.ndarray:
+    """Values as an object array of ``str`` for a variable-length string dataset (vectorized for
+    numpy string arrays, which is most of the cost of writing a million ids)."""
+    if isinstance(value, np.ndarray) and value.dtype.kind == "U":
+        return value.astype(object)
+    return np.asarray([str(v) for v in value], dtype=object)
+
+
 def _hash_dataset(h: "hashlib._Hash", ds: h5py.Dataset, rows: int = 65536) -> None:
     h.update(ds.name.encode() + str(ds.shape).encode() + str(ds.dtype).encode())
     if ds.shape == () or ds.size == 0:
@@ -423,7 +431,7 @@ class ArtifactWriter:
         if name in self.file:
             del self.file[name]
         if field.kind == "str":
-            self.file.create_dataset(name, data=np.asarray([str(v) for v in value], dtype=object), dtype=STR_DTYPE)
+            self.file.create_dataset(name, data=_as_str_objects(value), dtype=STR_DTYPE)
         else:
             arr = np.asarray(value)
             self.file.create_dataset(name, data=arr, dtype=_h5_dtype(field.kind, arr.dtype))
@@ -460,7 +468,7 @@ class ArtifactWriter:
                 raise ArtifactError(f"{self.path}: dataset {name!r} has {ds.shape[0]} rows, expected {n0}")
             ds.resize(n0 + k, axis=0)
             if h5py.check_string_dtype(ds.dtype) is not None:
-                ds[n0 : n0 + k] = np.asarray([str(v) for v in value], dtype=object)
+                ds[n0 : n0 + k] = _as_str_objects(value)
             else:
                 ds[n0 : n0 + k] = np.asarray(value)
         self.file.attrs["rows_committed"] = n0 + k

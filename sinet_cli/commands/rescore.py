@@ -1,0 +1,313 @@
+"""``sinet rescore``: features + scores for the newly crawled images only (run it from cron).
+
+A new crawl (``--data imagefolder:DIR`` or ``manifest:FILE.tsv``, usually the same growing folder
+or manifest) is compared with ``features.h5`` by image id. Only ids not in it are decoded and
+encoded, with the backbone, weights and preprocessing recorded in ``features.h5``; their rows are
+appended to it atomically (``features.h5.partial``, then a rename), and score-noise then weights
+them against the existing prototypes (it scores only ids that ``scores.h5`` lacks). Prototypes
+are not rebuilt: ``make all`` / ``sinet make-prototypes`` does that when wanted.
+
+Safe under cron: one run at a time per artifact folder (``features.h5.lock``; a busy lock is a
+one-line error and exit status 1 unless ``--wait``), no progress output without a terminal, and
+a run with nothing new changes nothing.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import fcntl
+import json
+import os
+import time
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Annotated, Any, Iterator, Optional
+
+import numpy as np
+import typer
+
+from .. import console, store
+from ..app import app
+from ..common import DATA_HELP, ClassesOpt, DeviceOpt, OutOpt, artifact_dir, load_table, resolve_device
+from ..errors import SinetError
+from ..progress import progress_bar
+
+PANEL_CRON = "Cron"
+# Row datasets of features.h5 and what a new row gets when the crawl has no such column.
+ROW_FILL = {"paths": "", "clean_labels": -1, "side_text": "", "subset": ""}
+
+
+@contextmanager
+def folder_lock(features_path: Path, wait: float) -> Iterator[None]:
+    """Hold ``features.h5.lock`` (flock) for the whole run; give up after ``wait`` seconds."""
+    lock_path = features_path.with_name(features_path.name + ".lock")
+    fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644)
+    deadline = time.monotonic() + max(0.0, wait)
+    try:
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise SinetError(
+                        f"{features_path}: another rescore run holds {lock_path}; gave up after {wait:g}s "
+                        "(it goes on; retry later or pass --wait SECONDS)"
+                    ) from None
+                time.sleep(min(0.2, left))
+        try:
+            yield
+        finally:
+            fcntl.flock(fd, fcntl.LOCK_UN)
+    finally:
+        os.close(fd)
+
+
+def known_ids(art: store.Artifact, wanted: np.ndarray, chunk: int = 65536) -> np.ndarray:
+    """Which of ``wanted`` are ids of ``art`` (streamed: memory grows with the crawl, not with N)."""
+    want = {str(i): k for k, i in enumerate(wanted)}
+    found = np.zeros(len(wanted), dtype=bool)
+    for _, rows in art.iter_rows(["ids"], chunk):
+        for i in rows["ids"]:
+            k = want.get(i)
+            if k is not None:
+                found[k] = True
+    return found
+
+
+def normalized(value: Any) -> Any:
+    return json.loads(store.canonical_json(value))
+
+
+def recorded_weights(art: store.Artifact, override: Path | None) -> Path | None:
+    """The weight file features.h5 was extracted with (None: random init), checked by content."""
+    params = art.params
+    if params.get("random_init"):
+        if override is not None:
+            raise SinetError(f"{art.path} was extracted with --random-init; --weights does not apply")
+        return None
+    info = art.json_attr("backbone", {}) or {}
+    path = override or (Path(info["weights"]) if info.get("weights") else None)
+    if path is None:
+        raise SinetError(f"{art.path} does not record its weight file; pass --weights FILE")
+    if not path.is_file():
+        raise SinetError(f"{path}: weight file of {art.path} not found; pass --weights FILE with the same weights")
+    expected = art.inputs.get("weights")
+    if expected is not None and store.fingerprint_file(path) != expected:
+        raise SinetError(
+            f"{path}: not the weights {art.path} was extracted with (content differs); new features would not be "
+            "comparable — pass --weights with the original file, or re-extract everything"
+        )
+    return path
+
+
+@app.command("rescore")
+def rescore(
+    data: Annotated[str, typer.Option("--data", help="The new crawl: " + DATA_HELP, rich_help_panel="Dataset")],
+    classes: ClassesOpt = None,
+    weights: Annotated[
+        Optional[Path],
+        typer.Option(help="Where the backbone weights are now, if the file recorded in features.h5 moved (its "
+                     "content must be the same).", rich_help_panel="Model"),
+    ] = None,
+    alpha: Annotated[
+        Optional[float], typer.Option(help="eq. 6 alpha (default: the one scores.h5 was made with, else 1.2).",
+                                      rich_help_panel="Weighting (eq. 6)")
+    ] = None,
+    beta: Annotated[
+        Optional[float], typer.Option(help="eq. 6 beta (default: the one scores.h5 was made with, else 1.5).",
+                                      rich_help_panel="Weighting (eq. 6)")
+    ] = None,
+    retry_skipped: Annotated[
+        bool, typer.Option("--retry-skipped", help="Try again the images an earlier run could not read "
+                           "(by default they stay in skipped_ids and are not retried).", rich_help_panel=PANEL_CRON)
+    ] = False,
+    wait: Annotated[
+        float, typer.Option(help="Seconds to wait for another rescore run on the same artifacts (default: fail "
+                            "at once).", rich_help_panel=PANEL_CRON)
+    ] = 0.0,
+    batch_size: Annotated[int, typer.Option(help="Images per forward pass.", rich_help_panel="Compute")] = 64,
+    workers: Annotated[int, typer.Option(help="DataLoader decoding processes.", rich_help_panel="Compute")] = 2,
+    chunk_rows: Annotated[int, typer.Option(help="Rows per appended block.", rich_help_panel="Compute")] = 4096,
+    device: DeviceOpt = "auto",
+    out: OutOpt = None,
+) -> None:
+    """Extract features for the images of a new crawl that features.h5 lacks (same backbone, weights and
+    image size as recorded in it), append them, and score them against the existing prototypes.
+
+    For cron: locked per artifact folder, quiet without a terminal, a run with nothing new does nothing.
+
+    Example: sinet rescore --data imagefolder:/data/incoming --out artifacts/shop
+    """
+    if batch_size < 1 or chunk_rows < 1 or workers < 0:
+        raise SinetError("--batch-size and --chunk-rows must be >= 1, --workers >= 0")
+    folder = artifact_dir(out, data)
+    features_path = folder / "features.h5"
+    if not features_path.is_file():
+        raise SinetError(f"{features_path}: not found; build the artifacts first (make all, or extract-features, "
+                         "build-graph, make-prototypes)")
+    try:
+        with folder_lock(features_path, wait):
+            t0 = time.monotonic()
+            table = load_table(data, classes)
+            append_new(table, data, features_path, folder, weights, retry_skipped, batch_size, workers,
+                                  chunk_rows, device)
+            score_new(data, folder, alpha, beta, max(0.0, wait - (time.monotonic() - t0)))
+    except (OSError, RuntimeError, ValueError) as e:  # disk full, CUDA, a library's refusal: one line for cron
+        raise SinetError(f"rescore {data}: {type(e).__name__}: {e}") from None
+
+
+def append_new(table, data: str, features_path: Path, folder: Path, weights: Path | None, retry_skipped: bool,
+               batch_size: int, workers: int, chunk_rows: int, device: str) -> int:
+    """Append the rows of ``table`` whose ids features.h5 lacks; returns the number appended."""
+    with store.open_artifact(features_path, "features") as art:
+        stored = list(art.read("classes"))
+        if list(table.classes.names) != stored:
+            raise SinetError(class_mismatch(data, table.classes.names, features_path, stored))
+        check_prototypes(folder / "prototypes.h5", features_path, stored, art.dims["D"])
+        have = known_ids(art, table.ids)
+        skipped_ids = list(art.read("skipped_ids")) if "skipped_ids" in art else []
+        skipped_reasons = list(art.read("skipped_reasons")) if "skipped_reasons" in art else []
+        tried = np.isin(table.ids, np.asarray(skipped_ids, dtype=str)) if skipped_ids and not retry_skipped else None
+        new = ~have if tried is None else ~have & ~tried
+        positions = np.flatnonzero(new)
+        if len(positions) == 0:
+            extra = f", {int(tried.sum())} unreadable ones not retried" if tried is not None and tried.any() else ""
+            console.info(f"{features_path}: nothing new in {data} ({len(table)} images, all already in it{extra})")
+            return 0
+        params, inputs = art.params, art.inputs
+        info = art.json_attr("backbone", {}) or {}
+        preprocess_rec = art.json_attr("preprocess")
+        rows_in_file = [f.name for f in store.SCHEMAS["features"] if f.dims[0] == "N" and f.name in art]
+        feature_dtype = art.dataset("features").dtype
+        dim = art.dims["D"]
+        weight_path = recorded_weights(art, weights)
+        appended_before = (art.json_attr("appended", {}) or {}).get("rows", 0)
+        n_before = art.dims["N"]
+
+    from stages import extract_features as stage  # only now: an idle cron run does not load torch for it
+
+    probs = bool(params.get("probs"))
+    try:
+        model, _ = stage.build_backbone(params["backbone"], weight_path, random_init=bool(params.get("random_init")),
+                                        num_classes=len(stored) if probs else 0)
+    except (KeyError, ValueError) as e:
+        raise SinetError(f"{features_path}: cannot rebuild its backbone {info.get('name', '?')!r} ({e})") from None
+    preprocess = stage.Preprocess.for_model(model, params.get("image_size"))
+    if preprocess_rec is not None and normalized(preprocess.as_dict()) != normalized(preprocess_rec):
+        raise SinetError(f"{features_path}: recorded preprocessing {preprocess_rec} differs from this timm's "
+                         f"{preprocess.as_dict()}; re-extract everything")
+    if model.num_features != dim:
+        raise SinetError(f"{features_path}: holds {dim}-d features but {params['backbone']} gives {model.num_features}")
+    dev = resolve_device(device)
+    if skipped_ids and retry_skipped:  # retried images leave the skipped list; they re-enter it if they fail again
+        keep = ~np.isin(np.asarray(skipped_ids, dtype=str), table.ids[positions])
+        skipped_ids = [s for s, k in zip(skipped_ids, keep) if k]
+        skipped_reasons = [r for r, k in zip(skipped_reasons, keep) if k]
+
+    writer = store.ArtifactWriter(features_path, "features", params, inputs, mode="append")
+    n_new = n_skipped = 0
+    try:
+        buf: list = []
+
+        def flush() -> None:
+            nonlocal n_new
+            if not buf:
+                return
+            pos = np.concatenate([b.positions[b.ok] for b in buf])
+            buf_feats = np.concatenate([b.features[b.ok] for b in buf])
+            buf_probs = np.concatenate([b.probs[b.ok] for b in buf]) if probs else None
+            buf.clear()
+            if len(pos) == 0:
+                return
+            rows: dict[str, Any] = {}
+            for name in rows_in_file:
+                if name == "features":
+                    rows[name] = buf_feats.astype(feature_dtype)
+                elif name == "probs":
+                    rows[name] = buf_probs.astype(np.float32)
+                else:
+                    column = getattr(table, name, None)
+                    rows[name] = column[pos] if column is not None else np.full(len(pos), ROW_FILL[name])
+            writer.append_rows(rows)
+            n_new += len(pos)
+
+        with progress_bar("rescore: extract", len(positions)) as advance:
+            pending = 0
+            for batch in stage.extract(
+                model, preprocess,
+                paths=None if table.pixels is not None else table.paths,
+                pixels=table.pixels,
+                positions=positions,
+                batch_size=batch_size, workers=workers, device=dev, with_probs=probs, progress=advance,
+            ):
+                for p in np.flatnonzero(~batch.ok):
+                    image_id = str(table.ids[batch.positions[p]])
+                    skipped_ids.append(image_id)
+                    skipped_reasons.append(batch.reasons[p])
+                    n_skipped += 1
+                    where = f" ({table.paths[batch.positions[p]]})" if table.paths is not None else ""
+                    console.warn(f"skipped image {image_id}{where}: {batch.reasons[p]}")
+                buf.append(batch)
+                pending += len(batch.positions)
+                if pending >= chunk_rows:
+                    flush()
+                    pending = 0
+            flush()
+        if skipped_ids:
+            writer.write("skipped_ids", skipped_ids)
+            writer.write("skipped_reasons", skipped_reasons)
+        writer.set_attr("appended", {
+            "rows": int(appended_before) + n_new,
+            "last": {"data": data, "dataset": table.fingerprint(), "rows": n_new, "skipped": n_skipped,
+                     "at": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")},
+        })
+        fp = writer.commit()
+    except BaseException:
+        writer.abort()
+        raise
+    console.info(
+        f"{features_path}: appended {n_new} new images of {data}"
+        f"{f', {n_skipped} unreadable skipped' if n_skipped else ''}; {n_before + n_new} in all (fingerprint {fp[:12]})"
+    )
+    return n_new
+
+
+def class_mismatch(data: str, names: list[str], features_path: Path, stored: list[str]) -> str:
+    if len(names) != len(stored):
+        only_new = [n for n in names if n not in stored]
+        only_old = [n for n in stored if n not in names]
+        detail = (f"new: {only_new[0]!r}" if only_new else f"missing: {only_old[0]!r}") if only_new or only_old else ""
+        return (f"{data}: {len(names)} classes but {features_path} has {len(stored)}"
+                f"{f' ({detail})' if detail else ''}; pass --classes with the class table the artifacts were built "
+                "for, or rebuild them")
+    i = next(k for k, (a, b) in enumerate(zip(names, stored)) if a != b)
+    return (f"{data}: class {i} is {names[i]!r} but {stored[i]!r} in {features_path}; labels would not mean the "
+            "same classes (pass --classes with the class table the artifacts were built for)")
+
+
+def check_prototypes(proto_path: Path, features_path: Path, classes: list[str], dim: int) -> None:
+    """Fail before touching features.h5 when the new rows could not be scored."""
+    with store.open_artifact(proto_path, "prototypes") as pa:
+        p_classes = list(pa.read("classes"))
+        p_dim = pa.dims["D"]
+    if p_classes != classes:
+        raise SinetError(f"{proto_path} was built for other classes than {features_path}; run make-prototypes first")
+    if p_dim != dim:
+        raise SinetError(f"{proto_path} holds {p_dim}-d prototypes but {features_path} {dim}-d features")
+
+
+def score_new(data: str, folder: Path, alpha: float | None, beta: float | None, wait: float) -> None:
+    """score-noise, in process: it scores only the ids scores.h5 lacks (and says so when there are none)."""
+    from .score import score_noise
+
+    prev = store.read_provenance(folder / "scores.h5")
+    prev_params = prev["params"] if prev is not None and prev.get("kind") == "scores" else {}
+    score_noise(
+        data=data,
+        alpha=alpha if alpha is not None else float(prev_params.get("alpha", 1.2)),
+        beta=beta if beta is not None else float(prev_params.get("beta", 1.5)),
+        wait=wait,
+        out=folder,
+    )

@@ -94,6 +94,11 @@ SCHEMAS: dict[str, tuple[Field, ...]] = {
         Field("clean_labels", "int", ("N",), required=False),
         Field("paths", "str", ("N",), required=False),
         Field("splits", "str", ("N",), required=False),
+        # --score fused: eq. 6's weight and the fused components (README "Scoring beyond eq. 6")
+        Field("weight_eq6", "float", ("N",), required=False),
+        Field("share", "float", ("N",), required=False),
+        Field("probe", "float", ("N",), required=False),
+        Field("text_share", "float", ("N",), required=False),
     ),
 }
 

@@ -132,18 +132,160 @@ def score_block(
     )
 
 
+# -- scoring beyond eq. 6 ("fused", the default of score-noise) -------------------------------
+
+SCORE_MODES = ("fused", "paper")
+
+
+def class_similarity(features: np.ndarray, prototypes: np.ndarray, slots: np.ndarray) -> np.ndarray:
+    """(B, C) cosine of each row to each class: the best over the class's prototypes."""
+    g = torch.as_tensor(np.asarray(features, dtype=np.float32))
+    g = g / torch.linalg.vector_norm(g, dim=1, keepdim=True).clamp_min(1e-12)
+    V = torch.as_tensor(np.asarray(prototypes, dtype=np.float32))
+    V = V / torch.linalg.vector_norm(V, dim=1, keepdim=True).clamp_min(1e-12)
+    sim = g @ V.t()  # (B, P)
+    return sim[:, torch.as_tensor(slots)].amax(2).numpy()  # (B, C, m) -> (B, C)
+
+
+def labeled_share(sim: np.ndarray, labels: np.ndarray, temperature: float,
+                  background: float | None = None) -> np.ndarray:
+    """The labeled class's share of a softmax over similarities, with an optional background column:
+
+    a_i = exp(s_iy / T) / (sum_k exp(s_ik / T) + exp(b / T)).
+
+    Rows with a label outside [0, C) get 0.
+    """
+    if not temperature > 0:
+        raise ValueError(f"temperature {temperature}: must be > 0")
+    z = np.asarray(sim, dtype=np.float64) / temperature
+    labels = np.asarray(labels, dtype=np.int64)
+    C = z.shape[1]
+    valid = (labels >= 0) & (labels < C)
+    m = z.max(1)
+    if background is not None:
+        m = np.maximum(m, background / temperature)
+    e = np.exp(z - m[:, None])
+    den = e.sum(1) + (np.exp(background / temperature - m) if background is not None else 0.0)
+    own = e[np.arange(len(z)), np.where(valid, labels, 0)]
+    return np.where(valid, own / den, 0.0).astype(np.float32)
+
+
+@dataclass
+class Probe:
+    """K linear softmax classifiers, each fitted without one fold of a sample (out-of-fold)."""
+
+    W: np.ndarray  # (K, D, C)
+    b: np.ndarray  # (K, C)
+    sample_rows: np.ndarray  # (n,) row positions of the sample, sorted
+    sample_fold: np.ndarray  # (n,) fold of each sample row
+
+
+def fit_probe(x: np.ndarray, y: np.ndarray, rows: np.ndarray, num_classes: int, *, folds: int = 5,
+              epochs: int = 20, lr: float = 0.05, batch_size: int = 256, seed: int = 0) -> Probe:
+    """Out-of-fold softmax regression on a sample (``rows`` = its positions, ``x`` its features).
+
+    Regularized like scikit-learn's LogisticRegression(C=1): loss = mean CE + ||W||^2 / (2 n), with
+    n the rows of the fold's training part. Mini-batch Adam on the closed-form gradient.
+    """
+    if folds < 2:
+        raise ValueError(f"folds {folds}: need at least 2 for out-of-fold probabilities")
+    y = np.asarray(y, dtype=np.int64)
+    if len(y) < folds:
+        raise ValueError(f"{len(y)} sample rows for {folds} folds")
+    rng = np.random.default_rng(seed)
+    fold = rng.permutation(len(y)) % folds
+    X = torch.as_tensor(np.asarray(x, dtype=np.float32))
+    X = X / torch.linalg.vector_norm(X, dim=1, keepdim=True).clamp_min(1e-12)
+    Y = torch.as_tensor(y)
+    gen = torch.Generator().manual_seed(seed)
+    Ws, bs = [], []
+    for f in range(folds):
+        tr = torch.as_tensor(np.flatnonzero(fold != f))
+        Xt, Yt = X[tr], Y[tr]
+        lam = 1.0 / len(tr)
+        W = torch.zeros((X.shape[1], num_classes))
+        b = torch.zeros(num_classes)
+        mW, vW, mb, vb = torch.zeros_like(W), torch.zeros_like(W), torch.zeros_like(b), torch.zeros_like(b)
+        step = 0
+        for _ in range(epochs):
+            perm = torch.randperm(len(Yt), generator=gen)
+            for i in range(0, len(Yt), batch_size):
+                idx = perm[i : i + batch_size]
+                xb, yb = Xt[idx], Yt[idx]
+                grad = torch.softmax(xb @ W + b, dim=1)
+                grad[torch.arange(len(yb)), yb] -= 1.0
+                grad /= len(yb)
+                gW, gb = xb.t() @ grad + lam * W, grad.sum(0)
+                step += 1
+                for p_, g_, m_, v_ in ((W, gW, mW, vW), (b, gb, mb, vb)):
+                    m_.mul_(0.9).add_(g_, alpha=0.1)
+                    v_.mul_(0.999).addcmul_(g_, g_, value=0.001)
+                    p_.addcdiv_(m_ / (1 - 0.9**step), (v_ / (1 - 0.999**step)).sqrt_().add_(1e-8), value=-lr)
+        Ws.append(W.numpy())
+        bs.append(b.numpy())
+    order = np.argsort(rows, kind="stable")
+    return Probe(W=np.stack(Ws), b=np.stack(bs), sample_rows=np.asarray(rows)[order], sample_fold=fold[order])
+
+
+def probe_label_probability(probe: Probe, features: np.ndarray, labels: np.ndarray, rows: np.ndarray) -> np.ndarray:
+    """p(label | x) under the probe: a sample row by the model that did not see it (out-of-fold),
+    any other row by the mean of the K models. Labels outside [0, C) get 0."""
+    g = torch.as_tensor(np.asarray(features, dtype=np.float32))
+    g = g / torch.linalg.vector_norm(g, dim=1, keepdim=True).clamp_min(1e-12)
+    K, _, C = probe.W.shape
+    labels = np.asarray(labels, dtype=np.int64)
+    valid = (labels >= 0) & (labels < C)
+    lab = np.where(valid, labels, 0)
+    P = torch.stack([torch.softmax(g @ torch.as_tensor(probe.W[k]) + torch.as_tensor(probe.b[k]), 1)
+                     for k in range(K)]).numpy()  # (K, B, C)
+    pk = P[:, np.arange(len(lab)), lab]  # (K, B)
+    out = pk.mean(0)
+    rows = np.asarray(rows)
+    pos = np.minimum(np.searchsorted(probe.sample_rows, rows), max(len(probe.sample_rows) - 1, 0))
+    insample = (probe.sample_rows[pos] == rows) if len(probe.sample_rows) else np.zeros(len(rows), bool)
+    if insample.any():
+        out[insample] = pk[probe.sample_fold[pos[insample]], np.flatnonzero(insample)]
+    return np.where(valid, out, 0.0).astype(np.float32)
+
+
+def text_share(text_embeddings: np.ndarray, label_embeddings: np.ndarray, labels: np.ndarray,
+               temperature: float = 0.05) -> np.ndarray:
+    """The labeled class's share of softmax_k(cos(t_i, e_k) / T): agreement of an image's side text
+    t_i (title, tags) with its label, against the class description embeddings e_k."""
+    t = np.asarray(text_embeddings, dtype=np.float64)
+    e = np.asarray(label_embeddings, dtype=np.float64)
+    t = t / np.maximum(np.linalg.norm(t, axis=1, keepdims=True), 1e-12)
+    e = e / np.maximum(np.linalg.norm(e, axis=1, keepdims=True), 1e-12)
+    return labeled_share(t @ e.T, labels, temperature)
+
+
+def fused_weight(components: list[np.ndarray]) -> np.ndarray:
+    """w_i = (prod_j q_ij)^(1/J_i): the geometric mean of the label-quality components q_ij in [0, 1]
+    that row i has (NaN = missing, e.g. no caption); 0 when any is 0."""
+    if not components:
+        raise ValueError("no components to fuse")
+    q = np.stack([np.asarray(c, dtype=np.float64) for c in components])
+    have = ~np.isnan(q)
+    logq = np.where(have, np.log(np.maximum(np.clip(np.nan_to_num(q), 0.0, 1.0), 1e-300)), 0.0)
+    w = np.exp(logq.sum(0) / np.maximum(have.sum(0), 1))
+    w = np.where((np.where(have, q, 1.0) <= 0).any(0), 0.0, w)
+    return w.astype(np.float32)
+
+
 def suspect_order(
     weight: np.ndarray,
     distance: np.ndarray,
     labels: np.ndarray,
     nearest_class: np.ndarray,
     limit: int = 0,
+    flag_below: float = 0.0,
 ) -> np.ndarray:
-    """Row indices of the suspects, worst first: rows with w = 0 or whose nearest prototype is of
-    another class, by increasing weight then decreasing distance; at most ``limit`` (0: all)."""
+    """Row indices of the suspects, worst first: rows with w <= ``flag_below`` or whose nearest
+    prototype is of another class, by increasing weight then decreasing distance; at most ``limit``
+    (0: all)."""
     weight = np.asarray(weight)
     distance = np.asarray(distance, dtype=np.float64)
-    flagged = np.flatnonzero((weight <= 0) | (np.asarray(nearest_class) != np.asarray(labels)))
+    flagged = np.flatnonzero((weight <= flag_below) | (np.asarray(nearest_class) != np.asarray(labels)))
     d = np.where(np.isnan(distance[flagged]), np.inf, distance[flagged])
     order = flagged[np.lexsort((-d, weight[flagged]))]
     return order[:limit] if limit > 0 else order
@@ -156,17 +298,18 @@ class TopSuspects:
     so pruning is exact. Keeps each row's columns (ids, paths, ...) as numpy arrays.
     """
 
-    def __init__(self, limit: int):
+    def __init__(self, limit: int, flag_below: float = 0.0):
         if limit < 1:
             raise ValueError("limit must be >= 1")
         self.limit = limit
+        self.flag_below = flag_below
         self.cols: dict[str, list[np.ndarray]] = {}
         self.size = 0
 
     def add(self, row: np.ndarray, weight: np.ndarray, distance: np.ndarray, labels: np.ndarray,
             nearest_class: np.ndarray, **extra: np.ndarray) -> None:
         weight = np.asarray(weight)
-        flagged = (weight <= 0) | (np.asarray(nearest_class) != np.asarray(labels))
+        flagged = (weight <= self.flag_below) | (np.asarray(nearest_class) != np.asarray(labels))
         if not flagged.any():
             return
         cols = {"row": row, "weight": weight, "distance": distance, "labels": labels,

@@ -25,6 +25,7 @@ from ..errors import SinetError
 from ..progress import progress_bar
 
 PANEL_EQ6 = "Weighting (eq. 6)"
+PANEL_FUSED = "Scoring beyond eq. 6 (--score fused)"
 SUSPECT_COLUMNS = ("id", "path", "label", "suggested_class", "weight", "distance")
 
 
@@ -186,6 +187,28 @@ def score_noise(
     alpha: Annotated[float, typer.Option(help="Shift alpha of eq. 6: distances >= alpha get weight 0 (table 4).",
                                          rich_help_panel=PANEL_EQ6)] = 1.2,
     beta: Annotated[float, typer.Option(help="Contrast beta of eq. 6 (table 5).", rich_help_panel=PANEL_EQ6)] = 1.5,
+    score: Annotated[str, typer.Option(help="fused: geometric mean of the labeled class's share of a "
+                     "softmax over prototype similarities with a background column, an out-of-fold linear probe's "
+                     "p(label|x) and, with --image-text, the caption's class share. paper (default): eq. 6 alone.",
+                     rich_help_panel=PANEL_FUSED)] = "paper",
+    temperature: Annotated[float, typer.Option(help="--score fused: softmax temperature T over cosine similarities.",
+                                               rich_help_panel=PANEL_FUSED)] = 0.02,
+    background: Annotated[Optional[float], typer.Option(help="--score fused: cosine b of the background column "
+                          "(default 1 - alpha^2/2, where eq. 6 reaches 0).", rich_help_panel=PANEL_FUSED)] = None,
+    probe_rows: Annotated[int, typer.Option(help="--score fused: sample of training rows the probe is fitted on "
+                                            "(0 = no probe).", rich_help_panel=PANEL_FUSED)] = 20000,
+    probe_folds: Annotated[int, typer.Option(help="--score fused: probe folds (out-of-fold p).",
+                                             rich_help_panel=PANEL_FUSED)] = 5,
+    probe_epochs: Annotated[int, typer.Option(help="--score fused: probe epochs.", rich_help_panel=PANEL_FUSED)] = 10,
+    image_text: Annotated[bool, typer.Option("--image-text", help="--score fused: also fuse the agreement of each "
+                          "image's side text with its labeled class (features.h5 side_text vs graph.h5 "
+                          "label_embeddings).", rich_help_panel=PANEL_FUSED)] = False,
+    text_temperature: Annotated[float, typer.Option(help="--image-text: softmax temperature over cos(text, class).",
+                                                    rich_help_panel=PANEL_FUSED)] = 0.05,
+    graph: Annotated[Optional[Path], typer.Option(help="--image-text: graph.h5 with label_embeddings "
+                     "(default: <artifact folder>/graph.h5).", rich_help_panel="Artifacts")] = None,
+    encoder: Annotated[Optional[Path], typer.Option(help="--image-text: sentence encoder folder (default: the one "
+                       "build-graph uses).", rich_help_panel="Artifacts")] = None,
     max_suspects: Annotated[
         int, typer.Option(help="Rows in suspects.tsv (worst first; rows with weight 0 or a nearer prototype of another "
                           "class); 0 = all of them.", rich_help_panel="Artifacts")
@@ -249,15 +272,39 @@ def score_noise(
         except ValueError as e:
             raise SinetError(f"{proto_path}: {e}") from None
 
+        if score not in stage.SCORE_MODES:
+            raise SinetError(f"--score {score!r}: choose one of {', '.join(stage.SCORE_MODES)}")
         params = {"alpha": alpha, "beta": beta}
         inputs = {"features": feats.fingerprint, "prototypes": proto_fp}
+        fused = None
+        if score == "fused":
+            if not temperature > 0 or not text_temperature > 0:
+                raise SinetError("--temperature / --text-temperature must be > 0")
+            b = background if background is not None else 1.0 - alpha**2 / 2.0
+            params.update({"score": "fused", "temperature": temperature, "background": b, "probe_rows": probe_rows,
+                           "probe_folds": probe_folds, "probe_epochs": probe_epochs, "image_text": image_text})
+            fused = {"temperature": temperature, "background": b}
+            if image_text:
+                graph_path = graph or folder / "graph.h5"
+                with store.open_artifact(graph_path, "graph") as ga:
+                    if "label_embeddings" not in ga:
+                        raise SinetError(f"{graph_path}: no label_embeddings; rebuild it with sinet build-graph")
+                    fused["label_emb"] = ga.read("label_embeddings").astype(np.float32)
+                    inputs["graph"] = ga.fingerprint
+                if "side_text" not in feats:
+                    raise SinetError(f"{features_path}: no side_text; --image-text needs image titles/tags")
+                from ..sideinfo import load_text_encoder
+
+                fused["encoder"] = load_text_encoder(encoder)
+                params["text_temperature"] = text_temperature
+                fused["text_temperature"] = text_temperature
         with exclusive_lock(target, wait):
             if not force and store.is_up_to_date(target, "scores", params, inputs) and suspects_path.exists():
                 console.info(f"{target}: up to date, nothing to do (use --force to rescore)")
                 return
             prev = store.read_provenance(target)
             append = (
-                not force and prev is not None and prev["kind"] == "scores"
+                score == "paper" and not force and prev is not None and prev["kind"] == "scores"
                 and prev["schema_version"] == store.SCHEMA_VERSION
                 and store.canonical_json(prev["params"]) == store.canonical_json(params)
                 and prev["inputs"].get("prototypes") == proto_fp
@@ -270,8 +317,12 @@ def score_noise(
             threads = torch.get_num_threads()
             torch.set_num_threads(1)  # torch only does O(B x D) work here; FAISS's own threads do the search,
             try:  # and two OpenMP pools spinning on the same cores slow each other down badly
+                if fused is not None and probe_rows > 0:
+                    fused["probe"] = fit_probe(stage, feats, len(classes), probe_rows, probe_folds, probe_epochs,
+                                               chunk_rows)
+                params_fused = fused
                 run_scoring(stage, feats, features_path, target, suspects_path, protos, proto_class, slots, index,
-                            classes, params, inputs, append, max_suspects, chunk_rows)
+                            classes, params, inputs, append, max_suspects, chunk_rows, params_fused)
             finally:
                 torch.set_num_threads(threads)
     finally:
@@ -279,14 +330,15 @@ def score_noise(
 
 
 def run_scoring(stage, feats, features_path, target, suspects_path, protos, proto_class, slots, index, classes,
-                params, inputs, append, max_suspects, chunk_rows) -> None:
+                params, inputs, append, max_suspects, chunk_rows, fused=None) -> None:
     n = feats.dims["N"]
     t0 = time.perf_counter()
     big = max(chunk_rows, 65536)
     has_clean = "clean_labels" in feats
     # splits are copied only with clean labels: they say which rows the detection metrics cover
     optional = [k for k in ("clean_labels", "paths", "splits") if k in feats and (k != "splits" or has_clean)]
-    top = stage.TopSuspects(max_suspects) if max_suspects > 0 else None
+    flag_below = 0.5 if fused is not None else 0.0  # fused: w < 0.5 = the label is not the likelier reading
+    top = stage.TopSuspects(max_suspects, flag_below) if max_suspects > 0 else None
     numeric = ("labels", "weight", "distance", "nearest_class", "clean_labels", "train")
     collected: dict[str, list[np.ndarray]] = {k: [] for k in numeric}
     new_mask = None
@@ -325,6 +377,8 @@ def run_scoring(stage, feats, features_path, target, suspects_path, protos, prot
         pos = n_old
         with progress_bar("score-noise", total) as advance:
             read = ["ids", "labels", "features"] + [k for k in optional if k in feats]
+            if fused is not None and "encoder" in fused:
+                read.append("side_text")
             for start, rows in feats.iter_rows(read, chunk_rows):
                 b = len(rows["ids"])
                 if new_mask is not None:
@@ -337,6 +391,11 @@ def run_scoring(stage, feats, features_path, target, suspects_path, protos, prot
                                       params["alpha"], params["beta"])
                 out = {"ids": rows["ids"], "labels": labels, "weight": s.weight, "distance": s.distance,
                        "nearest_class": s.nearest_class, "nearest_distance": s.nearest_distance}
+                if fused is not None:
+                    out.update(fused_components(stage, fused, rows, labels, slots, protos, start))
+                    parts = [out["share"]] + [out[k] for k in ("probe", "text_share") if k in out]
+                    out["weight_eq6"] = s.weight
+                    out["weight"] = stage.fused_weight(parts)
                 for k in optional:
                     out[k] = rows[k] if k in rows else np.full(len(labels), fill[k])
                 writer.append_rows(out)
@@ -361,7 +420,8 @@ def run_scoring(stage, feats, features_path, target, suspects_path, protos, prot
     if top is not None:
         n_suspects = write_top_suspects(suspects_path, top.result(), classes)
     else:
-        order = stage.suspect_order(full["weight"], full["distance"], full["labels"], full["nearest_class"])
+        order = stage.suspect_order(full["weight"], full["distance"], full["labels"], full["nearest_class"],
+                                    flag_below=flag_below)
         write_suspects(target, suspects_path, order, full["labels"], full["nearest_class"], full["weight"],
                        full["distance"], classes, big)
         n_suspects = len(order)
@@ -374,6 +434,46 @@ def run_scoring(stage, feats, features_path, target, suspects_path, protos, prot
         msg += (f"; noise detection on train ({d['noise_rate']:.0%} noisy): ROC-AUC {d['roc_auc']:.4f} "
                 f"AP {d['average_precision']:.4f}")
     console.info(msg)
+
+
+def fit_probe(stage, feats, num_classes: int, probe_rows: int, folds: int, epochs: int, chunk: int):
+    """Fit the out-of-fold probe on a seeded sample of at most ``probe_rows`` labeled train rows (one
+    streamed read gathers their features)."""
+    labels = feats.read("labels").astype(np.int64)
+    ok = (labels >= 0) & (labels < num_classes)
+    if "splits" in feats:
+        ok &= feats.read("splits") == "train"
+    cand = np.flatnonzero(ok)
+    if len(cand) < 2 * folds:
+        raise SinetError(f"only {len(cand)} labeled train rows: too few for a {folds}-fold probe (--probe-rows 0)")
+    rng = np.random.default_rng(0)
+    rows = np.sort(rng.choice(cand, min(probe_rows, len(cand)), replace=False))
+    x = np.empty((len(rows), feats.dims["D"]), dtype=np.float32)
+    for start, block in feats.iter_rows(["features"], max(chunk, 65536)):
+        n = len(block["features"])
+        lo, hi = np.searchsorted(rows, [start, start + n])
+        if hi > lo:
+            x[lo:hi] = block["features"][rows[lo:hi] - start]
+    return stage.fit_probe(x, labels[rows], rows, num_classes, folds=folds, epochs=epochs)
+
+
+def fused_components(stage, fused: dict, rows: dict, labels: np.ndarray, slots, protos, start: int) -> dict:
+    """The per-row label-quality components of --score fused for one block."""
+    sim = stage.class_similarity(rows["features"], protos, slots)
+    out = {"share": stage.labeled_share(sim, labels, fused["temperature"], fused["background"])}
+    if "probe" in fused:
+        out["probe"] = stage.probe_label_probability(fused["probe"], rows["features"], labels,
+                                                     np.arange(start, start + len(labels)))
+    if "encoder" in fused:
+        text = np.asarray(rows["side_text"]).astype(str)
+        has = np.char.str_len(np.char.strip(text)) > 0
+        ts = np.full(len(labels), np.nan, dtype=np.float32)
+        if has.any():
+            emb = fused["encoder"].encode(text[has].tolist(), normalize_embeddings=True, batch_size=256)
+            ts[has] = stage.text_share(np.asarray(emb, dtype=np.float32), fused["label_emb"], labels[has],
+                                       fused["text_temperature"])
+        out["text_share"] = ts
+    return out
 
 
 def collect(collected: dict[str, list[np.ndarray]], rows: dict[str, np.ndarray]) -> None:

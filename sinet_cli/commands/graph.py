@@ -20,6 +20,7 @@ from .. import console, store
 from ..app import app
 from ..common import ClassesOpt, DataOpt, DeviceOpt, ForceOpt, OutOpt, artifact_dir, load_table, resolve_device
 from ..errors import InputError, SinetError
+from ..textio import read_text
 from ..progress import progress_bar
 
 SOURCE_ORDER = ("hierarchy", "text", "name")
@@ -148,12 +149,7 @@ def _wordnet() -> Any:
 
 def read_taxonomy(path: Path) -> dict[str, list[str]]:
     """``child<TAB>parent`` lines (optional ``child  parent`` header, ``#`` comments) -> parents."""
-    try:
-        text = path.read_text(encoding="utf-8")
-    except UnicodeDecodeError as e:
-        raise InputError(path, f"not UTF-8 text ({e.reason} at byte {e.start})") from None
-    except OSError as e:
-        raise InputError(path, f"cannot read ({e.strerror})") from None
+    text = read_text(path)
     parents: dict[str, list[str]] = {}
     for lineno, line in enumerate(text.splitlines(), start=1):
         if not line.strip() or line.lstrip().startswith("#"):

@@ -27,6 +27,7 @@ import numpy as np
 
 from .. import console
 from ..errors import InputError
+from ..textio import read_text_lines
 from .demo import data_dir
 from .manifest import check_no_empty_class
 from .table import ClassTable, DatasetTable
@@ -54,25 +55,6 @@ def clothing1m_classes() -> ClassTable:
 
 
 # --- line-level helpers (shared with webvision.py) -------------------------------------------------
-
-
-def read_text_lines(path: Path) -> list[tuple[int, str]]:
-    """Non-blank lines of a UTF-8 text file as ``(line number, text)``, CR/LF and a BOM stripped.
-
-    Undecodable bytes raise :class:`InputError` naming the line they are on.
-    """
-    try:
-        data = path.read_bytes()
-    except OSError as e:
-        raise InputError(path, f"cannot read ({e.strerror})") from None
-    try:
-        text = data.decode("utf-8")
-    except UnicodeDecodeError as e:
-        line = data.count(b"\n", 0, e.start) + 1
-        raise InputError(path, f"not UTF-8 text ({e.reason} at byte {e.start})", line) from None
-    text = text.removeprefix("\ufeff")
-    # split on "\n" only: str.splitlines() also breaks on \x0b, \x1c, U+2028 ... and would shift line numbers
-    return [(i, line.rstrip("\r")) for i, line in enumerate(text.split("\n"), start=1) if line.strip()]
 
 
 def relative_image_path(raw: str, path: Path, lineno: int) -> str:

@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import InputError
+from ..textio import read_text
 from .table import SPLITS, ClassTable, DatasetTable
 
 MANIFEST_COLUMNS = ("id", "path", "label", "split", "clean_label", "text")
@@ -43,12 +44,7 @@ def read_manifest(path: Path | str, classes: ClassTable | None = None, name: str
     Missing image files are not checked here: extraction logs and skips them.
     """
     path = Path(path)
-    try:
-        text = path.read_text(encoding="utf-8")
-    except UnicodeDecodeError as e:
-        raise InputError(path, f"not UTF-8 text ({e.reason} at byte {e.start})") from None
-    except OSError as e:
-        raise InputError(path, f"cannot read ({e.strerror})") from None
+    text = read_text(path)
     lines = text.splitlines()
     if not lines:
         raise InputError(path, "empty manifest")

@@ -10,6 +10,7 @@ from typing import Any
 import numpy as np
 
 from ..errors import InputError
+from ..textio import read_text
 from ..store import fingerprint_arrays
 
 SPLITS = ("train", "val", "test")
@@ -58,12 +59,7 @@ class ClassTable:
     def from_tsv(cls, path: Path | str) -> "ClassTable":
         """Read ``name<TAB>synset<TAB>description<TAB>parent`` with a header; only ``name`` is required."""
         path = Path(path)
-        try:
-            text = path.read_text(encoding="utf-8")
-        except UnicodeDecodeError as e:
-            raise InputError(path, f"not UTF-8 text ({e.reason} at byte {e.start})") from None
-        except OSError as e:
-            raise InputError(path, f"cannot read ({e.strerror})") from None
+        text = read_text(path)
         rows = list(csv.reader(text.splitlines(), delimiter="\t", quoting=csv.QUOTE_NONE))
         if not rows:
             raise InputError(path, "empty class table")

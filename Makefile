@@ -4,6 +4,8 @@
 #   make all DATASET=clothing1m DATA_ROOT=/data/clothing1m
 #   make all DATASET=webvision  DATA_ROOT=/data/webvision
 #   make all DATASET=manifest   DATA_ROOT=/data/crawl.tsv CLASSES=/data/classes.tsv
+#   make all DATASET=imagefolder DATA_ROOT=/data/crawl  ART=artifacts/shop
+#   make cron ART=artifacts/shop NEW=imagefolder:/data/incoming   # extract + score only new images
 #
 # Each target depends on the artifacts it reads, and each sinet command also checks the
 # content fingerprints and parameters it was built from: a stage whose inputs and options did
@@ -21,19 +23,29 @@ CLASSES   ?=
 NOISE      ?= symmetric
 NOISE_RATE ?= 0.4
 NOISE_SEED ?= 0
-ifeq ($(DATASET),demo)
-  DATA ?= demo
-else ifeq ($(DATASET),demo-mnist)
-  DATA ?= demo-mnist
+# The --data argument. Set with `=`, not `?=`: an unrelated DATA in the environment must not
+# replace it (`make all DATA=manifest:x.tsv` on the command line still does).
+ifneq ($(filter demo demo-mnist,$(DATASET)),)
+  DATA = $(DATASET)
 else
-  DATA ?= $(DATASET):$(DATA_ROOT)
+  DATA = $(DATASET):$(DATA_ROOT)
 endif
-ART       ?= artifacts/$(notdir $(DATASET))
+ART       ?= artifacts/$(DATASET)
 TABLE_OPTS = --data $(DATA) $(if $(CLASSES),--classes $(CLASSES)) --out $(ART)
 DATA_OPTS  = $(TABLE_OPTS) --noise $(NOISE) --noise-rate $(NOISE_RATE) --noise-seed $(NOISE_SEED)
 
 # ---- build-graph -------------------------------------------------------------------------
 SOURCES        ?= wordnet,text
+# Clothing1M's packaged class table gives Chiffon, Hoodie and Downcoat a WordNet *parent* instead
+# of a synset, which build-graph does not resolve yet (--hierarchy auto reads the parent column as a
+# taxonomy and finds the other 11 classes missing): place the 11 in WordNet, those 3 get no S_w.
+ifeq ($(DATASET),clothing1m)
+  HIERARCHY ?= wordnet
+  LENIENT   ?= 1
+endif
+HIERARCHY      ?= auto
+TAXONOMY       ?=
+LENIENT        ?=
 HIERARCHY_SIM  ?= path
 TEXT_HEAD      ?= none
 GRAPH_OPTS     ?=
@@ -56,6 +68,10 @@ PROTO_OPTS  ?=
 ALPHA      ?= 1.2
 BETA       ?= 1.5
 SCORE_OPTS ?=
+# ---- cron re-scoring (sinet rescore): NEW=imagefolder:DIR or NEW=manifest:FILE.tsv --------------
+NEW          ?=
+WAIT         ?= 0
+RESCORE_OPTS ?=
 # ---- train (eq. 1) -----------------------------------------------------------------------
 ON         ?= features
 EPOCHS     ?= 100
@@ -63,12 +79,21 @@ SEEDS      ?= 0
 # the clean-label oracle needs known true labels: the demos have them
 MODES      ?= A B C $(if $(filter demo demo-mnist,$(DATASET)),oracle)
 TRAIN_OPTS ?=
+# ---- report ------------------------------------------------------------------------------
+LOW_WEIGHT       ?= auto
+MAX_CLASSES      ?= 50
+REPORT_PER_CLASS ?= 8
+THUMB_SIZE       ?= 48
+REPORT_OPTS      ?=
 
-.PHONY: help install test demo all graph features prototypes scores train summary bench clean-demo FORCE
+.PHONY: help install test demo all graph features prototypes scores train summary report cron bench clean-demo \
+	data-check FORCE
 help:
 	@echo "make demo   - run the whole pipeline on the embedded demo (installs first)"
 	@echo "make test   - run the test suite (installs first)"
-	@echo "make all DATASET=clothing1m|webvision|manifest|imagefolder DATA_ROOT=PATH - the chain on a real dataset"
+	@echo "make all DATASET=clothing1m|webvision|mini-webvision|manifest|imagefolder DATA_ROOT=PATH - the chain on a real dataset"
+	@echo "make report - the HTML report of artifacts/\$$DATASET (after the chain)"
+	@echo "make cron ART=artifacts/NAME NEW=imagefolder:DIR|manifest:FILE - extract and score only newly crawled images"
 	@echo "make bench  - speed/quality benchmarks"
 
 .install.stamp: pyproject.toml
@@ -80,12 +105,16 @@ install: .install.stamp
 test: install
 	$(PY) -m pytest -q
 
-# Real file targets. FORCE makes make ask sinet, which decides by content fingerprints.
-$(ART)/graph.h5: FORCE | install
-	$(SINET) build-graph $(TABLE_OPTS) --sources $(SOURCES) --hierarchy-sim $(HIERARCHY_SIM) \
-		--text-head $(TEXT_HEAD) $(GRAPH_OPTS)
+data-check:
+	@case "$(DATA)" in *:) echo "make: DATASET=$(DATASET) reads DATA_ROOT=PATH (the dataset folder or manifest)" >&2; exit 2;; esac
 
-$(ART)/features.h5: FORCE | install
+# Real file targets. FORCE makes make ask sinet, which decides by content fingerprints.
+$(ART)/graph.h5: FORCE | install data-check
+	$(SINET) build-graph $(TABLE_OPTS) --sources $(SOURCES) --hierarchy $(HIERARCHY) \
+		$(if $(TAXONOMY),--taxonomy $(TAXONOMY)) $(if $(filter 1 yes true,$(LENIENT)),--lenient) \
+		--hierarchy-sim $(HIERARCHY_SIM) --text-head $(TEXT_HEAD) $(GRAPH_OPTS)
+
+$(ART)/features.h5: FORCE | install data-check
 	$(SINET) extract-features $(DATA_OPTS) --backbone $(BACKBONE) $(if $(WEIGHTS),--weights $(WEIGHTS)) \
 		--image-size $(IMAGE_SIZE) --batch-size $(BATCH_SIZE) --workers $(WORKERS) --device $(DEVICE) $(EXTRACT_OPTS)
 
@@ -111,7 +140,20 @@ train: $(ART)/metrics.json
 summary: $(ART)/metrics.json
 	$(SINET) summary --out $(ART)
 
-all: summary
+$(ART)/report/index.html: $(ART)/metrics.json FORCE
+	$(SINET) report --out $(ART) --low-weight $(LOW_WEIGHT) --max-classes $(MAX_CLASSES) \
+		--per-class $(REPORT_PER_CLASS) --thumb-size $(THUMB_SIZE) $(REPORT_OPTS)
+
+report: $(ART)/report/index.html
+
+all: summary report
+
+# Cron: append the features of images of NEW not yet in $(ART)/features.h5 and score them against
+# the existing prototypes. Deliberately no prerequisites: it never rebuilds the chain.
+cron:
+	@test -n "$(NEW)" || { echo "make: cron needs NEW=imagefolder:DIR or NEW=manifest:FILE.tsv" >&2; exit 2; }
+	$(SINET) rescore --data $(NEW) $(if $(CLASSES),--classes $(CLASSES)) --out $(ART) --wait $(WAIT) \
+		--batch-size $(BATCH_SIZE) --workers $(WORKERS) --device $(DEVICE) $(RESCORE_OPTS)
 
 demo: all
 

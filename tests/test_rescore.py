@@ -158,3 +158,29 @@ def test_cron_run_is_quiet_and_one_line_on_failure(built, tmp_path):
     assert missing.returncode == 1 and missing.stdout == ""
     assert missing.stderr.startswith("sinet: error: ") and missing.stderr.count("\n") == 1
     assert "features.h5: not found" in missing.stderr
+
+
+def test_unreadable_new_image_is_recorded_not_retried_unless_asked(built, sinet, tmp_path):
+    import shutil
+
+    root, built_art = built
+    art = tmp_path / "art"
+    shutil.copytree(built_art, art)
+    with store.open_artifact(art / "features.h5", "features") as f:
+        n0 = f.dims["N"]
+    manifest = write_manifest(root, 4, extra_lines=["boot-90\timg/boot/later.jpg\tboot\ttrain"])
+    args = ["rescore", "--data", f"manifest:{manifest}", "--out", art, "--workers", "0"]
+    code, _, err = sinet(*args)
+    assert code == 0 and "skipped image boot-90" in err and "appended 0 new images" in err, err
+    with store.open_artifact(art / "features.h5", "features") as f:
+        assert f.dims["N"] == n0 and list(f.read("skipped_ids")) == ["boot-90"]
+        assert "file not found" in f.read("skipped_reasons")[0]
+    code, _, err = sinet(*args)
+    assert code == 0 and "nothing new" in err and "1 unreadable ones not retried" in err, err
+
+    write_jpeg(root / "img" / "boot" / "later.jpg", 7)  # the download completed
+    code, _, err = sinet(*args, "--retry-skipped")
+    assert code == 0 and "appended 1 new images" in err and "scoring 1 new" in err, err
+    with store.open_artifact(art / "features.h5", "features") as f:
+        assert f.dims["N"] == n0 + 1 and f.read("ids")[-1] == "boot-90"
+        assert len(f.read("skipped_ids")) == 0 and len(f.read("skipped_reasons")) == 0

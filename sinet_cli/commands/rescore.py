@@ -151,8 +151,8 @@ def rescore(
         with folder_lock(features_path, wait):
             t0 = time.monotonic()
             table = load_table(data, classes)
-            append_new(table, data, features_path, folder, weights, retry_skipped, batch_size, workers,
-                                  chunk_rows, device)
+            append_new(table, data, features_path, folder, weights, retry_skipped, batch_size, workers, chunk_rows,
+                       device)
             score_new(data, folder, alpha, beta, max(0.0, wait - (time.monotonic() - t0)))
     except (OSError, RuntimeError, ValueError) as e:  # disk full, CUDA, a library's refusal: one line for cron
         raise SinetError(f"rescore {data}: {type(e).__name__}: {e}") from None
@@ -169,6 +169,7 @@ def append_new(table, data: str, features_path: Path, folder: Path, weights: Pat
         have = known_ids(art, table.ids)
         skipped_ids = list(art.read("skipped_ids")) if "skipped_ids" in art else []
         skipped_reasons = list(art.read("skipped_reasons")) if "skipped_reasons" in art else []
+        had_skipped = "skipped_ids" in art
         tried = np.isin(table.ids, np.asarray(skipped_ids, dtype=str)) if skipped_ids and not retry_skipped else None
         new = ~have if tried is None else ~have & ~tried
         positions = np.flatnonzero(new)
@@ -255,7 +256,7 @@ def append_new(table, data: str, features_path: Path, folder: Path, weights: Pat
                     flush()
                     pending = 0
             flush()
-        if skipped_ids:
+        if skipped_ids or had_skipped:  # (emptied when every retried image could be read)
             writer.write("skipped_ids", skipped_ids)
             writer.write("skipped_reasons", skipped_reasons)
         writer.set_attr("appended", {
@@ -299,15 +300,19 @@ def check_prototypes(proto_path: Path, features_path: Path, classes: list[str], 
 
 
 def score_new(data: str, folder: Path, alpha: float | None, beta: float | None, wait: float) -> None:
-    """score-noise, in process: it scores only the ids scores.h5 lacks (and says so when there are none)."""
+    """score-noise, in process, with the options scores.h5 was made with (so that it only appends):
+    it scores the ids scores.h5 lacks, and says so when there are none."""
+    import inspect
+
     from .score import score_noise
 
     prev = store.read_provenance(folder / "scores.h5")
-    prev_params = prev["params"] if prev is not None and prev.get("kind") == "scores" else {}
-    score_noise(
-        data=data,
-        alpha=alpha if alpha is not None else float(prev_params.get("alpha", 1.2)),
-        beta=beta if beta is not None else float(prev_params.get("beta", 1.5)),
-        wait=wait,
-        out=folder,
-    )
+    recorded = prev["params"] if prev is not None and prev.get("kind") == "scores" else {}
+    options = set(inspect.signature(score_noise).parameters) - {"data", "features", "prototypes", "wait", "out",
+                                                                  "force"}
+    kwargs = {k: v for k, v in recorded.items() if k in options}
+    if alpha is not None:
+        kwargs["alpha"] = alpha
+    if beta is not None:
+        kwargs["beta"] = beta
+    score_noise(data=data, wait=wait, out=folder, **kwargs)

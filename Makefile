@@ -36,13 +36,6 @@ DATA_OPTS  = $(TABLE_OPTS) --noise $(NOISE) --noise-rate $(NOISE_RATE) --noise-s
 
 # ---- build-graph -------------------------------------------------------------------------
 SOURCES        ?= wordnet,text
-# Clothing1M's packaged class table gives Chiffon, Hoodie and Downcoat a WordNet *parent* instead
-# of a synset, which build-graph does not resolve yet (--hierarchy auto reads the parent column as a
-# taxonomy and finds the other 11 classes missing): place the 11 in WordNet, those 3 get no S_w.
-ifeq ($(DATASET),clothing1m)
-  HIERARCHY ?= wordnet
-  LENIENT   ?= 1
-endif
 HIERARCHY      ?= auto
 TAXONOMY       ?=
 LENIENT        ?=

@@ -154,14 +154,14 @@ def test_make_stops_early_without_a_dataset_path_or_a_crawl():
 
 
 def test_build_graph_on_clothing1m_with_the_default_hierarchy(tmp_path, sinet):
-    """The packaged Clothing1M table gives three classes a WordNet parent instead of a synset; with
-    --hierarchy auto, build-graph reads the parent column as a taxonomy and the other 11 classes are
-    then missing from it. The Makefile works around it (--hierarchy wordnet --lenient): see there."""
+    """The packaged Clothing1M table gives three classes a WordNet parent instead of a synset:
+    build-graph places each one edge below its parent, so all 14 classes have hierarchy relations."""
     c1m = make_clothing1m(tmp_path / "c1m")
     code, _, err = sinet("build-graph", "--data", f"clothing1m:{c1m['root']}", "--sources", "wordnet",
                          "--out", tmp_path / "art")
-    if code != 0:
-        assert "is not in the taxonomy" in err
-        pytest.xfail("build-graph does not resolve a WordNet parent in place of a synset (commands/graph.py)")
+    assert code == 0, err
     with store.open_artifact(tmp_path / "art" / "graph.h5", "graph") as g:
         assert int(g.read("hierarchy_known").sum()) == 14
+        names, S_w = list(g.read("classes")), g.read("S_w")
+    # Hoodie sits under sweatshirt.n.01: nearer to Sweater than to Shawl
+    assert S_w[names.index("Hoodie"), names.index("Sweater")] > S_w[names.index("Hoodie"), names.index("Shawl")]

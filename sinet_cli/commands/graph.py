@@ -88,18 +88,33 @@ def synset_ancestors(synset: Any) -> dict[str, int]:
     return dist
 
 
+PLACED = "class:"  # node of a class placed one edge below its parent synset
+
+
 def wordnet_hierarchy(
-    synsets: list[Any | None], with_depths: bool = False, progress: Callable[[int], None] | None = None
+    synsets: list[Any | None],
+    with_depths: bool = False,
+    progress: Callable[[int], None] | None = None,
+    placed: list[tuple[str, Any] | None] | None = None,
 ) -> tuple[list[dict[str, int] | None], dict[str, Any] | None]:
     """Ancestor maps of the classes' synsets, each synset walked once. Non-noun synsets get nltk's
     simulated root (``simulate_root``). With ``with_depths``, also what Wu-Palmer needs, as nltk
     computes it: ``node_depth`` ``{node: (min_depth, max_depth)}`` and ``lengths`` (per class, nltk's
     ``shortest_path_distance`` to each ancestor: min over the ancestor's own ancestors k of
-    anc_class[k] + anc_node[k])."""
+    anc_class[k] + anc_node[k]). ``placed[i] = (name, parent synset)`` puts a class that has no
+    synset of its own one edge below its parent (e.g. Clothing1M's Hoodie under sweatshirt.n.01)."""
     cache: dict[str, dict[str, int]] = {}
     maps: list[dict[str, int] | None] = []
+    placed_parent: dict[str, Any] = {}
     for i, s in enumerate(synsets):
-        if s is None:
+        if s is None and placed is not None and placed[i] is not None:
+            name, parent = placed[i]
+            if parent.name() not in cache:
+                cache[parent.name()] = synset_ancestors(parent)
+            node = PLACED + name
+            placed_parent[node] = parent
+            maps.append({node: 0, **{k: d + 1 for k, d in cache[parent.name()].items()}})
+        elif s is None:
             maps.append(None)
         else:
             key = s.name()
@@ -108,7 +123,8 @@ def wordnet_hierarchy(
             maps.append(cache[key])
         if progress is not None and (i % 256 == 255 or i == len(synsets) - 1):
             progress(i % 256 + 1)
-    needs_root = any(s is not None and s.pos() != "n" for s in synsets)
+    needs_root = any(s is not None and s.pos() != "n" for s in synsets) or any(
+        p.pos() != "n" for p in placed_parent.values())
     if needs_root:
         # nltk adds a fake root for verbs (and other non-noun) synsets so separate trees connect
         maps = [None if m is None else {**m, ROOT: max(m.values()) + 1} for m in maps]
@@ -119,7 +135,11 @@ def wordnet_hierarchy(
     depth: dict[str, tuple[int, int]] = {ROOT: (-1, 0)}
     for m in maps:
         for k in m or ():
-            if k not in node_anc and k != ROOT:
+            if k in placed_parent:  # not a WordNet node: one below its parent
+                parent = placed_parent[k]
+                node_anc[k] = m
+                depth[k] = (parent.min_depth() + 1, parent.max_depth() + 1)
+            elif k not in node_anc and k != ROOT:
                 syn = wn.synset(k)
                 node_anc[k] = synset_ancestors(syn)
                 depth[k] = (syn.min_depth(), syn.max_depth())
@@ -377,7 +397,9 @@ def build_graph(
     C = len(table)
     mode = hierarchy
     if mode == "auto":
-        mode = "taxonomy" if taxonomy is not None or any(table.parents) else "wordnet"
+        # a class table with synsets uses WordNet (a parent then places a class that has none);
+        # only a table of parents without synsets is a user taxonomy
+        mode = "taxonomy" if taxonomy is not None or (any(table.parents) and not any(table.synsets)) else "wordnet"
     if taxonomy is not None and mode != "taxonomy":
         raise SinetError("--taxonomy given with --hierarchy wordnet: drop one")
     use_h = "hierarchy" in srcs
@@ -427,6 +449,17 @@ def build_graph(
                         )
         if bad_ids:
             console.warn(f"unknown WordNet synset for {_names(bad_ids)}: no hierarchy relations or gloss for them")
+    placed: list[tuple[str, Any] | None] = [None] * C
+    if need_wordnet and use_h and mode == "wordnet":
+        for i, (name, sid, parent) in enumerate(zip(table.names, table.synsets, table.parents)):
+            if not sid and parent:
+                ps = lookup_synset(wn, parent)
+                if ps is None and not lenient:
+                    raise SinetError(f"{table.source}: class {name!r} has no synset and its parent {parent!r} is not "
+                                     "a WordNet synset (use --hierarchy taxonomy, fix the parent, or --lenient)")
+                placed[i] = None if ps is None else (name, ps)
+        if any(placed):
+            console.info(f"placed one edge below their WordNet parent: {_names([p[0] for p in placed if p])}")
 
     # -- descriptions (checked before any long computation)
     descriptions: list[str] | None = None
@@ -443,14 +476,15 @@ def build_graph(
     known = np.zeros(C, dtype=np.int64)
     if use_h:
         if mode == "wordnet":
-            missing = [n for n, sid in zip(table.names, table.synsets) if not sid]
+            missing = [n for n, sid, p in zip(table.names, table.synsets, placed) if not sid and p is None]
             if missing and not lenient:
                 raise SinetError(
                     f"{table.source}: class {missing[0]!r}{f' (and {len(missing) - 1} more)' if len(missing) > 1 else ''}"
                     " has no WordNet synset (fill the synset column, use --taxonomy, or --lenient to drop S_w for it)"
                 )
             with progress_bar("hypernym paths", C) as advance:
-                maps, wup_info = wordnet_hierarchy(synsets, with_depths=hierarchy_sim == "wup", progress=advance)
+                maps, wup_info = wordnet_hierarchy(synsets, with_depths=hierarchy_sim == "wup", progress=advance,
+                                                   placed=placed)
         else:
             parents: dict[str, list[str]] = read_taxonomy(taxonomy) if taxonomy is not None else {}
             for name, parent in zip(table.names, table.parents):

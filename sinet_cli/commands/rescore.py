@@ -15,13 +15,10 @@ a run with nothing new changes nothing.
 from __future__ import annotations
 
 import datetime as _dt
-import fcntl
 import json
-import os
 import time
-from contextlib import contextmanager
 from pathlib import Path
-from typing import Annotated, Any, Iterator, Optional
+from typing import Annotated, Any, Optional
 
 import numpy as np
 import typer
@@ -29,6 +26,7 @@ import typer
 from .. import console, store
 from ..app import app
 from ..common import DATA_HELP, ClassesOpt, DeviceOpt, OutOpt, artifact_dir, load_table, resolve_device
+from ..locks import file_lock
 from ..errors import SinetError
 from ..progress import progress_bar
 
@@ -37,31 +35,7 @@ PANEL_CRON = "Cron"
 ROW_FILL = {"paths": "", "clean_labels": -1, "side_text": "", "subset": ""}
 
 
-@contextmanager
-def folder_lock(features_path: Path, wait: float) -> Iterator[None]:
-    """Hold ``features.h5.lock`` (flock) for the whole run; give up after ``wait`` seconds."""
-    lock_path = features_path.with_name(features_path.name + ".lock")
-    fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644)
-    deadline = time.monotonic() + max(0.0, wait)
-    try:
-        while True:
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                break
-            except BlockingIOError:
-                left = deadline - time.monotonic()
-                if left <= 0:
-                    raise SinetError(
-                        f"{features_path}: another rescore run holds {lock_path}; gave up after {wait:g}s "
-                        "(it goes on; retry later or pass --wait SECONDS)"
-                    ) from None
-                time.sleep(min(0.2, left))
-        try:
-            yield
-        finally:
-            fcntl.flock(fd, fcntl.LOCK_UN)
-    finally:
-        os.close(fd)
+
 
 
 def known_ids(art: store.Artifact, wanted: np.ndarray, chunk: int = 65536) -> np.ndarray:
@@ -148,7 +122,7 @@ def rescore(
         raise SinetError(f"{features_path}: not found; build the artifacts first (make all, or extract-features, "
                          "build-graph, make-prototypes)")
     try:
-        with folder_lock(features_path, wait):
+        with file_lock(features_path, wait, "rescore"):
             t0 = time.monotonic()
             table = load_table(data, classes)
             append_new(table, data, features_path, folder, weights, retry_skipped, batch_size, workers, chunk_rows,

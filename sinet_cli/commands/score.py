@@ -8,12 +8,10 @@ from interleaving.
 
 from __future__ import annotations
 
-import fcntl
 import os
 import time
-from contextlib import contextmanager
 from pathlib import Path
-from typing import Annotated, Iterator, Optional
+from typing import Annotated, Optional
 
 import numpy as np
 import typer
@@ -21,6 +19,7 @@ import typer
 from .. import console, store
 from ..app import app
 from ..common import DataOpt, ForceOpt, OutOpt, artifact_dir
+from ..locks import file_lock
 from ..errors import SinetError
 from ..progress import progress_bar
 
@@ -31,33 +30,6 @@ SUSPECT_COLUMNS = ("id", "path", "label", "suggested_class", "weight", "distance
 
 # -- lock ----------------------------------------------------------------------------------------
 
-
-@contextmanager
-def exclusive_lock(target: Path, wait: float) -> Iterator[None]:
-    """Hold ``<target>.lock`` (flock) for the run; give up after ``wait`` seconds."""
-    lock_path = target.with_name(target.name + ".lock")
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644)
-    deadline = time.monotonic() + max(0.0, wait)
-    try:
-        while True:
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                break
-            except BlockingIOError:
-                left = deadline - time.monotonic()
-                if left <= 0:
-                    raise SinetError(
-                        f"{target}: another score-noise run holds {lock_path}; gave up after {wait:g}s "
-                        "(retry later, or pass --wait SECONDS)"
-                    ) from None
-                time.sleep(min(0.1, left))
-        try:
-            yield
-        finally:
-            fcntl.flock(fd, fcntl.LOCK_UN)
-    finally:
-        os.close(fd)
 
 
 # -- ids -----------------------------------------------------------------------------------------
@@ -298,7 +270,7 @@ def score_noise(
                 fused["encoder"] = load_text_encoder(encoder)
                 params["text_temperature"] = text_temperature
                 fused["text_temperature"] = text_temperature
-        with exclusive_lock(target, wait):
+        with file_lock(target, wait, "score-noise"):
             if not force and store.is_up_to_date(target, "scores", params, inputs) and suspects_path.exists():
                 console.info(f"{target}: up to date, nothing to do (use --force to rescore)")
                 return

@@ -29,6 +29,7 @@ from ..common import (
     load_table,
     resolve_device,
 )
+from ..locks import file_lock
 from ..errors import SinetError
 from ..progress import progress_bar
 from ..sideinfo import DEFAULT_BACKBONE, default_weights
@@ -101,22 +102,12 @@ def read_prototypes(path: Path, classes: list[str]) -> tuple[np.ndarray, np.ndar
         return art.read("prototypes").astype(np.float32), art.read("prototype_class"), art.fingerprint
 
 
-@contextmanager
-def _locked(path: Path) -> Iterator[None]:
-    import fcntl
 
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path.with_name(path.name + ".lock"), "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(lock, fcntl.LOCK_UN)
 
 
 def merge_shared_metrics(path: Path, run: str, entry: dict[str, Any]) -> None:
     """Set ``metrics.json["train"][run]`` keeping everything else (other runs, other stages' keys)."""
-    with _locked(path):
+    with file_lock(path, None, "train"):
         data: dict[str, Any] = {}
         if path.exists():
             try:

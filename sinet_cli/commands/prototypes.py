@@ -20,17 +20,27 @@ PANEL_EQ4 = "Consistency (eq. 4)"
 PANEL_EQ5 = "Prototypes (eq. 5)"
 
 
-def train_mask(art: store.Artifact, chunk: int) -> np.ndarray:
-    """Rows of the train split (every row when the file records no splits)."""
+def _rows_equal(art: store.Artifact, name: str, value: str, chunk: int) -> np.ndarray:
+    ds = art.dataset(name)  # raw bytes: no per-row decoding
     n = art.dims["N"]
-    if "splits" not in art:
-        return np.ones(n, dtype=bool)
-    ds = art.dataset("splits")  # raw bytes: no per-row decoding
     mask = np.zeros(n, dtype=bool)
     step = max(chunk, 65536)
     for start in range(0, n, step):
         block = np.asarray(ds[start : start + step])
-        mask[start : start + len(block)] = (block == b"train") | (block == "train")
+        mask[start : start + len(block)] = (block == value.encode()) | (block == value)
+    return mask
+
+
+def train_mask(art: store.Artifact, chunk: int, subset: str = "all") -> np.ndarray:
+    """Rows of the train split (every row when the file records no splits), restricted to rows of
+    ``subset`` (features.h5 ``subset``, e.g. Clothing1M's ``clean``) unless it is ``all``."""
+    n = art.dims["N"]
+    mask = _rows_equal(art, "splits", "train", chunk) if "splits" in art else np.ones(n, dtype=bool)
+    if subset != "all":
+        if "subset" not in art:
+            raise SinetError(f"{art.path}: --prototypes-from {subset}: the file records no subsets "
+                             "(only Clothing1M and WebVision readers write them)")
+        mask &= _rows_equal(art, "subset", subset, chunk)
     return mask
 
 
@@ -160,6 +170,11 @@ def make_prototypes(
         int, typer.Option(help="Rebuild this many times, each round starting from the previous prototypes.",
                           rich_help_panel=PANEL_EQ5)
     ] = 1,
+    prototypes_from: Annotated[
+        str, typer.Option(help="Build from the train rows of this subset only: all, or a subset recorded in "
+                          "features.h5, e.g. clean (Clothing1M's clean train set, the paper's table 8).",
+                          rich_help_panel=PANEL_INIT)
+    ] = "all",
     chunk_rows: Annotated[int, typer.Option(help="Rows per streamed block.", rich_help_panel="Compute")] = 16384,
     cache_mb: Annotated[
         float, typer.Option(help="Keep the feature blocks in memory between passes when they fit in this many MB "
@@ -208,6 +223,8 @@ def make_prototypes(
         source_used = "probs" if (init_source == "probs" or (init_source == "auto" and has_probs)) else "probe"
         params = {k: v for k, v in cfg.__dict__.items()}
         params["init_source"] = source_used
+        if prototypes_from != "all":
+            params["prototypes_from"] = prototypes_from
         if source_used == "probs":  # the probe's options do not change the output
             for k in ("probe_rows", "probe_epochs", "probe_lr", "probe_batch", "probe_scale"):
                 params.pop(k)
@@ -217,11 +234,12 @@ def make_prototypes(
             return
         dev = resolve_device(device)
         t0 = time.perf_counter()
-        train = train_mask(feats, chunk_rows)
+        train = train_mask(feats, chunk_rows, prototypes_from)
         labels_all = feats.read("labels").astype(np.int64)
         labels = np.where(train, labels_all, -1)
         if not train.any():
-            raise SinetError(f"{features_path}: no rows in the train split to build prototypes from")
+            raise SinetError(f"{features_path}: no rows in the train split"
+                             f"{'' if prototypes_from == 'all' else f' of subset {prototypes_from!r}'} to build prototypes from")
         confidence = labeled_confidence(feats, labels, chunk_rows) if source_used == "probs" else None
         n = feats.dims["N"]
         with progress_bar("make-prototypes", n * stage.count_passes(cfg)) as advance:

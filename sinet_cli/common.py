@@ -29,6 +29,12 @@ NoiseRateOpt = Annotated[
     float, typer.Option("--noise-rate", help="Demo only: share of training labels corrupted.", rich_help_panel="Dataset")
 ]
 NoiseSeedOpt = Annotated[int, typer.Option("--noise-seed", help="Demo only: noise seed.", rich_help_panel="Dataset")]
+CaptionsOpt = Annotated[
+    Optional[str],
+    typer.Option("--captions", help="Demo only: 'synthetic:W[:E]' gives train images SYNTHETIC captions (side_text) "
+                 "built from their true class, a share W naming a wrong class and E empty (seeded by --noise-seed); "
+                 "for testing --image-text. Default: none.", rich_help_panel="Dataset"),
+]
 OutOpt = Annotated[
     Optional[Path],
     typer.Option(
@@ -59,17 +65,19 @@ def artifact_dir(out: Path | None, data: str) -> Path:
 
 
 def load_table(data: str, classes: Path | None = None, noise: str = "symmetric", noise_rate: float = 0.4,
-               noise_seed: int = 0):
-    """Read the dataset named by ``--data`` into a :class:`DatasetTable`."""
+               noise_seed: int = 0, captions: str | None = None):
+    """Read the dataset named by ``--data`` into a :class:`DatasetTable` (``captions``: demo only, SYNTHETIC)."""
     from .datasets import ClassTable, load_demo, read_imagefolder, read_manifest
 
     kind, _, arg = data.partition(":")
     class_table = ClassTable.from_tsv(classes) if classes else None
     if kind in ("demo", "demo-mnist"):
         try:
-            return load_demo(noise=noise, rate=noise_rate, seed=noise_seed, name=kind)
+            return load_demo(noise=noise, rate=noise_rate, seed=noise_seed, name=kind, captions=captions)
         except ValueError as e:
             raise SinetError(f"--data demo: {e}") from None
+    if captions not in (None, "", "none"):
+        raise SinetError(f"--captions {captions}: synthetic captions exist for the demos only, not --data {data}")
     if not arg:
         raise SinetError(f"--data {data!r}: expected KIND:PATH, e.g. manifest:train.tsv")
     if kind == "manifest":

@@ -18,6 +18,7 @@ from ..common import (
     ForceOpt,
     NoiseOpt,
     NoiseRateOpt,
+    CaptionsOpt,
     NoiseSeedOpt,
     OutOpt,
     artifact_dir,
@@ -49,6 +50,7 @@ def extract_features(
     noise: NoiseOpt = "symmetric",
     noise_rate: NoiseRateOpt = 0.4,
     noise_seed: NoiseSeedOpt = 0,
+    captions: CaptionsOpt = None,
     backbone: Annotated[str, typer.Option(help="Any timm model name.", rich_help_panel="Model")] = DEFAULT_BACKBONE,
     weights: Annotated[
         Optional[Path],
@@ -87,7 +89,7 @@ def extract_features(
 
     if dtype not in ("float16", "float32"):
         raise SinetError(f"--dtype {dtype!r}: choose float16 or float32")
-    table = load_table(data, classes, noise, noise_rate, noise_seed)
+    table = load_table(data, classes, noise, noise_rate, noise_seed, captions)
     shard_i, shard_n = parse_shard(shard)
     folder = artifact_dir(out, data)
     target = folder / "features.h5" if shard_n == 1 else shard_path(folder, shard_i, shard_n)

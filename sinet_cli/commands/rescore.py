@@ -25,7 +25,7 @@ import typer
 
 from .. import console, store
 from ..app import app
-from ..common import DATA_HELP, ClassesOpt, DeviceOpt, OutOpt, artifact_dir, load_table, resolve_device
+from ..common import DATA_HELP, CaptionsOpt, ClassesOpt, DeviceOpt, OutOpt, artifact_dir, load_table, resolve_device
 from ..locks import file_lock
 from ..errors import SinetError
 from ..progress import progress_bar
@@ -80,6 +80,7 @@ def recorded_weights(art: store.Artifact, override: Path | None) -> Path | None:
 def rescore(
     data: Annotated[str, typer.Option("--data", help="The new crawl: " + DATA_HELP, rich_help_panel="Dataset")],
     classes: ClassesOpt = None,
+    captions: CaptionsOpt = None,
     weights: Annotated[
         Optional[Path],
         typer.Option(help="Where the backbone weights are now, if the file recorded in features.h5 moved (its "
@@ -124,7 +125,7 @@ def rescore(
     try:
         with file_lock(features_path, wait, "rescore"):
             t0 = time.monotonic()
-            table = load_table(data, classes)
+            table = load_table(data, classes, captions=captions)
             append_new(table, data, features_path, folder, weights, retry_skipped, batch_size, workers, chunk_rows,
                        device)
             score_new(data, folder, alpha, beta, max(0.0, wait - (time.monotonic() - t0)))

@@ -23,6 +23,7 @@ from ..common import (
     ForceOpt,
     NoiseOpt,
     NoiseRateOpt,
+    CaptionsOpt,
     NoiseSeedOpt,
     OutOpt,
     artifact_dir,
@@ -201,6 +202,7 @@ def train(
     noise: NoiseOpt = "symmetric",
     noise_rate: NoiseRateOpt = 0.4,
     noise_seed: NoiseSeedOpt = 0,
+    captions: CaptionsOpt = None,
     features: Annotated[Optional[Path], typer.Option(help="features.h5 (default: in the artifact folder).",
                         rich_help_panel=P_IN)] = None,
     scores: Annotated[Optional[Path], typer.Option(help="scores.h5 with w_i (default: in the artifact folder).",
@@ -295,7 +297,7 @@ def train(
         source_name: Path | str = features_path
         inputs = {"features": source_fp}
     else:
-        table = load_table(data, classes, noise, noise_rate, noise_seed)
+        table = load_table(data, classes, noise, noise_rate, noise_seed, captions)
         ids, labels, splits, clean = table.ids, table.labels, table.splits, table.clean_labels
         class_names = list(table.classes.names)
         source_name = f"--data {data}"

@@ -134,6 +134,24 @@ def _unit_rows(g: torch.Tensor) -> torch.Tensor:
     return g
 
 
+def _index_add(sums: torch.Tensor, index: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """``sums[index[i]] += rows[i]`` (the per-class sums of eq. 5), on one thread on the CPU.
+
+    torch runs ``index_add_`` as its expanded-index ``scatter_add_``, which on the CPU sorts the
+    index in parallel: with 2 threads on 2 busy cores a 4,096-row call took 20-80 ms instead of
+    3-4 ms with one (bench/bench_make_prototypes.py). One thread adds the rows in the same order:
+    the same sums, bit for bit.
+    """
+    threads = torch.get_num_threads()
+    if sums.device.type != "cpu" or threads == 1:
+        return sums.index_add_(0, index, rows)
+    torch.set_num_threads(1)
+    try:
+        return sums.index_add_(0, index, rows)
+    finally:
+        torch.set_num_threads(threads)
+
+
 def resolve_k(k: float, counts: np.ndarray) -> np.ndarray:
     """Per-class number of images for a top-k given as a fraction (<= 1) or a count (> 1)."""
     counts = np.asarray(counts, dtype=np.int64)
@@ -298,7 +316,7 @@ def weighted_class_means(
             y_t = torch.as_tensor(lab[keep], device=device)
             for i in range(0, len(g_all), SUB_ROWS):
                 g = g_all[i : i + SUB_ROWS]
-                sums.index_add_(0, y_t[i : i + SUB_ROWS], g.mul_(w_t[i : i + SUB_ROWS, None]))  # in the buffer
+                _index_add(sums, y_t[i : i + SUB_ROWS], g.mul_(w_t[i : i + SUB_ROWS, None]))  # in the buffer
             wsum += np.bincount(lab[keep], weights=w[keep], minlength=num_classes)
         if progress:
             progress(b)
@@ -367,7 +385,7 @@ def fit_linear_probe(
     gen = torch.Generator().manual_seed(seed)
     X = _normalize(torch.as_tensor(x, dtype=torch.float32)).to(device)
     Y = torch.as_tensor(y, dtype=torch.long).to(device)
-    means = torch.zeros((num_classes, X.shape[1]), device=device).index_add_(0, Y, X)
+    means = _index_add(torch.zeros((num_classes, X.shape[1]), device=device), Y, X)
     W = scale * _normalize(means)
     b = torch.zeros(num_classes, device=device)
     # Adam on the closed-form gradient of the mean cross-entropy (no autograd: cheap and import-free)
@@ -433,7 +451,7 @@ def initial_prototypes(
     counts = np.bincount(y, minlength=num_classes)
     sel = class_topk(y, conf, resolve_k(cfg.init_topk, counts))
     sums = torch.zeros((num_classes, x.shape[1]), dtype=torch.float64)
-    sums.index_add_(0, torch.as_tensor(y[sel]), torch.as_tensor(x[sel], dtype=torch.float64))
+    _index_add(sums, torch.as_tensor(y[sel]), torch.as_tensor(x[sel], dtype=torch.float64))
     means = sums.numpy() / np.maximum(np.bincount(y[sel], minlength=num_classes), 1)[:, None]
     return means.astype(np.float32), {"source": "probe", **stats}
 
@@ -498,7 +516,7 @@ def _cluster_classes(
             for i in range(0, len(g), 2048):  # (b, m, D) gathers stay small
                 sims = torch.einsum("bd,bmd->bm", g[i : i + 2048], cents[y[i : i + 2048]])
                 slot[i : i + 2048] = y[i : i + 2048] * m + sims.argmax(1)
-            sums.index_add_(0, slot, g * w[:, None])
+            _index_add(sums, slot, g * w[:, None])
             wsum += np.bincount(slot.cpu().numpy(), weights=w.cpu().numpy(), minlength=num_classes * m)
         if progress:
             progress(b)

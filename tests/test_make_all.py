@@ -62,7 +62,7 @@ def test_make_all_clothing1m_then_up_to_date_then_only_stale_stages_then_cron(tm
     # the packaged class table: descriptions where given, WordNet for the classes that have a synset
     with store.open_artifact(art / "graph.h5", "graph") as g:
         source = dict(zip(g.read("classes"), g.read("description_source")))
-        assert int(g.read("hierarchy_known").sum()) == 11  # see the Makefile: 3 classes have only a parent
+        assert int(g.read("hierarchy_known").sum()) == 14  # 3 classes placed under their WordNet parent
     assert source["Chiffon"] == "user" and source["Shirt"] == "wordnet"
     assert "ROC-AUC" in first.stdout  # the summary table
     before = mtimes(art)
@@ -128,7 +128,7 @@ def test_make_all_command_lines_for_each_dataset_kind(kind, root):
     assert out.count(f"--data {kind}:{root} ") == 3  # graph, features, train (an environment DATA is ignored)
     assert out.count(f"--out {art}") == 7
     assert "for mode in A B C ;" in out  # no oracle: true labels of the training images are not known
-    assert ("--hierarchy wordnet" in out and "--lenient" in out) == (kind == "clothing1m")
+    assert "--hierarchy auto" in out and "--lenient" not in out  # Clothing1M needs no workaround
     assert "--classes" not in out
 
 

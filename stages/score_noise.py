@@ -353,6 +353,18 @@ def _threshold_counts(y_true: np.ndarray, score: np.ndarray) -> tuple[np.ndarray
     return tps.astype(np.float64), fps.astype(np.float64)
 
 
+def _auc_from(tps: np.ndarray, fps: np.ndarray, n_pos: int, n_neg: int) -> float:
+    tpr = np.r_[0.0, tps / n_pos]
+    fpr = np.r_[0.0, fps / n_neg]
+    return float(np.sum(np.diff(fpr) * (tpr[1:] + tpr[:-1]) / 2.0))  # trapezoids: ties are diagonal
+
+
+def _ap_from(tps: np.ndarray, fps: np.ndarray, n_pos: int) -> float:
+    precision = tps / (tps + fps)
+    recall = tps / n_pos
+    return float(np.sum(np.diff(np.r_[0.0, recall]) * precision))
+
+
 def roc_auc(y_true: np.ndarray, score: np.ndarray) -> float:
     """Area under the ROC curve of ``score`` for the positives ``y_true`` (ties count one half)."""
     y = np.asarray(y_true).astype(bool)
@@ -360,10 +372,7 @@ def roc_auc(y_true: np.ndarray, score: np.ndarray) -> float:
     n_pos, n_neg = int(y.sum()), int((~y).sum())
     if n_pos == 0 or n_neg == 0:
         return float("nan")
-    tps, fps = _threshold_counts(y, s)
-    tpr = np.r_[0.0, tps / n_pos]
-    fpr = np.r_[0.0, fps / n_neg]
-    return float(np.sum(np.diff(fpr) * (tpr[1:] + tpr[:-1]) / 2.0))  # trapezoids: ties are diagonal
+    return _auc_from(*_threshold_counts(y, s), n_pos, n_neg)
 
 
 def average_precision(y_true: np.ndarray, score: np.ndarray) -> float:
@@ -373,10 +382,7 @@ def average_precision(y_true: np.ndarray, score: np.ndarray) -> float:
     n_pos = int(y.sum())
     if n_pos == 0:
         return float("nan")
-    tps, fps = _threshold_counts(y, s)
-    precision = tps / (tps + fps)
-    recall = tps / n_pos
-    return float(np.sum(np.diff(np.r_[0.0, recall]) * precision))
+    return _ap_from(*_threshold_counts(y, s), n_pos)
 
 
 def noise_mask(labels: np.ndarray, clean_labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -397,9 +403,11 @@ def detection_metrics(labels: np.ndarray, clean_labels: np.ndarray, suspicion: n
     if known.sum() == 0:
         return None
     y, s = noisy[known], np.asarray(suspicion, dtype=np.float64)[known]
+    n_pos, n_neg = int(y.sum()), int((~y).sum())
+    tps, fps = _threshold_counts(y, s) if n_pos else (None, None)  # one sort for both metrics
     return {
-        "roc_auc": roc_auc(y, s),
-        "average_precision": average_precision(y, s),
+        "roc_auc": _auc_from(tps, fps, n_pos, n_neg) if n_pos and n_neg else float("nan"),
+        "average_precision": _ap_from(tps, fps, n_pos) if n_pos else float("nan"),
         "noise_rate": float(y.mean()),
         "rows": int(known.sum()),
     }

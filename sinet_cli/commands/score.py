@@ -72,7 +72,11 @@ def is_member(h: np.ndarray, sorted_h: np.ndarray) -> np.ndarray:
 
 
 def _clean_field(values: np.ndarray) -> list[str]:
-    return [str(v).replace("\t", " ").replace("\n", " ").replace("\r", " ") for v in values]
+    strs = [str(v) for v in values]
+    blob = "".join(strs)  # one scan: fields almost never hold a tab or a line break
+    if "\t" in blob or "\n" in blob or "\r" in blob:
+        return [v.replace("\t", " ").replace("\n", " ").replace("\r", " ") for v in strs]
+    return strs
 
 
 def write_suspects(

@@ -87,7 +87,7 @@ help:
 	@echo "make all DATASET=clothing1m|webvision|mini-webvision|manifest|imagefolder DATA_ROOT=PATH - the chain on a real dataset"
 	@echo "make report - the HTML report of artifacts/\$$DATASET (after the chain)"
 	@echo "make cron ART=artifacts/NAME NEW=imagefolder:DIR|manifest:FILE - extract and score only newly crawled images"
-	@echo "make bench  - speed/quality benchmarks"
+	@echo "make bench  - speed/quality benchmarks against baselines timed in the same run (BENCH_OPTS=--quick: smoke run)"
 
 .install.stamp: pyproject.toml
 	$(PY) -m pip install -q -e '.[dev]'
@@ -150,8 +150,10 @@ cron:
 
 demo: all
 
+# BENCH_OPTS: e.g. --quick (small sizes), --only prototypes,score, --device cuda
+BENCH_OPTS ?=
 bench: install
-	$(PY) bench/run_all.py
+	$(PY) bench/run_all.py $(BENCH_OPTS)
 
 clean-demo:
 	rm -rf artifacts/demo

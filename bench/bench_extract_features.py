@@ -1,0 +1,97 @@
+"""extract-features on the demo: images/s of the command against the backbone's bare forward pass.
+
+For each ``--sizes`` (default 64 and 112 px), interleaved, fastest of ``--repeats``:
+
+* baseline: the packaged ImageNet ``tf_efficientnet_lite0`` (the command's default backbone and
+  weights) on the same images already decoded *and preprocessed* into float tensors
+  (3 x size x size, built before timing), ``forward_features`` + pooled head, batch 64 (the
+  command's default ``--batch-size``), ``torch.inference_mode``, nothing else;
+* command: ``sinet extract-features --data demo --image-size SIZE --force`` in-process, end to end:
+  building the demo table (noise injection), loading the weights, preprocessing every batch
+  (resize, crop, normalize), the forward pass, L2 normalization, writing features.h5 in chunks and
+  its fingerprint. Its images/s counts all of that.
+
+The command runs on the first ``--images`` images of the demo (``--shard 0/K``, one count per
+size; default 3,000 of the 6,000 at 64 px and 1,000 at 112 px: a 112 px pass over the whole demo
+takes minutes on 2 cores), the baseline on the same images; 0 = the whole demo. The command's
+fixed costs (building the demo table, loading the weights, the file's fingerprint: about 0.5 s)
+count against it. Target: command >= 85% of the bare images/s.
+
+Run: python bench/bench_extract_features.py [--sizes 64,112] [--images 3000,1000] [--device cuda] [--quick]
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import tempfile
+from pathlib import Path
+
+import benchlib as bl
+
+BATCH = 64
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    bl.common_args(ap)
+    ap.add_argument("--sizes", default="64,112")
+    ap.add_argument("--images", default="3000,1000", help="images of the demo per size (0: all)")
+    args = ap.parse_args()
+    sizes = [int(s) for s in args.sizes.split(",")]
+    counts = [int(c) for c in args.images.split(",")]
+    counts = (counts + counts[-1:] * len(sizes))[: len(sizes)]
+    if args.quick:
+        counts = [500] * len(sizes)
+    bl.check_device(args.device)
+    import torch
+
+    from sinet_cli.app import app  # noqa: F401
+    from sinet_cli.datasets import load_demo
+    from sinet_cli.sideinfo import DEFAULT_BACKBONE, default_weights
+    from stages import extract_features as stage
+
+    table = load_demo(noise="symmetric", rate=0.4, seed=0)
+    n_all = len(table)
+    model, _ = stage.build_backbone(DEFAULT_BACKBONE, default_weights(DEFAULT_BACKBONE))
+    model = model.to(args.device).eval()
+    work = args.work or Path(tempfile.mkdtemp(prefix="sinet-bench-extract-"))
+    work.mkdir(parents=True, exist_ok=True)
+    figures = []
+    print(f"# extract-features: the demo ({n_all:,} images), batch {BATCH}, device {args.device}, "
+          f"torch threads {torch.get_num_threads()}", flush=True)
+    try:
+        for size, count in zip(sizes, counts):
+            shards = 1 if count <= 0 or count >= n_all else max(1, round(n_all / count))
+            n = n_all // shards  # the command's --shard 0/K covers rows [0, n_all // K)
+            pre = stage.Preprocess.for_model(model, size)
+            x = torch.cat([pre(torch.from_numpy(table.pixels[i : min(i + BATCH, n)])) for i in range(0, n, BATCH)])
+
+            @torch.inference_mode()
+            def bare() -> None:
+                for i in range(0, n, BATCH):
+                    xb = x[i : i + BATCH].to(args.device)
+                    model.forward_head(model.forward_features(xb), pre_logits=True)
+                bl.sync(args.device)
+
+            out = work / f"size{size}"
+            cmd = ["extract-features", "--data", "demo", "--image-size", size, "--batch-size", BATCH, "--out", out,
+                   "--device", args.device, "--force"]
+            if shards > 1:
+                cmd += ["--shard", f"0/{shards}"]
+            best = bl.best_of({f"bare forward {size}px": bare, f"command {size}px": lambda: bl.sinet(*cmd)},
+                              args.repeats)
+            ips_bare, ips_cmd = n / best[f"bare forward {size}px"], n / best[f"command {size}px"]
+            q = " QUICK" if args.quick else ""
+            figures.append(bl.figure(f"extract-features command, demo {n:,} images at {size}px ({args.device}{q})",
+                                     ips_cmd, "img/s", "bare forward on pre-decoded tensors", ips_bare,
+                                     ips_cmd / ips_bare, ">=0.85x", ips_cmd / ips_bare >= 0.85))
+            del x
+        bl.emit(figures, args.json)
+    finally:
+        if args.work is None:
+            shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,116 @@
+"""make-prototypes (eq. 4-5) against a bare matrix product of the same shape.
+
+Synthetic L2-normalized features, N=200,000 x D=1,280 (float16 on disk, written chunk by chunk
+through ``store.ArtifactWriter``), C=1,000 classes around random centers with 30% of the labels
+flipped, and a graph.h5 whose S_t is the cosine similarity of the centers. Default options
+(probe-initialized prototypes: the file has no stored probabilities; one round; softmax psi).
+
+Three contenders, interleaved, fastest of ``--repeats`` each:
+
+* baseline: a bare float32 ``torch.mm`` of the same shape, (N x D) by (D x C), over the features
+  already in memory as float32, in blocks of 16,384 rows into a reused output (faster here than
+  one N x C product, so the stricter baseline);
+* stage: ``stages.make_prototypes.make_prototypes`` - what the command calls - on the float16
+  blocks already in memory (what the command's block cache replays after its first pass):
+  the probe, eq. 4 over every row, eq. 5;
+* command: ``sinet make-prototypes --force`` in-process, end to end: reading features.h5 (page
+  cache warm), the stage, writing prototypes.h5 (per-row consistency, fingerprint) and the index.
+
+The eq. 4 pass does one (B x D) by (D x C) product per block, so the stage cannot beat the
+baseline; the ratio is the cost of everything else (probe, the exp/log-sum-exp and cross term of
+eq. 4, the eq. 5 pass, the float16 conversion). Target: stage within 1.3x of the product.
+
+Run: python bench/bench_make_prototypes.py [--quick] [--device cuda] [--repeats 2]
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+import benchlib as bl
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    bl.common_args(ap)
+    ap.add_argument("--n", type=int, default=200_000)
+    ap.add_argument("--d", type=int, default=1280)
+    ap.add_argument("--c", type=int, default=1000)
+    args = ap.parse_args()
+    if args.quick:
+        args.n = min(args.n, 20_000)
+    bl.check_device(args.device)
+    import torch
+
+    from stages import make_prototypes as stage
+    from sinet_cli import store
+    from sinet_cli.app import app  # noqa: F401  (imports every command before timing)
+    import faiss  # noqa: F401  (imported lazily by the command: keep imports out of the timing)
+    from stages import score_noise  # noqa: F401
+
+    work = args.work or Path(tempfile.mkdtemp(prefix="sinet-bench-proto-"))
+    work.mkdir(parents=True, exist_ok=True)
+    try:
+        n, d, c = args.n, args.d, args.c
+        print(f"# make-prototypes: N={n:,} D={d:,} C={c:,}, device {args.device}, torch threads "
+              f"{torch.get_num_threads()}", flush=True)
+        centers = bl.synthetic_centers(c, d)
+        _, t = bl.timed(lambda: bl.write_features(work / "features.h5", n, d, c, centers=centers))
+        bl.write_graph(work / "graph.h5", c, centers)
+        print(f"  setup: features.h5 written chunk by chunk in {t:.1f} s "
+              f"({(work / 'features.h5').stat().st_size / 2**20:,.0f} MB)", flush=True)
+
+        with store.open_artifact(work / "features.h5", "features") as a:
+            x16 = a.read("features")
+            labels = a.read("labels").astype(np.int64)
+        with store.open_artifact(work / "graph.h5", "graph") as g:
+            S_t = g.read("S_t")
+        dev = args.device
+        block = 16384
+        x32 = torch.from_numpy(x16.astype(np.float32)).to(dev)
+        w = torch.randn(d, c, device=dev)
+        out = torch.empty(block, c, device=dev)
+
+        def matmul() -> None:
+            for i in range(0, n, block):
+                rows = x32[i : i + block]
+                torch.mm(rows, w, out=out[: len(rows)])
+            bl.sync(dev)
+
+        def source():
+            for i in range(0, n, block):
+                yield i, x16[i : i + block]
+
+        def run_stage() -> None:
+            stage.make_prototypes(source, labels, S_t, stage.PrototypeConfig(), device=dev)
+            bl.sync(dev)
+
+        def command() -> None:
+            bl.sinet("make-prototypes", "--features", work / "features.h5", "--graph", work / "graph.h5",
+                     "--out", work / "out", "--device", dev, "--force")
+
+        best = bl.best_of({"bare matmul": matmul, "stage (in memory)": run_stage, "command (from disk)": command},
+                          args.repeats)
+        base = best["bare matmul"]
+        size = f"N={n // 1000}k D={d} C={c}" + (" QUICK" if args.quick else "")
+        figures = [
+            bl.figure(f"make-prototypes stage, in-memory fp16 blocks ({size}, {dev})", best["stage (in memory)"], "s",
+                      "bare fp32 matmul NxD.DxC", base, best["stage (in memory)"] / base, "<=1.3x",
+                      best["stage (in memory)"] / base <= 1.3),
+            bl.figure(f"make-prototypes command incl. HDF5 read/write ({size}, {dev})", best["command (from disk)"],
+                      "s", "bare fp32 matmul NxD.DxC", base, best["command (from disk)"] / base, "<=1.3x",
+                      best["command (from disk)"] / base <= 1.3),
+        ]
+        bl.emit(figures, args.json)
+    finally:
+        if args.work is None:
+            shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()

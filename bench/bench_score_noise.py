@@ -1,0 +1,160 @@
+"""score-noise (eq. 6) against merely reading its inputs, and its peak memory at 1M and 5M rows.
+
+Speed: a synthetic features.h5 of N=1,000,000 x D=512 float16 rows (written chunk by chunk
+through ``store.ArtifactWriter``) with ``ids``, ``labels``, ``clean_labels`` and ``splits`` (so the
+command also computes its detection metrics: the demo's case, the most work), C=14 classes
+(Clothing1M's size) and one prototype per class (the class centers, as prototypes.h5 +
+prototypes.faiss). Interleaved, fastest of ``--repeats``:
+
+* baseline: reading the datasets the command reads (ids, labels, features, clean_labels, splits)
+  with ``Artifact.iter_rows`` in blocks of 16,384 rows (the command's ``--chunk-rows``), page
+  cache warm, nothing else;
+* command: ``sinet score-noise --force`` in-process: the same reads, eq. 6 and the nearest
+  prototype per row, writing scores.h5 (and its content fingerprint) and suspects.tsv.
+
+Target: within 1.5x of the read. ``--with-1000-classes`` adds the same at C=1,000, where the
+nearest-prototype search (an N x D by D x C product inside FAISS) is the work: its figure is
+against reading plus a FAISS search of the same rows.
+
+Memory: ``python -m sinet_cli score-noise`` as a child process on N=1,000,000 and N=5,000,000
+rows of D=256 (2.5 GB on disk at 5M; the free space of the scratch folder is checked first); peak
+RSS from ``wait4``'s ru_maxrss of that child. Target: under 2 GB at both. The command keeps a few
+N-length numeric columns (labels, weights, distances, ...: tens of bytes a row) for the metrics
+and the suspect ranking, so RSS grows a little with N by design; the features never stay in
+memory.
+
+Run: python bench/bench_score_noise.py [--quick] [--skip-rss] [--with-1000-classes] [--work DIR]
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+import benchlib as bl
+
+READ = ["ids", "labels", "features", "clean_labels", "splits"]
+CHUNK = 16384
+
+
+def make_input(folder: Path, n: int, d: int, c: int) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    centers = bl.synthetic_centers(c, d)
+    _, t = bl.timed(lambda: bl.write_features(folder / "features.h5", n, d, c, centers=centers, with_clean=True,
+                                              with_splits=True))
+    bl.write_prototypes(folder, centers)
+    mb = (folder / "features.h5").stat().st_size / 2**20
+    print(f"  setup: {folder / 'features.h5'} N={n:,} D={d} C={c}: {mb:,.0f} MB written chunk by chunk in {t:.1f} s",
+          flush=True)
+
+
+def speed(folder: Path, repeats: int, with_search: bool) -> dict[str, float]:
+    from sinet_cli import store
+
+    def read() -> None:
+        with store.open_artifact(folder / "features.h5", "features") as a:
+            for _ in a.iter_rows(READ, CHUNK):
+                pass
+
+    def read_search() -> None:
+        index = store.read_faiss_index(folder / "prototypes.faiss")
+        with store.open_artifact(folder / "features.h5", "features") as a:
+            for _, rows in a.iter_rows(READ, CHUNK):
+                index.search(rows["features"].astype(np.float32), 1)
+
+    def command() -> None:
+        bl.sinet("score-noise", "--features", folder / "features.h5", "--prototypes", folder / "prototypes.h5",
+                 "--out", folder / "out", "--force")
+
+    fns = {"read": read, "command": command}
+    if with_search:
+        fns["read + FAISS search"] = read_search
+    return bl.best_of(fns, repeats)
+
+
+def peak_rss(folder: Path) -> tuple[float, float]:
+    rss, wall, rc = bl.child_peak_rss([sys.executable, "-m", "sinet_cli", "score-noise", "--features",
+                                       str(folder / "features.h5"), "--prototypes", str(folder / "prototypes.h5"),
+                                       "--out", str(folder / "out"), "--force"])
+    if rc != 0:
+        raise SystemExit(f"score-noise exited {rc} on {folder}")
+    print(f"  peak RSS {rss:,.0f} MB, {wall:.1f} s (child process, interpreter start included)", flush=True)
+    return rss, wall
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    bl.common_args(ap)
+    ap.add_argument("--n", type=int, default=1_000_000)
+    ap.add_argument("--d", type=int, default=512)
+    ap.add_argument("--c", type=int, default=14)
+    ap.add_argument("--rss-n", default="1000000,5000000", help="row counts of the peak-RSS runs (D=256)")
+    ap.add_argument("--skip-rss", action="store_true")
+    ap.add_argument("--with-1000-classes", action="store_true", help="also the speed figure at C=1,000")
+    args = ap.parse_args()
+    if args.device != "cpu":
+        print(f"# score-noise has no --device: FAISS and torch run on the CPU here ({args.device} ignored)")
+    rss_n = [int(x) for x in args.rss_n.split(",")]
+    if args.quick:
+        args.n = min(args.n, 100_000)
+        rss_n = [min(x, 100_000 * (i + 1)) for i, x in enumerate(rss_n)]
+    from sinet_cli.app import app  # noqa: F401  (imports every command before timing)
+    import faiss  # noqa: F401
+    import torch  # noqa: F401
+    from stages import score_noise  # noqa: F401
+
+    work = args.work or Path(tempfile.mkdtemp(prefix="sinet-bench-score-"))
+    work.mkdir(parents=True, exist_ok=True)
+    figures = []
+    q = " QUICK" if args.quick else ""
+    try:
+        free = shutil.disk_usage(work).free
+        need = (max(rss_n) * 256 * 2 + args.n * args.d * 2) * 1.3
+        print(f"# score-noise: scratch {work}, {free / 2**30:.1f} GB free, about {need / 2**30:.1f} GB needed", flush=True)
+        if free < need:
+            raise SystemExit(f"{work}: {free / 2**30:.1f} GB free, need about {need / 2**30:.1f} GB")
+
+        cases = [(args.c, False)] + ([(1000, True)] if args.with_1000_classes else [])
+        for c, with_search in cases:
+            folder = work / f"speed-c{c}"
+            make_input(folder, args.n, args.d, c)
+            best = speed(folder, args.repeats, with_search)
+            size = f"N={args.n / 1e6:g}M D={args.d} C={c}{q}"
+            base_name = "read + FAISS search" if with_search else "read"
+            base = best[base_name]
+            figures.append(bl.figure(f"score-noise command ({size})", best["command"], "s",
+                                     f"HDF5 {base_name} of the same datasets", base, best["command"] / base,
+                                     "<=1.5x", best["command"] / base <= 1.5))
+            if with_search:
+                figures.append(bl.figure(f"score-noise command ({size}) vs read only", best["command"], "s",
+                                         "HDF5 read", best["read"], best["command"] / best["read"], "<=1.5x",
+                                         best["command"] / best["read"] <= 1.5, "search-bound"))
+            shutil.rmtree(folder, ignore_errors=True)
+
+        if not args.skip_rss:
+            rss = {}
+            for n in rss_n:
+                folder = work / f"rss-{n}"
+                make_input(folder, n, 256, args.c)
+                rss[n], _ = peak_rss(folder)
+                shutil.rmtree(folder, ignore_errors=True)
+            lo, hi = min(rss_n), max(rss_n)
+            per_m = (rss[hi] - rss[lo]) / ((hi - lo) / 1e6) if hi > lo else 0.0
+            for n in rss_n:
+                figures.append(bl.figure(f"score-noise peak RSS, child process (N={n / 1e6:g}M D=256 C={args.c}{q})",
+                                         rss[n], "MB", f"peak RSS at N={lo / 1e6:g}M", rss[lo], rss[n] / rss[lo],
+                                         "<2048 MB", rss[n] < 2048,
+                                         f"+{per_m:.0f} MB per extra 1M rows" if n == hi and hi > lo else ""))
+        bl.emit(figures, args.json)
+    finally:
+        if args.work is None:
+            shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,203 @@
+"""Shared helpers of the benchmark scripts: synthetic artifacts written chunk by chunk through the
+store, in-process command runs, timing, peak RSS of a child process, and the figure records that
+``bench/run_all.py`` collects.
+
+Every benchmark measures its figure *and* its baseline in the same process run, interleaved, and
+reports the ratio: the bench machine has 2 cores shared with other work, so absolute seconds move
+from run to run while ratios measured side by side stay meaningful.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+os.environ.setdefault("CI", "1")  # no progress bars: they would draw into the timed region
+os.environ.setdefault("SINET_QUIET", "1")
+
+from sinet_cli import store  # noqa: E402
+
+
+# -- figures ---------------------------------------------------------------------------------
+
+
+def figure(name: str, value: float, unit: str, baseline: str, baseline_value: float | None,
+           ratio: float | None, target: str, met: bool | None, note: str = "") -> dict[str, Any]:
+    """One line of the final table: the figure, its baseline (measured in the same run), the ratio."""
+    return {"figure": name, "value": value, "unit": unit, "baseline": baseline, "baseline_value": baseline_value,
+            "ratio": ratio, "target": target, "met": met, "note": note}
+
+
+def emit(figures: list[dict[str, Any]], json_path: str | None) -> None:
+    """Print the figures of one script and write them where run_all.py reads them."""
+    print()
+    for f in figures:
+        print(format_figure(f))
+    if json_path:
+        Path(json_path).write_text(json.dumps(figures, indent=1, default=float) + "\n")
+
+
+def format_figure(f: dict[str, Any]) -> str:
+    def num(v: Any) -> str:
+        if v is None:
+            return "n/a"
+        if isinstance(v, float):
+            return f"{v:.3g}" if abs(v) < 1000 else f"{v:,.0f}"
+        return str(v)
+
+    verdict = {True: "MET", False: "MISSED", None: "-"}[f["met"]]
+    base = f"{f['baseline']} {num(f['baseline_value'])}" if f["baseline"] else "-"
+    ratio = "n/a" if f["ratio"] is None else f"{f['ratio']:.2f}x"
+    line = (f"{f['figure']}: {num(f['value'])} {f['unit']} | baseline: {base} | ratio {ratio} | "
+            f"target {f['target']}: {verdict}")
+    return line + (f" ({f['note']})" if f.get("note") else "")
+
+
+def common_args(ap) -> None:
+    ap.add_argument("--device", default="cpu", help="cpu or cuda (the GPU paths; needs a CUDA machine)")
+    ap.add_argument("--quick", action="store_true", help="smaller sizes (a smoke run, not the targets)")
+    ap.add_argument("--work", type=Path, default=None, help="scratch folder (default: a temp dir, removed)")
+    ap.add_argument("--json", default=None, help="write the figures here (run_all.py)")
+    ap.add_argument("--repeats", type=int, default=2, help="timed repetitions; the fastest counts")
+
+
+def check_device(device: str) -> None:
+    if device.startswith("cuda"):
+        import torch
+
+        if not torch.cuda.is_available():
+            raise SystemExit(f"--device {device}: CUDA is not available on this machine")
+
+
+def sync(device: str) -> None:
+    if device.startswith("cuda"):
+        import torch
+
+        torch.cuda.synchronize()
+
+
+# -- timing ----------------------------------------------------------------------------------
+
+
+def timed(fn: Callable[[], Any]) -> tuple[Any, float]:
+    t = time.perf_counter()
+    out = fn()
+    return out, time.perf_counter() - t
+
+
+def best_of(fns: dict[str, Callable[[], Any]], repeats: int) -> dict[str, float]:
+    """Run every function ``repeats`` times, interleaved (a, b, b, a, ...): the fastest time of each.
+
+    Interleaving spreads any background load on the shared cores over all contenders."""
+    best = {k: float("inf") for k in fns}
+    for r in range(max(1, repeats)):
+        for k, fn in (list(fns.items()) if r % 2 == 0 else list(fns.items())[::-1]):  # a b, b a: no order bias
+            _, t = timed(fn)
+            print(f"  {k}: {t:.2f} s", flush=True)
+            best[k] = min(best[k], t)
+    return best
+
+
+def sinet(*args: object) -> None:
+    """Run one sinet command in-process (what a user runs, without the interpreter start-up)."""
+    from sinet_cli.app import main
+
+    try:
+        main([str(a) for a in args])
+    except SystemExit as e:
+        if e.code not in (0, None):
+            raise RuntimeError(f"sinet {' '.join(map(str, args))} exited {e.code}") from None
+
+
+# -- synthetic artifacts ---------------------------------------------------------------------
+
+
+def synthetic_centers(c: int, d: int, seed: int = 0) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    v = rng.standard_normal((c, d), dtype=np.float32)
+    return v / np.linalg.norm(v, axis=1, keepdims=True)
+
+
+def write_features(path: Path, n: int, d: int, c: int, *, dtype=np.float16, chunk: int = 65536, seed: int = 0,
+                   noise_rate: float = 0.3, with_clean: bool = False, with_splits: bool = False,
+                   centers: np.ndarray | None = None) -> None:
+    """A features.h5 of N unit rows around C class centers, written chunk by chunk through
+    ``store.ArtifactWriter`` (memory bounded by the chunk). ``noise_rate`` of the labels are
+    flipped to a uniformly drawn class; ``clean_labels`` and ``splits`` (90% train) optional."""
+    rng = np.random.default_rng(seed + 1)
+    centers = synthetic_centers(c, d, seed) if centers is None else centers
+    sigma = 1.0 / np.sqrt(d)  # noise of norm ~1 around a unit center: cosine to its center ~0.7
+    # one pool of Gaussian noise rows, read at a random offset per chunk: drawing N x D normals
+    # would dominate the setup time at N = 5M
+    pool = rng.standard_normal((chunk + 4099, d), dtype=np.float32)
+    pool *= sigma
+    writer = store.ArtifactWriter(path, "features", {"bench": "synthetic", "n": n, "d": d, "c": c, "seed": seed},
+                                  {}, mode="new")
+    try:
+        for start in range(0, n, chunk):
+            b = min(chunk, n - start)
+            y = rng.integers(0, c, b)
+            off = int(rng.integers(0, 4099))
+            x = centers[y]
+            x += pool[off : off + b]
+            x /= np.linalg.norm(x, axis=1, keepdims=True)
+            flip = rng.random(b) < noise_rate
+            labels = np.where(flip, (y + rng.integers(1, c, b)) % c, y)
+            rows = {"ids": np.char.add("img", np.arange(start, start + b).astype(str)),
+                    "labels": labels.astype(np.int64), "features": x.astype(dtype)}
+            if with_clean:
+                rows["clean_labels"] = y.astype(np.int64)
+            if with_splits:
+                rows["splits"] = np.where(rng.random(b) < 0.9, "train", "val")
+            writer.append_rows(rows)
+        writer.write("classes", [f"class{i:05d}" for i in range(c)])
+        writer.commit()
+    except BaseException:
+        writer.abort()
+        raise
+
+
+def write_graph(path: Path, c: int, centers: np.ndarray) -> None:
+    """A graph.h5 whose S_t is the cosine similarity of the class centers (diagonal 1)."""
+    S = np.clip(centers @ centers.T, -1, 1).astype(np.float32)
+    store.write_artifact(path, "graph", {"classes": [f"class{i:05d}" for i in range(c)], "S_w": S, "S_l": S,
+                                         "S_t": S}, {"bench": "synthetic"}, {})
+
+
+def write_prototypes(folder: Path, centers: np.ndarray) -> Path:
+    """prototypes.h5 + prototypes.faiss with one prototype per class (the class centers), as
+    make-prototypes would write them (its per-row consistency columns left empty)."""
+    import faiss
+
+    c, d = centers.shape
+    path = folder / "prototypes.h5"
+    store.write_artifact(path, "prototypes", {
+        "classes": [f"class{i:05d}" for i in range(c)], "prototypes": centers.astype(np.float32),
+        "prototype_class": np.arange(c, dtype=np.int64), "initial_prototypes": centers.astype(np.float32),
+        "ids": np.zeros(0, dtype=str), "consistency": np.zeros(0, dtype=np.float32)}, {"bench": "synthetic"}, {})
+    index = faiss.IndexFlatIP(d)
+    index.add(np.ascontiguousarray(centers, dtype=np.float32))
+    store.write_faiss_index(folder / "prototypes.faiss", index)
+    return path
+
+
+# -- peak memory of a child ------------------------------------------------------------------
+
+
+def child_peak_rss(cmd: list[str], env: dict[str, str] | None = None) -> tuple[float, float, int]:
+    """Run ``cmd`` as a child process; its own peak RSS in MB (``wait4``'s ru_maxrss, this child
+    only), its wall time, and its exit status."""
+    t0 = time.perf_counter()
+    proc = subprocess.Popen(cmd, cwd=ROOT, env={**os.environ, **(env or {})})
+    _, status, usage = os.wait4(proc.pid, 0)
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    return usage.ru_maxrss / 1024.0, time.perf_counter() - t0, proc.returncode

@@ -23,6 +23,8 @@ CLASSES   ?=
 NOISE      ?= symmetric
 NOISE_RATE ?= 0.4
 NOISE_SEED ?= 0
+# demos only: SYNTHETIC captions, e.g. CAPTIONS=synthetic:0.2 (sinet --captions synthetic:W[:E])
+CAPTIONS   ?=
 # The --data argument. Set with `=`, not `?=`: an unrelated DATA in the environment must not
 # replace it (`make all DATA=manifest:x.tsv` on the command line still does).
 ifneq ($(filter demo demo-mnist,$(DATASET)),)
@@ -32,7 +34,12 @@ else
 endif
 ART       ?= artifacts/$(DATASET)
 TABLE_OPTS = --data $(DATA) $(if $(CLASSES),--classes $(CLASSES)) --out $(ART)
-DATA_OPTS  = $(TABLE_OPTS) --noise $(NOISE) --noise-rate $(NOISE_RATE) --noise-seed $(NOISE_SEED)
+DATA_OPTS  = $(TABLE_OPTS) --noise $(NOISE) --noise-rate $(NOISE_RATE) --noise-seed $(NOISE_SEED) \
+	$(if $(CAPTIONS),--captions $(CAPTIONS))
+# Clothing1M follows the paper's table 8 by default: prototypes from the clean train set, weighted
+# training on the noisy set, then fine-tuning on the clean set. Set the variables to all / empty
+# for the plain setting (every train row).
+CLOTHING1M = $(filter clothing1m,$(DATASET))
 
 # ---- build-graph -------------------------------------------------------------------------
 SOURCES        ?= wordnet,text
@@ -56,6 +63,7 @@ GAMMA       ?= 1.0
 WEIGHTING   ?= consistency
 PER_CLASS   ?= 1
 ROUNDS      ?= 1
+PROTOTYPES_FROM ?= $(if $(CLOTHING1M),clean,all)
 PROTO_OPTS  ?=
 # ---- score-noise (eq. 6) -----------------------------------------------------------------
 ALPHA      ?= 1.2
@@ -71,6 +79,12 @@ EPOCHS     ?= 100
 SEEDS      ?= 0
 # the clean-label oracle needs known true labels: the demos have them
 MODES      ?= A B C $(if $(filter demo demo-mnist,$(DATASET)),oracle)
+# train on the train rows of one subset (all, or e.g. Clothing1M's noisy), then optionally fine-tune
+# on another subset's train rows (e.g. clean) for FINETUNE_EPOCHS at FINETUNE_LR (default: last lr)
+TRAIN_SUBSET    ?= $(if $(CLOTHING1M),noisy,all)
+FINETUNE_SUBSET ?= $(if $(CLOTHING1M),clean)
+FINETUNE_EPOCHS ?= 10
+FINETUNE_LR     ?=
 TRAIN_OPTS ?=
 # ---- report ------------------------------------------------------------------------------
 LOW_WEIGHT       ?= auto
@@ -113,7 +127,8 @@ $(ART)/features.h5: FORCE | install data-check
 
 $(ART)/prototypes.h5: $(ART)/features.h5 $(ART)/graph.h5 FORCE
 	$(SINET) make-prototypes --out $(ART) --temperature $(TEMPERATURE) --gamma $(GAMMA) \
-		--weighting $(WEIGHTING) --per-class $(PER_CLASS) --rounds $(ROUNDS) --device $(DEVICE) $(PROTO_OPTS)
+		--weighting $(WEIGHTING) --per-class $(PER_CLASS) --rounds $(ROUNDS) --device $(DEVICE) \
+		$(if $(filter-out all,$(PROTOTYPES_FROM)),--prototypes-from $(PROTOTYPES_FROM)) $(PROTO_OPTS)
 
 $(ART)/scores.h5: $(ART)/prototypes.h5 FORCE
 	$(SINET) score-noise --out $(ART) --alpha $(ALPHA) --beta $(BETA) $(SCORE_OPTS)
@@ -121,7 +136,10 @@ $(ART)/scores.h5: $(ART)/prototypes.h5 FORCE
 $(ART)/metrics.json: $(ART)/scores.h5 FORCE
 	for seed in $(SEEDS); do for mode in $(MODES); do \
 		$(SINET) train $(DATA_OPTS) --on $(ON) --mode $$mode --epochs $(EPOCHS) --seed $$seed \
-			$(if $(filter-out 0,$(SEEDS)),--suffix seed$$seed) --device $(DEVICE) $(TRAIN_OPTS) || exit 1; \
+			$(if $(filter-out 0,$(SEEDS)),--suffix seed$$seed) --device $(DEVICE) \
+			$(if $(filter-out all,$(TRAIN_SUBSET)),--train-subset $(TRAIN_SUBSET)) \
+			$(if $(FINETUNE_SUBSET),--finetune-subset $(FINETUNE_SUBSET) --finetune-epochs $(FINETUNE_EPOCHS) \
+				$(if $(FINETUNE_LR),--finetune-lr $(FINETUNE_LR))) $(TRAIN_OPTS) || exit 1; \
 	done; done
 
 graph: $(ART)/graph.h5
@@ -146,7 +164,8 @@ all: summary report
 cron:
 	@test -n "$(NEW)" || { echo "make: cron needs NEW=imagefolder:DIR or NEW=manifest:FILE.tsv" >&2; exit 2; }
 	$(SINET) rescore --data $(NEW) $(if $(CLASSES),--classes $(CLASSES)) --out $(ART) --wait $(WAIT) \
-		--batch-size $(BATCH_SIZE) --workers $(WORKERS) --device $(DEVICE) $(RESCORE_OPTS)
+		--batch-size $(BATCH_SIZE) --workers $(WORKERS) --device $(DEVICE) $(if $(CAPTIONS),--captions $(CAPTIONS)) \
+		$(RESCORE_OPTS)
 
 demo: all
 

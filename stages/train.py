@@ -103,6 +103,27 @@ def default_threshold(weights: np.ndarray) -> float:
     return float(np.median(np.asarray(weights, dtype=np.float64)))
 
 
+def subset_train_rows(splits: np.ndarray, subsets: np.ndarray | None, name: str = "all") -> np.ndarray:
+    """Positions of the rows a phase trains on: split ``train``, and ``subsets == name`` unless
+    ``name`` is ``all`` (e.g. Clothing1M's ``noisy`` and ``clean`` training sets, paper table 8).
+
+    Raises:
+        ValueError: ``name`` is not ``all`` but no subsets are recorded, or no train row has it.
+    """
+    train = np.asarray(splits) == "train"
+    if name == "all":
+        return np.flatnonzero(train)
+    if subsets is None:
+        raise ValueError("no subsets are recorded (only the Clothing1M and WebVision readers write them)")
+    subsets = np.asarray(subsets).astype(str)
+    rows = np.flatnonzero(train & (subsets == name))
+    if len(rows) == 0:
+        known = sorted(set(subsets[train].tolist()))
+        listed = ", ".join(known[:8]) + (f", ... ({len(known)} in all)" if len(known) > 8 else "")
+        raise ValueError(f"no train rows of subset {name!r} (train subsets here: {listed or 'none'})")
+    return rows
+
+
 def select_rows(
     mode: str,
     labels: np.ndarray,
@@ -365,6 +386,26 @@ class TrainConfig:
         return self.image_size if epoch < self.epochs or not self.finetune_epochs else self.finetune_size
 
 
+def finetune_config(cfg: TrainConfig, epochs: int, lr: float | None = None, image_size: int | None = None) -> TrainConfig:
+    """Settings of a fine-tuning phase that continues a finished main phase on other rows (e.g.
+    Clothing1M's clean set after the weighted noisy training, paper table 8).
+
+    ``epochs`` epochs at the constant learning rate ``lr`` (default: the lr of the last main epoch,
+    so the fine-tuning does not undo the decay), input size ``image_size`` (default: the main
+    phase's final size); every other setting, the seed included, is the main phase's.
+    """
+    if epochs < 1:
+        raise ValueError(f"fine-tuning epochs must be >= 1, got {epochs}")
+    if lr is not None and lr <= 0:
+        raise ValueError(f"fine-tuning lr must be > 0, got {lr}")
+    last = cfg.total_epochs - 1
+    return TrainConfig(
+        epochs=epochs, lr=cfg.lr_at(last) if lr is None else float(lr), momentum=cfg.momentum,
+        weight_decay=cfg.weight_decay, batch_size=cfg.batch_size, lr_steps=(), lr_gamma=cfg.lr_gamma, seed=cfg.seed,
+        image_size=cfg.size_at(last) if image_size is None else int(image_size), min_crop=cfg.min_crop,
+    )
+
+
 def scaled_lr_steps(epochs: int, fractions: Sequence[float] = (0.3, 0.6, 0.8, 0.9)) -> tuple[int, ...]:
     """The paper's decay points (30, 60, 80, 90 of 100 epochs) scaled to ``epochs``."""
     steps = sorted({max(1, round(f * epochs)) for f in fractions})
@@ -507,11 +548,14 @@ def train_features(
     run_key: str = "",
     progress: Progress | None = None,
     on_epoch_end: EpochCallback | None = None,
+    model: nn.Module | None = None,
 ) -> TrainResult:
     """Fit a head on cached features (one row per training image, aligned with ``targets``).
 
     Resumes from ``checkpoint`` when it holds a run with the same ``run_key``; writes it after every
-    epoch. ``on_epoch_end(epoch, stats)`` runs after the checkpoint is written.
+    epoch. ``on_epoch_end(epoch, stats)`` runs after the checkpoint is written. ``model``: continue
+    training this head (e.g. the result of a main phase, for fine-tuning) instead of a new one; the
+    optimizer starts afresh.
     """
     if len(features) != len(targets):
         raise ValueError(f"{len(features)} feature rows for {len(targets)} targets")
@@ -520,7 +564,9 @@ def train_features(
     x_all = torch.from_numpy(np.asarray(features, dtype=np.float32))
     t_index = torch.from_numpy(targets.index)
     t_value = torch.from_numpy(targets.value)
-    model = build_head(head, x_all.shape[1], num_classes, dropout=dropout, hidden=hidden, seed=cfg.seed).to(device)
+    if model is None:
+        model = build_head(head, x_all.shape[1], num_classes, dropout=dropout, hidden=hidden, seed=cfg.seed)
+    model = model.to(device)
     x_all = x_all.to(device)
     n = len(x_all)
 

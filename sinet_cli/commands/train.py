@@ -38,6 +38,7 @@ from ..sideinfo import DEFAULT_BACKBONE, default_weights
 DEFAULT_ALPHA, DEFAULT_BETA = 1.2, 1.5  # eq. 6 defaults (tables 4-5), used when scores.h5 does not record them
 
 P_MODE, P_IN, P_OPT, P_IMG, P_ART = "Mode", "Inputs", "Optimization", "Images (--on images)", "Artifacts"
+P_FT = "Fine-tuning (after --epochs)"
 
 
 # ------------------------------------------------------------------------------------ helpers
@@ -69,7 +70,7 @@ def read_weights(scores_path: Path, source: Path | str, ids: np.ndarray, labels:
     if not found.all():
         miss = ids[~found]
         raise SinetError(
-            f"{scores_path}: no weight for training image {miss[0]!r} of {source} ({len(miss)} of {len(ids)} "
+            f"{scores_path}: no weight for training image {str(miss[0])!r} of {source} ({len(miss)} of {len(ids)} "
             "training images missing; rerun sinet score-noise on these features)"
         )
     rows = order[pos]
@@ -77,7 +78,7 @@ def read_weights(scores_path: Path, source: Path | str, ids: np.ndarray, labels:
     if len(bad):
         i = bad[0]
         raise SinetError(
-            f"{scores_path}: image {ids[i]!r} has label {slab[rows[i]]} there but {labels[i]} in {source} "
+            f"{scores_path}: image {str(ids[i])!r} has label {slab[rows[i]]} there but {labels[i]} in {source} "
             f"({len(bad)} differ); the scores belong to another labeling, rerun sinet score-noise"
         )
     return w[rows], params, fp
@@ -91,7 +92,7 @@ def read_features_for(features_path: Path, ids: np.ndarray) -> tuple[np.ndarray,
     index = {k: i for i, k in enumerate(fid)}
     missing = [k for k in ids if k not in index]
     if missing:
-        raise SinetError(f"{features_path}: no feature for image {missing[0]!r} ({len(missing)} missing); rerun extract-features")
+        raise SinetError(f"{features_path}: no feature for image {str(missing[0])!r} ({len(missing)} missing); rerun extract-features")
     return np.asarray(feats[[index[k] for k in ids]], dtype=np.float32), fp
 
 
@@ -104,6 +105,20 @@ def read_prototypes(path: Path, classes: list[str]) -> tuple[np.ndarray, np.ndar
 
 
 
+
+
+def subset_rows(stage, source: Path | str, splits: np.ndarray, subsets: np.ndarray | None, name: str,
+                option: str) -> np.ndarray:
+    """Train-split rows of subset ``name`` (all train rows for ``all``), or a one-line error naming ``source``."""
+    if name == "all":
+        rows = np.flatnonzero(splits == "train")
+        if len(rows) == 0:
+            raise SinetError(f"{source}: no rows with split 'train'")
+        return rows
+    try:
+        return stage.subset_train_rows(splits, subsets, name)
+    except ValueError as e:
+        raise SinetError(f"{source}: {option} {name}: {e}") from None
 
 
 def merge_shared_metrics(path: Path, run: str, entry: dict[str, Any]) -> None:
@@ -231,11 +246,19 @@ def train(
     random_init: Annotated[bool, typer.Option("--random-init", help="Start from random weights.",
                            rich_help_panel=P_IMG)] = False,
     image_size: Annotated[int, typer.Option(help="Training input size (paper: 224).", rich_help_panel=P_IMG)] = 224,
-    finetune_size: Annotated[int, typer.Option(help="Progressive resolution: fine-tune at this larger size "
-                             "after --epochs.", rich_help_panel=P_IMG)] = 0,
-    finetune_epochs: Annotated[int, typer.Option(help="Epochs at --finetune-size.", rich_help_panel=P_IMG)] = 0,
-    finetune_lr: Annotated[Optional[float], typer.Option(help="Learning rate while fine-tuning (default: the "
-                           "last lr of the main schedule).", rich_help_panel=P_IMG)] = None,
+    train_subset: Annotated[str, typer.Option(help="Train only on the train rows of this subset: all, or a "
+                            "subset recorded in features.h5 / the dataset, e.g. noisy (Clothing1M's 1M noisy "
+                            "set, the paper's table 8).", rich_help_panel=P_IN)] = "all",
+    finetune_subset: Annotated[Optional[str], typer.Option(help="After --epochs, continue training the same "
+                               "model on the train rows of this subset, unweighted, with their labels, e.g. "
+                               "clean (Clothing1M's clean set, table 8). Needs --finetune-epochs.",
+                               rich_help_panel=P_FT)] = None,
+    finetune_epochs: Annotated[int, typer.Option(help="Epochs of the fine-tuning phase: on --finetune-subset, "
+                               "and/or (--on images) at --finetune-size.", rich_help_panel=P_FT)] = 0,
+    finetune_lr: Annotated[Optional[float], typer.Option(help="Learning rate while fine-tuning, constant "
+                           "(default: the last lr of the main schedule).", rich_help_panel=P_FT)] = None,
+    finetune_size: Annotated[int, typer.Option(help="--on images, progressive resolution: fine-tune at this "
+                             "larger size after --epochs.", rich_help_panel=P_FT)] = 0,
     min_crop: Annotated[float, typer.Option(help="Random-resized-crop: smallest area fraction.",
                         rich_help_panel=P_IMG)] = 0.08,
     workers: Annotated[int, typer.Option(help="Image decoding processes per training process.",
@@ -267,16 +290,27 @@ def train(
         raise SinetError("--topk-smoothing and --soft-targets both replace the targets: choose one")
     if suffix and not suffix.replace("-", "").replace("_", "").isalnum():
         raise SinetError(f"--suffix {suffix!r}: letters, digits, - and _ only")
+    if finetune_subset is not None and finetune_epochs < 1:
+        raise SinetError(f"--finetune-subset {finetune_subset}: give the fine-tuning length with --finetune-epochs N")
+    if on == "features" and finetune_size:
+        raise SinetError("--finetune-size applies to --on images")
+    if on == "features" and finetune_epochs and finetune_subset is None:
+        raise SinetError("--finetune-epochs on features needs --finetune-subset (what to fine-tune on)")
+    if on == "images" and finetune_epochs and finetune_subset is None and finetune_size < 1:
+        raise SinetError("--finetune-epochs needs --finetune-size (progressive resolution) or --finetune-subset")
     try:
+        # with --finetune-subset the fine-tuning is a phase of its own on other rows (ft_cfg); without
+        # it, progressive resolution stays inside the main loop (cfg.finetune_*)
+        in_loop = finetune_subset is None
         cfg = stage.TrainConfig(
             epochs=epochs, lr=lr, momentum=momentum, weight_decay=weight_decay, batch_size=batch_size,
             lr_steps=parse_steps(lr_steps, epochs), lr_gamma=lr_gamma, seed=seed, image_size=image_size,
-            finetune_size=finetune_size, finetune_epochs=finetune_epochs, finetune_lr=finetune_lr, min_crop=min_crop,
+            finetune_size=finetune_size if in_loop else 0, finetune_epochs=finetune_epochs if in_loop else 0,
+            finetune_lr=finetune_lr if in_loop else None, min_crop=min_crop,
         )
+        ft_cfg = None if in_loop else stage.finetune_config(cfg, finetune_epochs, finetune_lr, finetune_size or None)
     except ValueError as e:
         raise SinetError(str(e)) from None
-    if on == "features" and (finetune_epochs or finetune_size):
-        raise SinetError("--finetune-size/--finetune-epochs apply to --on images")
 
     folder = artifact_dir(out, data)
     features_path = features or folder / "features.h5"
@@ -292,21 +326,22 @@ def train(
             class_names = list(art.read("classes"))
             splits = art.read("splits") if "splits" in art else np.full(len(ids), "train")
             clean = art.read("clean_labels") if "clean_labels" in art else None
+            subsets = art.read("subset") if "subset" in art and (train_subset != "all" or finetune_subset) else None
             feats_all = art.read("features")
             source_fp = art.fingerprint
         source_name: Path | str = features_path
         inputs = {"features": source_fp}
     else:
         table = load_table(data, classes, noise, noise_rate, noise_seed, captions)
-        ids, labels, splits, clean = table.ids, table.labels, table.splits, table.clean_labels
+        ids, labels, splits, clean, subsets = table.ids, table.labels, table.splits, table.clean_labels, table.subset
         class_names = list(table.classes.names)
         source_name = f"--data {data}"
         inputs = {"dataset": table.fingerprint()}
     num_classes = len(class_names)
-    tr = np.flatnonzero(splits == "train")
     va = np.flatnonzero(splits == "val")
-    if len(tr) == 0:
-        raise SinetError(f"{source_name}: no rows with split 'train'")
+    tr = subset_rows(stage, source_name, splits, subsets, train_subset, "--train-subset")
+    ft = None if finetune_subset is None else subset_rows(stage, source_name, splits, subsets, finetune_subset,
+                                                          "--finetune-subset")
     tr_clean = None if clean is None else clean[tr]
 
     w_train = None
@@ -328,6 +363,8 @@ def train(
     }
     if topk_smoothing:
         params.update(topk_mix=topk_mix, topk_epochs=topk_epochs or epochs)
+    if train_subset != "all":  # recorded only when set: runs from before the option stay up to date
+        params["train_subset"] = train_subset
     if on == "features":
         params.update(head=head, hidden=hidden if head == "mlp" else None)
     else:
@@ -339,6 +376,8 @@ def train(
         weight_path = None if random_init else (weights or default_weights(backbone))
         if weight_path is not None:
             inputs["weights"] = store.fingerprint_file(weight_path)
+    if finetune_subset is not None:
+        params.update(finetune_subset=finetune_subset, finetune_epochs=finetune_epochs, finetune_lr=finetune_lr)
 
     # ---- eq. 7 soft targets: distances of each training image to every class prototype
     proto = None
@@ -358,16 +397,23 @@ def train(
     if not force and finished_run(metrics_path, model_path, params, inputs):
         console.info(f"{run_dir}: up to date, nothing to do (use --force to retrain)")
         return
+    ft_ckpt_path = run_dir / "finetune.pt"
     if force:
-        for p in (ckpt_path, run_dir / "topk-init.pt"):
+        for p in (ckpt_path, run_dir / "topk-init.pt", ft_ckpt_path):
             p.unlink(missing_ok=True)
     run_key = store.fingerprint_arrays(store.canonical_json(params), store.canonical_json(inputs))
+    # the main phase does not depend on the fine-tuning options: keyed without them, so a changed
+    # --finetune-epochs/--finetune-lr resumes from the finished main phase instead of redoing it
+    main_key = run_key if ft_cfg is None else store.fingerprint_arrays(
+        store.canonical_json({k: v for k, v in params.items() if not k.startswith("finetune_")}),
+        store.canonical_json(inputs))
+    ft_key = run_key + "-finetune"
 
     dev = resolve_device(device)
     rank, world = 0, 1
     if on == "images":
         dev, rank, world = _init_distributed(dev)
-    done = stage.checkpoint_epoch(ckpt_path, run_key) if ckpt_path.exists() else None
+    done = stage.checkpoint_epoch(ckpt_path, main_key) if ckpt_path.exists() else None
     if rank == 0 and ckpt_path.exists():
         if done is None:
             console.warn(f"{ckpt_path}: from other parameters or inputs, starting over")
@@ -399,15 +445,23 @@ def train(
                 targets = stage.topk_smoothed_targets(y, w, ~conf, pi, pp, topk_mix)
             with progress_bar(f"train {run}", cfg.total_epochs * len(rows)) as adv:
                 result = stage.train_features(x_train, targets, num_classes, cfg, head=head, hidden=hidden,
-                                              dropout=dropout, device=dev, checkpoint=ckpt_path, run_key=run_key,
+                                              dropout=dropout, device=dev, checkpoint=ckpt_path, run_key=main_key,
                                               progress=adv)
+            ft_result = None
+            if ft_cfg is not None:
+                with progress_bar(f"fine-tune {run} on {finetune_subset}", ft_cfg.total_epochs * len(ft)) as adv:
+                    ft_result = stage.train_features(
+                        np.asarray(feats_all[ft], np.float32), stage.hard_targets(labels[ft]), num_classes, ft_cfg,
+                        device=dev, checkpoint=ft_ckpt_path, run_key=ft_key, progress=adv, model=result.model)
+                result.model = ft_result.model
             val_pred = None
             if len(va):
                 val_pred, _ = stage.topk_predictions(
                     stage.predict_features(result.model, np.asarray(feats_all[va], np.float32), device=dev), 5)
         else:
-            result, val_pred = _train_on_images(
-                stage, table, tr[rows], va, y, w, targets, num_classes, cfg, run_dir, ckpt_path, run_key,
+            finetune = None if ft_cfg is None else (ft, stage.hard_targets(labels[ft]), ft_cfg, ft_ckpt_path, ft_key)
+            result, val_pred, ft_result = _train_on_images(
+                stage, table, tr[rows], va, y, w, targets, num_classes, cfg, run_dir, ckpt_path, main_key, finetune,
                 backbone=backbone, weight_path=weight_path, random_init=random_init, dropout=dropout, dev=dev,
                 workers=workers, rank=rank, topk=(topk_smoothing, topk_mix, topk_epochs, thr,
                                                   None if not topk_smoothing else w_train[rows]),
@@ -441,11 +495,18 @@ def train(
         known = tr_clean[rows] != stage.UNKNOWN
         if known.any():
             selected_noise = float(np.mean(y[known] != tr_clean[rows][known]))
+    finetune_info = None
+    if ft_cfg is not None:
+        finetune_info = {
+            "subset": finetune_subset, "epochs": ft_cfg.epochs, "lr": ft_cfg.lr, "n_train": int(len(ft)),
+            "image_size": ft_cfg.image_size if on == "images" else None,
+            "resumed_from_epoch": ft_result.resumed_from, "history": ft_result.history,
+        }
     metrics = {
-        "run": run, "mode": mode, "on": on, **stats, "eval_labels": eval_labels, "n_train": int(len(rows)),
-        "n_val": int(len(va)), "threshold": thr, "mean_weight": float(targets.mass.mean()),
+        "run": run, "mode": mode, "on": on, **stats, "eval_labels": eval_labels, "train_subset": train_subset,
+        "n_train": int(len(rows)), "n_val": int(len(va)), "threshold": thr, "mean_weight": float(targets.mass.mean()),
         "train_noise_rate": selected_noise, "seconds": round(time.time() - t0, 2),
-        "resumed_from_epoch": result.resumed_from, "history": result.history,
+        "resumed_from_epoch": result.resumed_from, "history": result.history, "finetune": finetune_info,
         "classes": class_names, "params": params, "inputs": inputs,
     }
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -453,10 +514,15 @@ def train(
     store.write_json(metrics_path, metrics)
     merge_shared_metrics(folder / "metrics.json", run, {
         "mode": mode, "on": on, "seed": seed, "top1": stats["top1"], "top5": stats["top5"], "n_train": int(len(rows)),
+        "train_subset": train_subset, "finetune_subset": finetune_subset,
+        "n_finetune": None if ft is None else int(len(ft)),
         "eval_labels": eval_labels, "run_dir": str(run_dir), "params": params,
     })
     acc = _summary(stats) if stats["top1"] is not None else "no validation split"
-    console.info(f"{run_dir}: model {run} on {len(rows)} images, {acc} on {len(va)} {eval_labels} val images")
+    on_what = f"{len(rows)} images" + ("" if train_subset == "all" else f" of subset {train_subset}")
+    if ft is not None:
+        on_what += f", fine-tuned {ft_cfg.epochs} epochs on {len(ft)} of subset {finetune_subset}"
+    console.info(f"{run_dir}: model {run} on {on_what}, {acc} on {len(va)} {eval_labels} val images")
 
 
 def _init_distributed(dev: str) -> tuple[str, int, int]:
@@ -476,9 +542,10 @@ def _init_distributed(dev: str) -> tuple[str, int, int]:
     return dev, dist.get_rank(), dist.get_world_size()
 
 
-def _train_on_images(stage, table, positions, va, y, w, targets, num_classes, cfg, run_dir, ckpt_path, run_key, *,
-                     backbone, weight_path, random_init, dropout, dev, workers, rank, topk, lr_steps_text):
-    """Build the timm model (extract-features' build_backbone), train it (DDP under torchrun), predict val."""
+def _train_on_images(stage, table, positions, va, y, w, targets, num_classes, cfg, run_dir, ckpt_path, run_key,
+                     finetune, *, backbone, weight_path, random_init, dropout, dev, workers, rank, topk, lr_steps_text):
+    """Build the timm model (extract-features' build_backbone), train it (DDP under torchrun), fine-tune it
+    on ``finetune = (positions, targets, config, checkpoint, run key)`` when given, predict val."""
     import torch
 
     from stages import extract_features as fx
@@ -493,7 +560,7 @@ def _train_on_images(stage, table, positions, va, y, w, targets, num_classes, cf
         raise SinetError(str(e)) from None
     model = stage.ImageClassifier(net, num_classes, dropout=dropout, seed=cfg.seed)
     pp = fx.Preprocess.for_model(net, cfg.image_size)
-    final_size = cfg.size_at(cfg.total_epochs - 1)
+    final_size = cfg.size_at(cfg.total_epochs - 1) if finetune is None else finetune[2].image_size
     eval_pp = fx.Preprocess.for_model(net, final_size)
     source = stage.ImageSource(paths=table.paths, pixels=table.pixels)
     k, mix, k_epochs, thr, w_sel = topk
@@ -514,8 +581,16 @@ def _train_on_images(stage, table, positions, va, y, w, targets, num_classes, cf
         result = stage.train_images(model, source, positions, targets, num_classes, cfg, mean=pp.mean, std=pp.std,
                                     device=dev, workers=workers, checkpoint=ckpt_path, run_key=run_key,
                                     progress=adv)
+    ft_result = None
+    if finetune is not None:
+        ft_pos, ft_targets, ft_cfg, ft_ckpt, ft_key = finetune
+        with _bar("fine-tune", ft_cfg.total_epochs * len(ft_pos), quiet) as adv:
+            ft_result = stage.train_images(result.model, source, ft_pos, ft_targets, num_classes, ft_cfg, mean=pp.mean,
+                                           std=pp.std, device=dev, workers=workers, checkpoint=ft_ckpt,
+                                           run_key=ft_key, progress=adv)
+        result.model = ft_result.model
     val_pred = None
     if len(va):
         val_pred, _ = stage.predict_images_topk(result.model, source, va, eval_pp, k=5, decode_size=eval_pp.resize,
                                                 device=dev)
-    return result, val_pred
+    return result, val_pred, ft_result

@@ -3,6 +3,7 @@ the command lines make builds for every dataset kind; `make cron`."""
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 from pathlib import Path
@@ -65,6 +66,12 @@ def test_make_all_clothing1m_then_up_to_date_then_only_stale_stages_then_cron(tm
         assert int(g.read("hierarchy_known").sum()) == 14  # 3 classes placed under their WordNet parent
     assert source["Chiffon"] == "user" and source["Shirt"] == "wordnet"
     assert "ROC-AUC" in first.stdout  # the summary table
+    # paper table 8 by default: clean prototypes, weighted training on the noisy set, clean fine-tuning
+    with store.open_artifact(art / "prototypes.h5", "prototypes") as p:
+        assert p.params["prototypes_from"] == "clean" and p.dims["N"] == len(c1m["clean_train"])
+    m = json.loads((art / "train-C" / "metrics.json").read_text())
+    assert m["train_subset"] == "noisy" and m["n_train"] == len(c1m["noisy_train"])
+    assert m["finetune"]["subset"] == "clean" and m["finetune"]["n_train"] == len(c1m["clean_train"])
     before = mtimes(art)
 
     second = make(*args)

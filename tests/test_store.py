@@ -154,3 +154,144 @@ def test_unknown_dataset_name_refused(tmp_path):
 def test_json_written_atomically(tmp_path):
     store.write_json(tmp_path / "m.json", {"a": 1})
     assert json.loads((tmp_path / "m.json").read_text()) == {"a": 1}
+
+
+# -- incremental fingerprints and string storage ----------------------------------------------
+
+
+def _reference_fingerprint(path):
+    """What a full re-read of the committed file computes (store._content_fingerprint)."""
+    with h5py.File(path, "r") as f:
+        return store._content_fingerprint(f), str(f.attrs["fingerprint"])
+
+
+def _rows(start, n, d=3, long=False):
+    ids = np.array([f"img{i}" + ("x" * 300 if long and i % 2 else "") for i in range(start, start + n)])
+    return {"ids": ids, "labels": np.arange(start, start + n) % 3, "features": np.full((n, d), start, np.float16),
+            "splits": np.where(np.arange(n) % 4 == 0, "val", "train"), "paths": [f"dir/é{i}.jpg" for i in range(n)]}
+
+
+def test_incremental_fingerprint_equals_full_reread(tmp_path):
+    path = tmp_path / "f.h5"
+    w = store.ArtifactWriter(path, "features", {"p": 1}, {"i": "x"})
+    w.append_rows(_rows(0, 5))
+    w.append_rows(_rows(5, 7))  # wider ids than the first block's: same dataset
+    w.write("classes", ["c0", "c1", "ç2"])
+    fp = w.commit()
+    ref, stored = _reference_fingerprint(path)
+    assert fp == ref == stored
+    # the same content in one block gives the same fingerprint (no dependence on block sizes)
+    one = {k: np.concatenate([np.asarray(a), np.asarray(b)]) for (k, a), b in
+           zip(_rows(0, 5).items(), _rows(5, 7).values())}
+    w = store.ArtifactWriter(tmp_path / "g.h5", "features", {"p": 1}, {"i": "x"})
+    w.append_rows(one)
+    w.write("classes", ["c0", "c1", "ç2"])
+    assert w.commit() == fp
+    # and write_artifact (whole datasets) too
+    assert store.write_artifact(tmp_path / "h.h5", "features", {**one, "classes": ["c0", "c1", "ç2"]},
+                                {"p": 1}, {"i": "x"}) == fp
+    # any changed value changes it
+    one["paths"][3] = "dir/other.jpg"
+    assert store.write_artifact(tmp_path / "k.h5", "features", {**one, "classes": ["c0", "c1", "ç2"]},
+                                {"p": 1}, {"i": "x"}) != fp
+
+
+def test_strings_fixed_width_widened_or_variable_length_read_back(tmp_path):
+    path = tmp_path / "f.h5"
+    w = store.ArtifactWriter(path, "features", {}, {})
+    w.append_rows(_rows(0, 4))
+    assert h5py.check_string_dtype(w.file["ids"].dtype).length == store.FIXED_STR_MIN
+    w.append_rows({**_rows(4, 3), "ids": np.array(["a" * 40, "b", "ü" * 30])})  # widened to 64 bytes
+    assert h5py.check_string_dtype(w.file["ids"].dtype).length == 64
+    w.append_rows(_rows(7, 4, long=True))  # 300+ bytes: variable-length from here on
+    assert h5py.check_string_dtype(w.file["ids"].dtype).length is None
+    w.write("classes", ["c0", "c1", "c2"])
+    fp = w.commit()
+    assert fp == _reference_fingerprint(path)[0]
+    want = list(_rows(0, 4)["ids"]) + ["a" * 40, "b", "ü" * 30] + list(_rows(7, 4, long=True)["ids"])
+    with store.open_artifact(path, "features") as art:
+        assert list(art.read("ids")) == want
+        assert art.read("ids", slice(5, 7)).tolist() == ["b", "ü" * 30]
+        assert art.read("ids", 6) == "ü" * 30
+        assert art.read("paths")[2] == "dir/é2.jpg"
+        assert [r["splits"].tolist() for _, r in art.iter_rows(["splits"], 8)][0][:2] == ["val", "train"]
+    assert not any(k.endswith(".widening") for k in h5py.File(path, "r").keys())
+
+
+def test_fingerprint_after_resume_and_append(tmp_path):
+    path = tmp_path / "f.h5"
+    w = store.ArtifactWriter(path, "features", {"p": 1}, {"i": "x"}, mode="resume")
+    w.append_rows(_rows(0, 5))
+    w.append_rows(_rows(5, 5))
+    w.abort(keep_partial=True)  # killed after two blocks
+    w = store.ArtifactWriter(path, "features", {"p": 1}, {"i": "x"}, mode="resume")
+    assert w.resumed and w.rows_committed == 10
+    w.append_rows(_rows(10, 5))
+    w.write("classes", ["c0", "c1", "c2"])
+    fp = w.commit()
+    assert fp == _reference_fingerprint(path)[0]
+    one = {k: np.concatenate([np.asarray(r[k]) for r in (_rows(0, 5), _rows(5, 5), _rows(10, 5))]) for k in _rows(0, 1)}
+    assert store.write_artifact(tmp_path / "one.h5", "features", {**one, "classes": ["c0", "c1", "c2"]},
+                                {"p": 1}, {"i": "x"}) == fp
+    # append mode: the final file is copied and grown
+    w = store.ArtifactWriter(path, "features", {"p": 1}, {"i": "x"}, mode="append")
+    w.append_rows(_rows(15, 3))
+    fp2 = w.commit()
+    assert fp2 == _reference_fingerprint(path)[0] != fp
+    with store.open_artifact(path, "features") as art:
+        assert list(art.read("ids")) == [f"img{i}" for i in range(18)]
+
+
+def test_resume_finishes_an_interrupted_widening(tmp_path):
+    path = tmp_path / "f.h5"
+    w = store.ArtifactWriter(path, "features", {}, {}, mode="resume")
+    w.append_rows(_rows(0, 4))
+    # killed inside _widen after the old dataset was deleted, before the copy got its name
+    w.file.move("ids", "ids" + store._WIDENING)
+    w.abort(keep_partial=True)
+    w = store.ArtifactWriter(path, "features", {}, {}, mode="resume")
+    assert "ids" in w.file and "ids.widening" not in w.file
+    w.append_rows(_rows(4, 2))
+    w.write("classes", ["c0", "c1", "c2"])
+    fp = w.commit()
+    assert fp == _reference_fingerprint(path)[0]
+    with store.open_artifact(path, "features") as art:
+        assert list(art.read("ids")) == [f"img{i}" for i in range(6)]
+
+
+def test_variable_length_files_of_older_sinet_read_and_append(tmp_path):
+    """Files whose strings are HDF5 variable-length (sinet before fixed-width strings) read as
+    before, grow with appended rows, and fingerprint as the same content stored fixed-width."""
+    path = tmp_path / "old.h5"
+    rows = _rows(0, 6)
+    with h5py.File(path, "w") as f:
+        f.attrs.update({"kind": "features", "schema_version": store.SCHEMA_VERSION, "params": "{}",
+                        "inputs": "{}", "rows_committed": 6, "fingerprint": "old"})
+        for k in ("ids", "splits", "paths"):
+            f.create_dataset(k, data=np.asarray(rows[k], dtype=object), dtype=store.STR_DTYPE, maxshape=(None,))
+        f.create_dataset("labels", data=rows["labels"], maxshape=(None,))
+        f.create_dataset("features", data=rows["features"], maxshape=(None, 3))
+        f.create_dataset("classes", data=np.array(["c0", "c1", "c2"], dtype=object), dtype=store.STR_DTYPE)
+    with store.open_artifact(path, "features") as art:
+        assert list(art.read("ids")) == list(rows["ids"])
+        assert art.read("paths", 1) == "dir/é1.jpg"
+    w = store.ArtifactWriter(path, "features", {}, {}, mode="append")
+    w.append_rows(_rows(6, 2))
+    fp = w.commit()
+    assert fp == _reference_fingerprint(path)[0]
+    with h5py.File(path, "r") as f:
+        assert h5py.check_string_dtype(f["ids"].dtype).length is None  # still variable-length
+    both = {k: np.concatenate([np.asarray(rows[k]), np.asarray(_rows(6, 2)[k])]) for k in rows}
+    assert store.write_artifact(tmp_path / "new.h5", "features", {**both, "classes": ["c0", "c1", "c2"]}, {}, {}) == fp
+    with store.open_artifact(path, "features") as art:
+        assert list(art.read("ids")) == [f"img{i}" for i in range(6)] + ["img6", "img7"]
+
+
+def test_string_fingerprint_keeps_value_boundaries(tmp_path):
+    def fp(ids, name):
+        data = {**_features(n=2), "ids": ids}
+        return store.write_artifact(tmp_path / name, "features", data, {}, {})
+
+    assert fp(["ab", "c"], "a.h5") != fp(["a", "bc"], "b.h5")
+    assert fp(["", "abc"], "c.h5") != fp(["abc", ""], "d.h5")
+    assert fp(["ab", "c"], "e.h5") == fp(np.array([b"ab", b"c"]), "f.h5")

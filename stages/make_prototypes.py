@@ -20,6 +20,7 @@ Passes:
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Callable, Iterable
 
@@ -103,6 +104,10 @@ SUB_ROWS = 16384  # rows per product at most: few, large ops (each op is a paral
 SCRATCH_ELEMS = 1 << 24  # but the B x C scratch of eq. 4 stays under 64 MB of float32 for large C
 
 
+POST_ROWS = 2048  # eq. 4's elementwise work after each product runs on row pieces this size (a 2,048 x C
+# slice of the product and a 2,048 x D gather stay in cache between the ops that read them)
+
+
 def _sub_rows(num_classes: int) -> int:
     return max(1024, min(SUB_ROWS, SCRATCH_ELEMS // max(num_classes, 1)))
 
@@ -155,6 +160,26 @@ def _index_add(sums: torch.Tensor, index: torch.Tensor, rows: torch.Tensor) -> t
     torch.set_num_threads(1)
     try:
         return sums.index_add_(0, index, rows)
+    finally:
+        torch.set_num_threads(threads)
+
+
+@contextmanager
+def _threads(n: int, device: torch.device | str):
+    """Run the block with ``n`` torch threads on the CPU (nothing changes on a GPU).
+
+    Elementwise work on a few MB (the probe's Adam updates, its B x C softmax) is one short
+    parallel region per op: with 2 threads on 2 busy cores each region waits for a free core, so
+    20 Adam steps on a 1,000 x 1,280 matrix took 1.4 s instead of 0.12 s on one thread. The
+    values are the same bit for bit: these ops compute every element the same way on any number
+    of threads (checked against the parallel run for the probe's reductions too)."""
+    threads = torch.get_num_threads()
+    if torch.device(device).type != "cpu" or threads == n:
+        yield
+        return
+    torch.set_num_threads(n)
+    try:
+        yield
     finally:
         torch.set_num_threads(threads)
 
@@ -267,30 +292,37 @@ def consistency_scores(
     buf = _Buffer(device)
     sub = _sub_rows(V0n.shape[0])
     fast = VT is not None and temperature >= FAST_MIN_T
+    threads = torch.get_num_threads()
     if fast:  # scratch for the hot path, allocated once
         z = torch.empty((sub, V0n.shape[0]), device=device)
-        ug = torch.empty((sub, V0n.shape[1]), device=device)
+        ug = torch.empty((POST_ROWS, V0n.shape[1]), device=device)
     for start, block in source():
         b = len(block)
         lab = labels[start : start + b]
         keep = lab >= 0
         if keep.any():
-            rows = block if keep.all() else block[keep]
-            g_all = _unit_rows(buf(rows))
-            y_all = torch.as_tensor(lab[keep], device=device)
-            kl = torch.empty(len(rows), device=device)
+            with _threads(1, device):  # O(B x D) copies: one thread (see _threads)
+                rows = block if keep.all() else block[keep]
+                g_all = _unit_rows(buf(rows))
+                y_all = torch.as_tensor(lab[keep], device=device)
+                kl = torch.empty(len(rows), device=device)
             for i in range(0, len(rows), sub):
                 g, y = g_all[i : i + sub], y_all[i : i + sub]
                 if fast:
                     # eq. 4 hot path: KL = H_y - g . U_y + log sum_c exp(g . v_c / T)
                     n = len(g)
-                    zb = torch.mm(g, VT, out=z[:n])
-                    lse = zb.exp_().sum(1).log_()
-                    ub = torch.index_select(U, 0, y, out=ug[:n]).mul_(g)
-                    kl[i : i + n] = H[y].sub_(ub.sum(1)).add_(lse)
+                    with _threads(threads, device):  # the product: every thread
+                        zb = torch.mm(g, VT, out=z[:n])
+                    with _threads(1, device):  # the O(B x C) rest on one, in cache-sized pieces
+                        for j in range(0, n, POST_ROWS):
+                            zj, gj, yj = zb[j : j + POST_ROWS], g[j : j + POST_ROWS], y[j : j + POST_ROWS]
+                            lse = zj.exp_().sum(1).log_()
+                            ub = torch.index_select(U, 0, yj, out=ug[: len(yj)]).mul_(gj)
+                            kl[i + j : i + j + len(yj)] = torch.index_select(H, 0, yj).sub_(ub.sum(1)).add_(lse)
                 else:
                     kl[i : i + sub] = kl_to_prototypes(g, y, V0n, P, H, psi, temperature, U)
-            p[start : start + b][keep] = consistency_from_kl(kl, gamma, eps).cpu().numpy()
+            with _threads(1, device):
+                p[start : start + b][keep] = consistency_from_kl(kl, gamma, eps).cpu().numpy()
         if progress:
             progress(b)
     return p
@@ -319,12 +351,13 @@ def weighted_class_means(
         if sums is None:
             sums = torch.zeros((num_classes, block.shape[1]), dtype=torch.float32, device=device)
         if keep.any():
-            g_all = _unit_rows(buf(block[keep]))
-            w_t = torch.as_tensor(w[keep], device=device)
-            y_t = torch.as_tensor(lab[keep], device=device)
-            for i in range(0, len(g_all), SUB_ROWS):
-                g = g_all[i : i + SUB_ROWS]
-                _index_add(sums, y_t[i : i + SUB_ROWS], g.mul_(w_t[i : i + SUB_ROWS, None]))  # in the buffer
+            with _threads(1, device):  # O(B x D) copies and sums: one thread (see _threads, _index_add)
+                g_all = _unit_rows(buf(block[keep]))
+                w_t = torch.as_tensor(w[keep], device=device)
+                y_t = torch.as_tensor(lab[keep], device=device)
+                for i in range(0, len(g_all), SUB_ROWS):
+                    g = g_all[i : i + SUB_ROWS]
+                    _index_add(sums, y_t[i : i + SUB_ROWS], g.mul_(w_t[i : i + SUB_ROWS, None]))  # in the buffer
             wsum += np.bincount(lab[keep], weights=w[keep], minlength=num_classes)
         if progress:
             progress(b)
@@ -390,39 +423,50 @@ def fit_linear_probe(
     so ``epochs = 0`` is that closed-form linear classifier; each epoch is one seeded shuffled
     pass of mini-batch Adam over the rows.
     """
-    gen = torch.Generator().manual_seed(seed)
-    X = _normalize(torch.as_tensor(x, dtype=torch.float32)).to(device)
-    Y = torch.as_tensor(y, dtype=torch.long).to(device)
-    means = _index_add(torch.zeros((num_classes, X.shape[1]), device=device), Y, X)
-    W = scale * _normalize(means)
-    b = torch.zeros(num_classes, device=device)
-    # Adam on the closed-form gradient of the mean cross-entropy (no autograd: cheap and import-free)
-    b1, b2, adam_eps = 0.9, 0.999, 1e-8
-    mW, vW, mb, vb = torch.zeros_like(W), torch.zeros_like(W), torch.zeros_like(b), torch.zeros_like(b)
-    step = 0
-    loss_value = float("nan")
-    for _ in range(epochs):
-        perm = torch.randperm(len(X), generator=gen).to(device)
-        total = 0.0
-        for i in range(0, len(X), batch_size):
-            idx = perm[i : i + batch_size]
-            xb, yb = X[idx], Y[idx]
-            logp = torch.log_softmax(xb @ W.t() + b, dim=1)
-            total -= float(logp.gather(1, yb[:, None]).sum())
-            grad = logp.exp_()  # softmax - onehot, divided by the batch size
-            grad[torch.arange(len(yb), device=device), yb] -= 1.0
-            grad /= len(yb)
-            gW, gb = grad.t() @ xb, grad.sum(0)
-            step += 1
-            for p_, g_, m_, v_ in ((W, gW, mW, vW), (b, gb, mb, vb)):
-                m_.mul_(b1).add_(g_, alpha=1 - b1)
-                v_.mul_(b2).addcmul_(g_, g_, value=1 - b2)
-                p_.addcdiv_(m_ / (1 - b1**step), (v_ / (1 - b2**step)).sqrt_().add_(adam_eps), value=-lr)
-        loss_value = total / max(len(X), 1)
-    logits = X @ W.t() + b
-    logp = torch.log_softmax(logits, dim=1)
-    conf = logp.gather(1, Y[:, None]).squeeze(1).exp()
-    acc = float((logits.argmax(1) == Y).float().mean()) if len(X) else float("nan")
+    threads = torch.get_num_threads()
+
+    def mm(a: torch.Tensor, b_: torch.Tensor) -> torch.Tensor:  # the products: on every thread
+        with _threads(threads, device):
+            return a @ b_
+
+    with _threads(1, device):  # everything else: on one (see _threads)
+        gen = torch.Generator().manual_seed(seed)
+        X = _normalize(torch.as_tensor(x, dtype=torch.float32)).to(device)
+        Y = torch.as_tensor(y, dtype=torch.long).to(device)
+        means = _index_add(torch.zeros((num_classes, X.shape[1]), device=device), Y, X)
+        W = scale * _normalize(means)
+        b = torch.zeros(num_classes, device=device)
+        # Adam on the closed-form gradient of the mean cross-entropy (no autograd: cheap and import-free)
+        b1, b2, adam_eps = 0.9, 0.999, 1e-8
+        mW, vW, mb, vb = torch.zeros_like(W), torch.zeros_like(W), torch.zeros_like(b), torch.zeros_like(b)
+        scratch = {id(W): (torch.empty_like(W), torch.empty_like(W)), id(b): (torch.empty_like(b), torch.empty_like(b))}
+        step = 0
+        loss_value = float("nan")
+        for _ in range(epochs):
+            perm = torch.randperm(len(X), generator=gen).to(device)
+            total = 0.0
+            for i in range(0, len(X), batch_size):
+                idx = perm[i : i + batch_size]
+                xb, yb = X[idx], Y[idx]
+                logp = torch.log_softmax(mm(xb, W.t()) + b, dim=1)
+                total -= float(logp.gather(1, yb[:, None]).sum())
+                grad = logp.exp_()  # softmax - onehot, divided by the batch size
+                grad[torch.arange(len(yb), device=device), yb] -= 1.0
+                grad /= len(yb)
+                gW, gb = mm(grad.t(), xb), grad.sum(0)
+                step += 1
+                for p_, g_, m_, v_ in ((W, gW, mW, vW), (b, gb, mb, vb)):
+                    m_.mul_(b1).add_(g_, alpha=1 - b1)
+                    v_.mul_(b2).addcmul_(g_, g_, value=1 - b2)
+                    mh, vh = scratch[id(p_)]  # bias-corrected moments, in reused buffers
+                    torch.div(m_, 1 - b1**step, out=mh)
+                    torch.div(v_, 1 - b2**step, out=vh).sqrt_().add_(adam_eps)
+                    p_.addcdiv_(mh, vh, value=-lr)
+            loss_value = total / max(len(X), 1)
+        logits = mm(X, W.t()) + b
+        logp = torch.log_softmax(logits, dim=1)
+        conf = logp.gather(1, Y[:, None]).squeeze(1).exp()
+        acc = float((logits.argmax(1) == Y).float().mean()) if len(X) else float("nan")
     stats = {"rows": int(len(X)), "epochs": epochs, "loss": loss_value, "train_accuracy_noisy": acc}
     return conf.cpu().numpy().astype(np.float32), stats
 

@@ -167,12 +167,13 @@ def _h5_dtype(kind: str, value_dtype: np.dtype | None) -> Any:
 # FIXED_STR_MAX bytes: writing and reading them is a memory copy plus a vectorized ASCII
 # conversion, where HDF5 variable-length strings cost about a microsecond per value each way
 # (1M ids: ~0.8 s to write, ~1.2 s to read back as str). Longer values (captions) stay
-# variable-length. Files written with variable-length strings (older sinet) read and append as
-# before. A fixed-width dataset is widened in place when an appended value does not fit.
+# variable-length, where padding every value to the longest would waste space. Files written
+# with variable-length strings (older sinet) read and append as before. A fixed-width dataset is
+# widened in place when an appended value does not fit (variable-length past FIXED_STR_MAX).
 
 _WIDENING = ".widening"  # temporary name suffix of a string dataset being widened
-FIXED_STR_MIN = 16  # width of a new fixed-width string dataset: >= this, a power of two, so that
-FIXED_STR_MAX = 256  # growing ids ("img9" ... "img1000000") rarely need widening; past MAX: vlen
+FIXED_STR_MIN = 16  # width of a new fixed-width string dataset: >= this and a power of two, so
+FIXED_STR_MAX = 128  # that growing ids ("img9" ... "img1000000") rarely need widening
 
 
 def _encode_strings(value: Any) -> np.ndarray:

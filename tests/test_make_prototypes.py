@@ -159,6 +159,27 @@ def test_probe_prototypes_recover_clean_classes(rng):
     assert r.init_source == "probe" and r.probe["rows"] == len(x) and r.probe["epochs"] == 2
 
 
+def test_thread_count_restored_and_results_independent_of_it(rng):
+    """The stage runs its elementwise work on one torch thread and its products on all of them:
+    the caller's thread count comes back, and the result does not depend on it."""
+    torch = pytest.importorskip("torch")
+    x, _, noisy, _ = blobs(rng, n_per=800, C=4, D=64)
+    S = np.eye(4, dtype=np.float32) * 2
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        two = mp.make_prototypes(source_of(x, 1024), noisy, S, mp.PrototypeConfig(probe_epochs=2))
+        assert torch.get_num_threads() == 2
+        torch.set_num_threads(1)
+        one = mp.make_prototypes(source_of(x, 1024), noisy, S, mp.PrototypeConfig(probe_epochs=2))
+        assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(before)
+    np.testing.assert_allclose(one.prototypes, two.prototypes, atol=1e-6)
+    np.testing.assert_allclose(one.consistency, two.consistency, rtol=1e-5)
+    assert (one.selected == two.selected).all()
+
+
 def test_results_do_not_depend_on_block_size(rng):
     x, _, noisy, _ = blobs(rng)
     S = np.eye(4, dtype=np.float32) * 2

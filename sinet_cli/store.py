@@ -48,7 +48,7 @@ class Field:
     required: bool = True
 
 
-# Symbolic dims: N images, D feature dim, C classes, P prototypes, S skipped images.
+# Symbolic dims: N images, D feature dim, C classes, P prototypes, S skipped images, K probe folds.
 SCHEMAS: dict[str, tuple[Field, ...]] = {
     "features": (
         Field("ids", "str", ("N",)),
@@ -99,6 +99,10 @@ SCHEMAS: dict[str, tuple[Field, ...]] = {
         Field("share", "float", ("N",), required=False),
         Field("probe", "float", ("N",), required=False),
         Field("text_share", "float", ("N",), required=False),
+        Field("open_set", "float", ("N",), required=False),
+        Field("open_set_threshold", "float", ("C",), required=False),
+        Field("probe_W", "float", ("K", "D", "C"), required=False),  # K folds of the probe (cron appends reuse it)
+        Field("probe_b", "float", ("K", "C"), required=False),
     ),
 }
 

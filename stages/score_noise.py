@@ -10,6 +10,7 @@ only, tie-aware, equal to scikit-learn's definitions).
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -181,32 +182,49 @@ class Probe:
 
 
 def fit_probe(x: np.ndarray, y: np.ndarray, rows: np.ndarray, num_classes: int, *, folds: int = 5,
-              epochs: int = 20, lr: float = 0.05, batch_size: int = 256, seed: int = 0) -> Probe:
+              epochs: int = 10, lr: float = 0.05, batch_size: int = 256, seed: int = 0,
+              sample_weight: np.ndarray | None = None, init: Probe | None = None) -> Probe:
     """Out-of-fold softmax regression on a sample (``rows`` = its positions, ``x`` its features).
 
-    Regularized like scikit-learn's LogisticRegression(C=1): loss = mean CE + ||W||^2 / (2 n), with
-    n the rows of the fold's training part. Mini-batch Adam on the closed-form gradient.
+    Regularized like scikit-learn's LogisticRegression(C=1): loss = sum_i s_i CE_i / sum_i s_i +
+    ||W||^2 / (2 n), with n the rows of the fold's training part and s_i the sample weights (1 when
+    not given). Mini-batch Adam on the closed-form gradient, learning rate decayed to 0 on a cosine
+    (it reaches the optimum of L-BFGS in 10 epochs where a constant rate needs many more).
+
+    Args:
+        sample_weight: (n,) weights s_i >= 0 of the sample rows (round 2 of :func:`fit_reweighted_probe`).
+        init: start each fold's model from this probe's (same folds: same ``rows`` and ``seed``).
     """
     if folds < 2:
         raise ValueError(f"folds {folds}: need at least 2 for out-of-fold probabilities")
     y = np.asarray(y, dtype=np.int64)
     if len(y) < folds:
         raise ValueError(f"{len(y)} sample rows for {folds} folds")
+    sw = np.ones(len(y), dtype=np.float32) if sample_weight is None else np.asarray(sample_weight, np.float32)
+    if sw.shape != y.shape or not np.isfinite(sw).all() or (sw < 0).any():
+        raise ValueError("sample_weight: need one finite weight >= 0 per sample row")
     rng = np.random.default_rng(seed)
     fold = rng.permutation(len(y)) % folds
+    order = np.argsort(rows, kind="stable")
+    if init is not None and (init.W.shape[0] != folds or not np.array_equal(init.sample_fold, fold[order])):
+        raise ValueError("init: a probe fitted on other rows or folds")
     X = torch.as_tensor(np.asarray(x, dtype=np.float32))
     X = X / torch.linalg.vector_norm(X, dim=1, keepdim=True).clamp_min(1e-12)
     Y = torch.as_tensor(y)
     gen = torch.Generator().manual_seed(seed)
     Ws, bs = [], []
     for f in range(folds):
-        tr = torch.as_tensor(np.flatnonzero(fold != f))
+        tr_np = np.flatnonzero(fold != f)
+        tr = torch.as_tensor(tr_np)
         Xt, Yt = X[tr], Y[tr]
+        St = torch.as_tensor(sw[tr_np] / max(float(sw[tr_np].mean()), 1e-12))  # mean 1: same scale as unweighted
         lam = 1.0 / len(tr)
-        W = torch.zeros((X.shape[1], num_classes))
-        b = torch.zeros(num_classes)
+        if init is None:
+            W, b = torch.zeros((X.shape[1], num_classes)), torch.zeros(num_classes)
+        else:
+            W, b = torch.tensor(init.W[f]), torch.tensor(init.b[f])
         mW, vW, mb, vb = torch.zeros_like(W), torch.zeros_like(W), torch.zeros_like(b), torch.zeros_like(b)
-        step = 0
+        step, total = 0, epochs * -(-len(Yt) // batch_size)
         for _ in range(epochs):
             perm = torch.randperm(len(Yt), generator=gen)
             for i in range(0, len(Yt), batch_size):
@@ -214,17 +232,56 @@ def fit_probe(x: np.ndarray, y: np.ndarray, rows: np.ndarray, num_classes: int, 
                 xb, yb = Xt[idx], Yt[idx]
                 grad = torch.softmax(xb @ W + b, dim=1)
                 grad[torch.arange(len(yb)), yb] -= 1.0
-                grad /= len(yb)
+                grad *= St[idx, None] / len(yb)
                 gW, gb = xb.t() @ grad + lam * W, grad.sum(0)
+                rate = lr * 0.5 * (1.0 + math.cos(math.pi * step / total))
                 step += 1
                 for p_, g_, m_, v_ in ((W, gW, mW, vW), (b, gb, mb, vb)):
                     m_.mul_(0.9).add_(g_, alpha=0.1)
                     v_.mul_(0.999).addcmul_(g_, g_, value=0.001)
-                    p_.addcdiv_(m_ / (1 - 0.9**step), (v_ / (1 - 0.999**step)).sqrt_().add_(1e-8), value=-lr)
+                    p_.addcdiv_(m_ / (1 - 0.9**step), (v_ / (1 - 0.999**step)).sqrt_().add_(1e-8), value=-rate)
         Ws.append(W.numpy())
         bs.append(b.numpy())
-    order = np.argsort(rows, kind="stable")
     return Probe(W=np.stack(Ws), b=np.stack(bs), sample_rows=np.asarray(rows)[order], sample_fold=fold[order])
+
+
+def open_set_thresholds(distance: np.ndarray, labels: np.ndarray, agree: np.ndarray, num_classes: int,
+                        quantile: float = 0.99, min_rows: int = 5) -> np.ndarray:
+    """(C,) t_c: the ``quantile`` of the own-prototype distances of the rows labeled c that the
+    out-of-fold probe agrees with (``agree``: p(label | x) >= 0.5), i.e. how far a likely-clean
+    image of class c lies from its prototype. Classes with fewer than ``min_rows`` such rows use all
+    their rows; classes with none get +inf (no open-set evidence is taken from them)."""
+    d = np.asarray(distance, dtype=np.float64)
+    labels = np.asarray(labels, dtype=np.int64)
+    agree = np.asarray(agree, dtype=bool)
+    ok = ~np.isnan(d)
+    t = np.full(num_classes, np.inf)
+    for c in range(num_classes):
+        own = ok & (labels == c)
+        pick = own & agree
+        if pick.sum() < min_rows:
+            pick = own
+        if pick.any():
+            t[c] = np.quantile(d[pick], quantile)
+    return t
+
+
+def open_set_factor(distance: np.ndarray, labels: np.ndarray, thresholds: np.ndarray,
+                    alpha: float = 1.2, beta: float = 1.5) -> np.ndarray:
+    """o_i = min(1, w(d_i) / w(t_c)) with w eq. 6 and t_c = :func:`open_set_thresholds` of the
+    labeled class c: 1 up to the distance of a likely-clean image, then falling with eq. 6 to 0 at
+    alpha. An image from outside every class lies far from all prototypes, where o is small; a
+    class without a threshold (t = inf) gives o = 1; a t_c at or past alpha gives 1 up to t_c and 0
+    beyond. Rows with an unknown distance or label get 0."""
+    d = np.asarray(distance, dtype=np.float64)
+    labels = np.asarray(labels, dtype=np.int64)
+    t = np.asarray(thresholds, dtype=np.float64)
+    valid = (labels >= 0) & (labels < len(t)) & ~np.isnan(d)
+    tc = t[np.where(valid, labels, 0)]
+    w_d = np.asarray(noise_weight(np.where(valid, d, np.nan), alpha, beta), dtype=np.float64)  # eq. 6
+    w_t = np.asarray(noise_weight(np.where(np.isfinite(tc), tc, 0.0), alpha, beta), dtype=np.float64)  # eq. 6
+    o = np.where(d <= tc, 1.0, np.where(w_t > 0, np.minimum(1.0, w_d / np.maximum(w_t, 1e-300)), 0.0))
+    return np.where(valid, o, 0.0).astype(np.float32)
 
 
 def probe_label_probability(probe: Probe, features: np.ndarray, labels: np.ndarray, rows: np.ndarray) -> np.ndarray:
@@ -248,6 +305,29 @@ def probe_label_probability(probe: Probe, features: np.ndarray, labels: np.ndarr
     return np.where(valid, out, 0.0).astype(np.float32)
 
 
+def fit_reweighted_probe(x: np.ndarray, y: np.ndarray, rows: np.ndarray, num_classes: int, distance: np.ndarray,
+                         *, alpha: float = 1.2, beta: float = 1.5, folds: int = 5, epochs: int = 10,
+                         quantile: float = 0.99, seed: int = 0) -> tuple[Probe, np.ndarray]:
+    """The probe of ``--score fused`` and the open-set thresholds, from a sample of rows.
+
+    Round 1 fits :func:`fit_probe` on the noisy labels; its out-of-fold p1_i = p(y_i | x_i) says
+    which rows it agrees with (:func:`open_set_thresholds` over the sample's own-prototype
+    ``distance``). Round 2 continues each fold's model for ceil(epochs / 2) epochs with sample
+    weights p1_i, so rows the first round found mislabeled pull the classifier less toward their
+    wrong class. Open-set rows keep their (small) weight on purpose: the probe learns that their
+    region of feature space carries no consistent label.
+
+    Returns:
+        (round-2 probe, (C,) thresholds t_c).
+    """
+    first = fit_probe(x, y, rows, num_classes, folds=folds, epochs=epochs, seed=seed)
+    p1 = probe_label_probability(first, x, y, rows)
+    thresholds = open_set_thresholds(distance, y, p1 >= 0.5, num_classes, quantile)
+    second = fit_probe(x, y, rows, num_classes, folds=folds, epochs=max(1, -(-epochs // 2)), seed=seed,
+                       sample_weight=p1, init=first)
+    return second, thresholds
+
+
 def text_share(text_embeddings: np.ndarray, label_embeddings: np.ndarray, labels: np.ndarray,
                temperature: float = 0.05) -> np.ndarray:
     """The labeled class's share of softmax_k(cos(t_i, e_k) / T): agreement of an image's side text
@@ -259,17 +339,23 @@ def text_share(text_embeddings: np.ndarray, label_embeddings: np.ndarray, labels
     return labeled_share(t @ e.T, labels, temperature)
 
 
-def fused_weight(components: list[np.ndarray]) -> np.ndarray:
-    """w_i = (prod_j q_ij)^(1/J_i): the geometric mean of the label-quality components q_ij in [0, 1]
-    that row i has (NaN = missing, e.g. no caption); 0 when any is 0."""
-    if not components:
-        raise ValueError("no components to fuse")
-    q = np.stack([np.asarray(c, dtype=np.float64) for c in components])
-    have = ~np.isnan(q)
-    logq = np.where(have, np.log(np.maximum(np.clip(np.nan_to_num(q), 0.0, 1.0), 1e-300)), 0.0)
-    w = np.exp(logq.sum(0) / np.maximum(have.sum(0), 1))
-    w = np.where((np.where(have, q, 1.0) <= 0).any(0), 0.0, w)
-    return w.astype(np.float32)
+def caption_factor(text_share_: np.ndarray, floor: float = 0.5) -> np.ndarray:
+    """c_i = floor + (1 - floor) * t_i: a caption is taken as evidence with probability 1 - floor and
+    as unrelated to the image otherwise (web titles often are), so a caption naming another class
+    can lower a weight by at most the factor ``floor``. Rows without a caption (NaN) get 1."""
+    if not 0.0 <= floor <= 1.0:
+        raise ValueError(f"floor {floor}: must be in [0, 1]")
+    t = np.asarray(text_share_, dtype=np.float64)
+    return np.where(np.isnan(t), 1.0, floor + (1.0 - floor) * np.clip(np.nan_to_num(t), 0.0, 1.0)).astype(np.float32)
+
+
+def fused_weight(label_probability: np.ndarray, open_set: np.ndarray, caption: np.ndarray | None = None) -> np.ndarray:
+    """w_i = q_i * o_i [* c_i]: p(label | x) of the probe (or the prototype share), times the
+    open-set factor (:func:`open_set_factor`), times the caption factor (:func:`caption_factor`)."""
+    w = np.asarray(label_probability, dtype=np.float64) * np.asarray(open_set, dtype=np.float64)
+    if caption is not None:
+        w = w * np.asarray(caption, dtype=np.float64)
+    return np.clip(w, 0.0, 1.0).astype(np.float32)
 
 
 def suspect_order(

@@ -18,9 +18,12 @@ def test_labeled_share_with_background_by_hand():
     assert np.allclose(a2, [e(0.5) / (e(0.9) + e(0.5)), 0.0], rtol=1e-5)
 
 
-def test_fused_weight_is_geometric_mean_and_skips_missing():
-    w = sn.fused_weight([np.array([0.25, 0.5, 0.0]), np.array([1.0, np.nan, 0.9])])
-    assert np.allclose(w, [0.5, 0.5, 0.0])
+def test_fused_weight_and_caption_factor_by_hand():
+    c = sn.caption_factor(np.array([0.0, 0.8, np.nan, 1.0]), floor=0.5)
+    assert np.allclose(c, [0.5, 0.9, 1.0, 1.0])  # 0.5 + 0.5 t; no caption: 1
+    w = sn.fused_weight(np.array([0.8, 0.5, 0.9, 0.0]), np.array([1.0, 0.5, 1.0, 1.0]), c)
+    assert np.allclose(w, [0.8 * 0.5, 0.5 * 0.5 * 0.9, 0.9, 0.0])
+    assert np.allclose(sn.fused_weight(np.array([0.6]), np.array([0.5])), [0.3])
 
 
 def test_class_similarity_takes_best_prototype_of_each_class():
@@ -61,21 +64,125 @@ def test_paper_mode_is_eq6():
     assert np.allclose(sn.noise_weight(d, 1.2, 1.5), [1.2**1.5, 0.5**1.5, 0.0, 0.0, 0.0], atol=1e-6)
 
 
-def test_cli_fused_keeps_eq6_and_paper_equals_eq6(tmp_path, sinet):
+def test_open_set_thresholds_by_hand():
+    d = np.array([0.2, 0.4, 0.6, 1.1, 0.3, 0.5, np.nan, 0.9])
+    y = np.array([0, 0, 0, 0, 1, 1, 1, 1])
+    agree = np.array([1, 1, 1, 0, 1, 0, 1, 1], bool)
+    t = sn.open_set_thresholds(d, y, agree, 3, quantile=0.5, min_rows=2)
+    # class 0: agreed rows 0.2, 0.4, 0.6 -> median 0.4; class 1: agreed non-NaN rows 0.3 and 0.9 ->
+    # median 0.6; class 2: no rows -> inf
+    assert np.allclose(t[:2], [0.4, 0.6]) and np.isinf(t[2])
+    # fewer agreed rows than min_rows: all of the class's rows (0.2, 0.4, 0.6, 1.1 -> 0.5)
+    t3 = sn.open_set_thresholds(d, y, np.array([1, 0, 0, 0, 1, 1, 1, 1], bool), 3, quantile=0.5, min_rows=2)
+    assert np.isclose(t3[0], 0.5)
+
+
+def test_open_set_factor_is_eq6_relative_to_the_threshold_by_hand():
+    t = np.array([0.5, np.inf, 1.3])
+    d = np.array([0.3, 0.5, 0.8, 1.25, 2.0, 0.9, np.nan, 1.35, 0.4])
+    y = np.array([0, 0, 0, 0, 1, 0, 0, 2, 5])
+    o = sn.open_set_factor(d, y, t, alpha=1.2, beta=1.5)
+    w = lambda x: max(0.0, 1.2 - x) ** 1.5  # noqa: E731  eq. 6
+    expect = [1.0, 1.0, w(0.8) / w(0.5), 0.0, 1.0, w(0.9) / w(0.5), 0.0, 0.0, 0.0]
+    # d <= t: 1; past t: eq. 6 relative to eq. 6 at t; past alpha: 0; t = inf: 1; t past alpha:
+    # 0 beyond t; NaN distance or a label outside [0, C): 0
+    assert np.allclose(o, expect, atol=1e-6)
+
+
+def test_probe_sample_weight_is_scale_free_and_zero_weight_rows_do_not_pull():
+    rng = np.random.default_rng(1)
+    C, n = 3, 90
+    y = np.repeat(np.arange(C), n // C)
+    x = (np.eye(3, 8)[y] * 2 + rng.normal(size=(n, 8))).astype(np.float32)
+    y_noisy = y.copy()
+    y_noisy[:9] = (y[:9] + 1) % C
+    rows = np.arange(n)
+    plain = sn.fit_probe(x, y_noisy, rows, C, folds=3, epochs=15)
+    scaled = sn.fit_probe(x, y_noisy, rows, C, folds=3, epochs=15, sample_weight=np.full(n, 3.0))
+    np.testing.assert_allclose(scaled.W, plain.W, atol=1e-5)  # weights are normalized to mean 1
+    sw = np.ones(n)
+    sw[:9] = 0.0
+    clean = sn.fit_probe(x, y_noisy, rows, C, folds=3, epochs=15, sample_weight=sw)
+    g = x / np.linalg.norm(x, axis=1, keepdims=True)
+    p_wrong = lambda pr: np.mean([  # noqa: E731  mean p(noisy label) of the flipped rows under all K models
+        (np.exp(z) / np.exp(z).sum(1, keepdims=True))[np.arange(9), y_noisy[:9]]
+        for z in (g[:9] @ pr.W[k] + pr.b[k] for k in range(3))])
+    assert p_wrong(clean) < p_wrong(plain)
+    try:
+        sn.fit_probe(x, y_noisy, rows, C, folds=3, epochs=1, seed=5, init=plain)
+    except ValueError as e:
+        assert "other rows or folds" in str(e)
+    else:
+        raise AssertionError("a probe with other folds was accepted as init")
+
+
+def test_reweighted_probe_thresholds_come_from_round_one():
+    rng = np.random.default_rng(2)
+    C, n = 3, 120
+    y = np.repeat(np.arange(C), n // C)
+    x = (np.eye(3, 8)[y] * 2 + rng.normal(size=(n, 8))).astype(np.float32)
+    d = rng.uniform(0.2, 1.0, n)
+    rows = np.arange(n)
+    probe, t = sn.fit_reweighted_probe(x, y, rows, C, d, folds=3, epochs=8, quantile=0.9)
+    first = sn.fit_probe(x, y, rows, C, folds=3, epochs=8)
+    p1 = sn.probe_label_probability(first, x, y, rows)
+    np.testing.assert_allclose(t, sn.open_set_thresholds(d, y, p1 >= 0.5, C, 0.9))
+    second = sn.fit_probe(x, y, rows, C, folds=3, epochs=4, sample_weight=p1, init=first)
+    np.testing.assert_allclose(probe.W, second.W, atol=1e-6)
+
+
+def test_cli_fused_is_default_probe_times_open_set(tmp_path, sinet):
     from test_score_noise import make_features, make_prototypes_artifact, read_scores
 
     data = make_features(tmp_path / "features.h5", 200)
     v = make_prototypes_artifact(tmp_path)
-    code, _, err = sinet("score-noise", "--out", tmp_path, "--score", "fused", "--probe-folds", "2",
-                         "--probe-epochs", "2")
+    code, _, err = sinet("score-noise", "--out", tmp_path, "--probe-folds", "2", "--probe-epochs", "2")
     assert code == 0, err
     s, _, _ = read_scores(tmp_path)
     d = np.linalg.norm(data["features"].astype(np.float32) - v[data["labels"]], axis=1)
     np.testing.assert_allclose(s["weight_eq6"], np.maximum(0, 1.2 - d) ** 1.5, atol=3e-3)
-    np.testing.assert_allclose(s["weight"], sn.fused_weight([s["share"], s["probe"]]), atol=1e-6)
-    assert ((s["weight"] >= 0) & (s["weight"] <= 1)).all()
+    o = sn.open_set_factor(s["distance"], s["labels"], s["open_set_threshold"], 1.2, 1.5)
+    np.testing.assert_allclose(s["open_set"], o, atol=1e-6)
+    np.testing.assert_allclose(s["weight"], s["probe"] * o, atol=1e-6)
+    assert s["probe_W"].shape == (2, 8, 3) and ((s["weight"] >= 0) & (s["weight"] <= 1)).all()
     code, _, err = sinet("score-noise", "--out", tmp_path, "--score", "paper")
     assert code == 0, err
     p, _, _ = read_scores(tmp_path)
     np.testing.assert_array_equal(p["weight"], sn.noise_weight(p["distance"], 1.2, 1.5))
-    assert "share" not in p
+    assert "share" not in p and "probe_W" not in p
+
+
+def test_cli_fused_appends_new_rows_with_the_stored_probe(tmp_path, sinet):
+    from test_score_noise import grow, make_features, make_prototypes_artifact, read_scores
+
+    make_features(tmp_path / "features.h5", 200)
+    make_prototypes_artifact(tmp_path)
+    opts = ("--probe-folds", "2", "--probe-epochs", "2")
+    assert sinet("score-noise", "--out", tmp_path, *opts)[0] == 0
+    first, _, _ = read_scores(tmp_path)
+    grown = grow(tmp_path, 200, 50)
+    code, _, err = sinet("score-noise", "--out", tmp_path, *opts)
+    assert code == 0 and "200 ids already scored, scoring 50 new" in err, err
+    second, _, _ = read_scores(tmp_path)
+    for k in ("weight", "probe", "open_set", "probe_W", "open_set_threshold"):  # old rows and the state untouched
+        np.testing.assert_array_equal(second[k][: len(first[k])], first[k])
+    # a new row: the mean of the K stored models, times its open-set factor
+    g = grown["features"][200:].astype(np.float32)
+    g /= np.linalg.norm(g, axis=1, keepdims=True)
+    lab = grown["labels"][200:]
+    z = [g @ first["probe_W"][k] + first["probe_b"][k] for k in range(2)]
+    p = np.mean([(np.exp(zk) / np.exp(zk).sum(1, keepdims=True))[np.arange(50), lab] for zk in z], 0)
+    np.testing.assert_allclose(second["probe"][200:], p, atol=1e-5)
+    np.testing.assert_allclose(second["weight"][200:], p * second["open_set"][200:], atol=1e-5)
+
+
+def test_cli_fused_without_probe_uses_the_prototype_share(tmp_path, sinet):
+    from test_score_noise import make_features, make_prototypes_artifact, read_scores
+
+    make_features(tmp_path / "features.h5", 120)
+    make_prototypes_artifact(tmp_path)
+    code, _, err = sinet("score-noise", "--out", tmp_path, "--probe-rows", "0")
+    assert code == 0, err
+    s, _, _ = read_scores(tmp_path)
+    assert "probe" not in s and "probe_W" not in s
+    np.testing.assert_allclose(s["weight"], s["share"] * s["open_set"], atol=1e-6)

@@ -176,7 +176,7 @@ def read_scores(folder):
 def test_cli_scores_every_row_and_ranks_suspects(tmp_path, sinet):
     data = make_features(tmp_path / "features.h5", 300)
     v = make_prototypes_artifact(tmp_path)
-    code, _, err = sinet("score-noise", "--out", tmp_path)
+    code, _, err = sinet("score-noise", "--out", tmp_path, "--score", "paper")
     assert code == 0, err
     s, _, det = read_scores(tmp_path)
     assert s["ids"].tolist() == data["ids"]  # all splits, in order
@@ -197,21 +197,21 @@ def test_cli_scores_every_row_and_ranks_suspects(tmp_path, sinet):
     assert body[0][0] == s["ids"][worst] and body[0][1] == f"/data/{s['ids'][worst]}.jpg"
     assert all(r[2] != r[3] or float(r[4]) == 0 for r in body)  # suggested class differs, or w = 0
     # unlimited ranking (bounded-memory scratch-file path) starts with the same rows
-    code, _, err = sinet("score-noise", "--out", tmp_path, "--force", "--max-suspects", "0")
+    code, _, err = sinet("score-noise", "--out", tmp_path, "--score", "paper", "--force", "--max-suspects", "0")
     assert code == 0, err
     full = list(csv.reader(open(tmp_path / "suspects.tsv"), delimiter="\t"))
     assert full[1:11] == body[:10] and len(full) >= len(rows)
-    code, _, err = sinet("score-noise", "--out", tmp_path, "--max-suspects", "5", "--force")
+    code, _, err = sinet("score-noise", "--out", tmp_path, "--score", "paper", "--max-suspects", "5", "--force")
     assert len(open(tmp_path / "suspects.tsv").read().splitlines()) == 6
 
 
 def test_cli_incremental_append_and_nothing_new(tmp_path, sinet):
     make_features(tmp_path / "features.h5", 200)
     make_prototypes_artifact(tmp_path)
-    assert sinet("score-noise", "--out", tmp_path)[0] == 0
+    assert sinet("score-noise", "--out", tmp_path, "--score", "paper")[0] == 0
     first, fp1, _ = read_scores(tmp_path)
     grown = grow(tmp_path, 200, 70)
-    code, _, err = sinet("score-noise", "--out", tmp_path)
+    code, _, err = sinet("score-noise", "--out", tmp_path, "--score", "paper")
     assert code == 0, err
     assert "200 ids already scored, scoring 70 new" in err
     second, fp2, det = read_scores(tmp_path)
@@ -223,7 +223,7 @@ def test_cli_incremental_append_and_nothing_new(tmp_path, sinet):
     fresh.mkdir()
     os.link(tmp_path / "features.h5", fresh / "features.h5")
     make_prototypes_artifact(fresh)
-    assert sinet("score-noise", "--out", fresh)[0] == 0
+    assert sinet("score-noise", "--out", fresh, "--score", "paper")[0] == 0
     full, _, det_full = read_scores(fresh)
     np.testing.assert_allclose(second["weight"], full["weight"], atol=1e-6)
     assert det["weight"]["roc_auc"] == pytest.approx(det_full["weight"]["roc_auc"])
@@ -231,11 +231,11 @@ def test_cli_incremental_append_and_nothing_new(tmp_path, sinet):
     store.write_artifact(tmp_path / "features.h5", "features",
                          {**grown, "side_text": ["x"] * len(grown["ids"])}, {"touched": 1}, {})
     mtime = os.stat(tmp_path / "scores.h5").st_mtime_ns
-    code, _, err = sinet("score-noise", "--out", tmp_path)
+    code, _, err = sinet("score-noise", "--out", tmp_path, "--score", "paper")
     assert code == 0 and "already scored; nothing to do" in err
     assert os.stat(tmp_path / "scores.h5").st_mtime_ns == mtime
     # unchanged inputs: up to date
-    code, _, err = sinet("score-noise", "--out", tmp_path, "--features", tmp_path / "fresh" / "features.h5")
+    code, _, err = sinet("score-noise", "--out", tmp_path, "--score", "paper", "--features", tmp_path / "fresh" / "features.h5")
     assert code == 0 and "up to date" in err
 
 

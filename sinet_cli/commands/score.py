@@ -24,6 +24,7 @@ from ..errors import SinetError
 from ..progress import progress_bar
 
 PANEL_EQ6 = "Weighting (eq. 6)"
+SCORE_MODES = ("fused", "paper")  # stages.score_noise.SCORE_MODES, without importing torch for the option check
 PANEL_FUSED = "Scoring beyond eq. 6 (--score fused)"
 SUSPECT_COLUMNS = ("id", "path", "label", "suggested_class", "weight", "distance")
 
@@ -163,24 +164,35 @@ def score_noise(
     alpha: Annotated[float, typer.Option(help="Shift alpha of eq. 6: distances >= alpha get weight 0 (table 4).",
                                          rich_help_panel=PANEL_EQ6)] = 1.2,
     beta: Annotated[float, typer.Option(help="Contrast beta of eq. 6 (table 5).", rich_help_panel=PANEL_EQ6)] = 1.5,
-    score: Annotated[str, typer.Option(help="fused: geometric mean of the labeled class's share of a "
-                     "softmax over prototype similarities with a background column, an out-of-fold linear probe's "
-                     "p(label|x) and, with --image-text, the caption's class share. paper (default): eq. 6 alone.",
-                     rich_help_panel=PANEL_FUSED)] = "paper",
-    temperature: Annotated[float, typer.Option(help="--score fused: softmax temperature T over cosine similarities.",
+    score: Annotated[str, typer.Option(help="fused (default): p(label|x) of a reweighted out-of-fold linear probe "
+                     "times an open-set factor from eq. 6's distance to the own prototype (and, with --image-text, "
+                     "the caption's class share); README 'Scoring beyond eq. 6'. paper: eq. 6 alone.",
+                     rich_help_panel=PANEL_FUSED)] = "fused",
+    open_set_quantile: Annotated[float, typer.Option(help="--score fused: t_c is this quantile of the own-prototype "
+                                 "distances of class c's rows the probe agrees with; o = 1 up to t_c, then eq. 6 "
+                                 "relative to w(t_c).", rich_help_panel=PANEL_FUSED)] = 0.99,
+    temperature: Annotated[float, typer.Option(help="--score fused --probe-rows 0: softmax temperature T over cosine "
+                                               "similarities (the prototype share replaces the probe).",
                                                rich_help_panel=PANEL_FUSED)] = 0.02,
-    background: Annotated[Optional[float], typer.Option(help="--score fused: cosine b of the background column "
-                          "(default 1 - alpha^2/2, where eq. 6 reaches 0).", rich_help_panel=PANEL_FUSED)] = None,
+    background: Annotated[Optional[float], typer.Option(help="--score fused --probe-rows 0: cosine b of the share's "
+                          "background column (default 1 - alpha^2/2, where eq. 6 reaches 0).",
+                          rich_help_panel=PANEL_FUSED)] = None,
     probe_rows: Annotated[int, typer.Option(help="--score fused: sample of training rows the probe is fitted on "
-                                            "(0 = no probe).", rich_help_panel=PANEL_FUSED)] = 20000,
+                                            "(0 = no probe: the prototype share instead).",
+                                            rich_help_panel=PANEL_FUSED)] = 20000,
     probe_folds: Annotated[int, typer.Option(help="--score fused: probe folds (out-of-fold p).",
                                              rich_help_panel=PANEL_FUSED)] = 5,
-    probe_epochs: Annotated[int, typer.Option(help="--score fused: probe epochs.", rich_help_panel=PANEL_FUSED)] = 10,
+    probe_epochs: Annotated[int, typer.Option(help="--score fused: epochs of the probe's first round (the "
+                                              "reweighted second round runs half as many).",
+                                              rich_help_panel=PANEL_FUSED)] = 10,
     image_text: Annotated[bool, typer.Option("--image-text", help="--score fused: also fuse the agreement of each "
                           "image's side text with its labeled class (features.h5 side_text vs graph.h5 "
                           "label_embeddings).", rich_help_panel=PANEL_FUSED)] = False,
     text_temperature: Annotated[float, typer.Option(help="--image-text: softmax temperature over cos(text, class).",
                                                     rich_help_panel=PANEL_FUSED)] = 0.05,
+    text_floor: Annotated[float, typer.Option(help="--image-text: the caption factor is floor + (1 - floor) x the "
+                          "caption's class share (0.5: a caption is as likely unrelated to the image as "
+                          "informative).", rich_help_panel=PANEL_FUSED)] = 0.5,
     graph: Annotated[Optional[Path], typer.Option(help="--image-text: graph.h5 with label_embeddings "
                      "(default: <artifact folder>/graph.h5).", rich_help_panel="Artifacts")] = None,
     encoder: Annotated[Optional[Path], typer.Option(help="--image-text: sentence encoder folder (default: the one "
@@ -197,14 +209,13 @@ def score_noise(
     out: OutOpt = None,
     force: ForceOpt = False,
 ) -> None:
-    """Weight every image by its distance to its class prototype (eq. 6), suggest the nearest
-    prototype's class, and rank the suspects. Re-running on a grown features.h5 scores only the
-    new ids (cron); new prototypes rescore everything.
+    """Weight every image by how likely its label is right: by default a reweighted out-of-fold
+    probe times an open-set factor from its distance to its class prototype (eq. 6); --score paper
+    gives eq. 6 alone. Suggest the nearest prototype's class and rank the suspects. Re-running on a
+    grown features.h5 scores only the new ids (cron); new prototypes rescore everything.
 
     Example: sinet score-noise --data demo --alpha 1.2 --beta 1.5
     """
-    from stages import score_noise as stage
-
     folder = artifact_dir(out, data)
     features_path = features or folder / "features.h5"
     proto_path = prototypes or folder / "prototypes.h5"
@@ -215,6 +226,8 @@ def score_noise(
         raise SinetError(f"--alpha {alpha} / --beta {beta}: both must be > 0")
     if chunk_rows < 1:
         raise SinetError("--chunk-rows must be >= 1")
+    if score not in SCORE_MODES:
+        raise SinetError(f"--score {score!r}: choose one of {', '.join(SCORE_MODES)}")
 
     with store.open_artifact(proto_path, "prototypes") as pa:
         classes = pa.read("classes")
@@ -236,6 +249,41 @@ def score_noise(
                 f"{features_path} holds {feats.dims['D']}-d features but {proto_path} holds {protos.shape[1]}-d "
                 "prototypes; extract both with the same backbone"
             )
+        params = {"alpha": alpha, "beta": beta}
+        inputs = {"features": feats.fingerprint, "prototypes": proto_fp}
+        fused = None
+        if score == "fused":
+            if not temperature > 0 or not text_temperature > 0:
+                raise SinetError("--temperature / --text-temperature must be > 0")
+            if not 0 < open_set_quantile <= 1:
+                raise SinetError(f"--open-set-quantile {open_set_quantile}: must be in (0, 1]")
+            if probe_rows < 0 or probe_folds < 2 or probe_epochs < 1:
+                raise SinetError("--probe-rows must be >= 0, --probe-folds >= 2, --probe-epochs >= 1")
+            b = background if background is not None else 1.0 - alpha**2 / 2.0
+            params.update({"score": "fused", "temperature": temperature, "background": b, "probe_rows": probe_rows,
+                           "probe_folds": probe_folds, "probe_epochs": probe_epochs, "image_text": image_text,
+                           "open_set_quantile": open_set_quantile})
+            fused = {"temperature": temperature, "background": b, "quantile": open_set_quantile}
+            if image_text:
+                graph_path = graph or folder / "graph.h5"
+                with store.open_artifact(graph_path, "graph") as ga:
+                    if "label_embeddings" not in ga:
+                        raise SinetError(f"{graph_path}: no label_embeddings; rebuild it with sinet build-graph")
+                    fused["label_emb"] = ga.read("label_embeddings").astype(np.float32)
+                    inputs["graph"] = ga.fingerprint
+                if "side_text" not in feats:
+                    raise SinetError(f"{features_path}: no side_text; --image-text needs image titles/tags")
+                if not 0 <= text_floor <= 1:
+                    raise SinetError(f"--text-floor {text_floor}: must be in [0, 1]")
+                params.update({"text_temperature": text_temperature, "text_floor": text_floor})
+                fused.update({"text_temperature": text_temperature, "text_floor": text_floor})
+        # before torch, FAISS and the text encoder are loaded (seconds): an up-to-date run costs ~1 s.
+        # Checked again under the lock below, since another run may be writing.
+        if not force and store.is_up_to_date(target, "scores", params, inputs) and suspects_path.exists():
+            console.info(f"{target}: up to date, nothing to do (use --force to rescore)")
+            return
+        from stages import score_noise as stage
+
         index = store.read_faiss_index(index_path, expected_dim=protos.shape[1], expected_rows=len(protos))
         try:
             stored = index.reconstruct_n(0, index.ntotal)
@@ -247,60 +295,44 @@ def score_noise(
             slots = stage.class_slots(proto_class, len(classes))
         except ValueError as e:
             raise SinetError(f"{proto_path}: {e}") from None
+        if fused is not None and image_text:
+            from ..sideinfo import load_text_encoder
 
-        if score not in stage.SCORE_MODES:
-            raise SinetError(f"--score {score!r}: choose one of {', '.join(stage.SCORE_MODES)}")
-        params = {"alpha": alpha, "beta": beta}
-        inputs = {"features": feats.fingerprint, "prototypes": proto_fp}
-        fused = None
-        if score == "fused":
-            if not temperature > 0 or not text_temperature > 0:
-                raise SinetError("--temperature / --text-temperature must be > 0")
-            b = background if background is not None else 1.0 - alpha**2 / 2.0
-            params.update({"score": "fused", "temperature": temperature, "background": b, "probe_rows": probe_rows,
-                           "probe_folds": probe_folds, "probe_epochs": probe_epochs, "image_text": image_text})
-            fused = {"temperature": temperature, "background": b}
-            if image_text:
-                graph_path = graph or folder / "graph.h5"
-                with store.open_artifact(graph_path, "graph") as ga:
-                    if "label_embeddings" not in ga:
-                        raise SinetError(f"{graph_path}: no label_embeddings; rebuild it with sinet build-graph")
-                    fused["label_emb"] = ga.read("label_embeddings").astype(np.float32)
-                    inputs["graph"] = ga.fingerprint
-                if "side_text" not in feats:
-                    raise SinetError(f"{features_path}: no side_text; --image-text needs image titles/tags")
-                from ..sideinfo import load_text_encoder
-
-                fused["encoder"] = load_text_encoder(encoder)
-                params["text_temperature"] = text_temperature
-                fused["text_temperature"] = text_temperature
+            fused["encoder"] = load_text_encoder(encoder)
         with file_lock(target, wait, "score-noise"):
             if not force and store.is_up_to_date(target, "scores", params, inputs) and suspects_path.exists():
                 console.info(f"{target}: up to date, nothing to do (use --force to rescore)")
                 return
             prev = store.read_provenance(target)
             append = (
-                score == "paper" and not force and prev is not None and prev["kind"] == "scores"
+                not force and prev is not None and prev["kind"] == "scores"
                 and prev["schema_version"] == store.SCHEMA_VERSION
                 and store.canonical_json(prev["params"]) == store.canonical_json(params)
                 and prev["inputs"].get("prototypes") == proto_fp
             )
+            if append and fused is not None:
+                # new rows are scored by the probe and thresholds the existing rows were scored with
+                append = load_fused_state(target, fused, probe_rows > 0)
             if prev is not None and not append and not force:
                 why = "options changed" if prev["params"] != params else "prototypes changed"
                 console.info(f"{target}: {why}; rescoring every row")
+            import faiss
             import torch
 
             threads = torch.get_num_threads()
-            torch.set_num_threads(1)  # torch only does O(B x D) work here; FAISS's own threads do the search,
-            try:  # and two OpenMP pools spinning on the same cores slow each other down badly
-                if fused is not None and probe_rows > 0:
-                    fused["probe"] = fit_probe(stage, feats, len(classes), probe_rows, probe_folds, probe_epochs,
-                                               chunk_rows)
+            torch.set_num_threads(1)  # only O(B x D) products per block here, and FAISS's search is one per
+            faiss_threads = faiss.omp_get_max_threads()  # block: short parallel regions stall on busy cores
+            faiss.omp_set_num_threads(1)  # (measured: read + scoring 1M rows 3.6 s -> 2.8-3.4 s, no 13 s spikes)
+            try:
+                if fused is not None and not append:
+                    fit_fused(stage, fused, feats, len(classes), probe_rows, probe_folds, probe_epochs, chunk_rows,
+                              protos, slots, proto_class, index, alpha, beta)
                 params_fused = fused
                 run_scoring(stage, feats, features_path, target, suspects_path, protos, proto_class, slots, index,
                             classes, params, inputs, append, max_suspects, chunk_rows, params_fused)
             finally:
                 torch.set_num_threads(threads)
+                faiss.omp_set_num_threads(faiss_threads)
     finally:
         feats.close()
 
@@ -350,6 +382,11 @@ def run_scoring(stage, feats, features_path, target, suspects_path, protos, prot
     try:
         if not append:
             writer.write("classes", classes)
+            if fused is not None:
+                writer.write("open_set_threshold", fused["thresholds"].astype(np.float64))
+                if "probe" in fused:
+                    writer.write("probe_W", fused["probe"].W)
+                    writer.write("probe_b", fused["probe"].b)
         pos = n_old
         with progress_bar("score-noise", total) as advance:
             read = ["ids", "labels", "features"] + [k for k in optional if k in feats]
@@ -369,9 +406,13 @@ def run_scoring(stage, feats, features_path, target, suspects_path, protos, prot
                        "nearest_class": s.nearest_class, "nearest_distance": s.nearest_distance}
                 if fused is not None:
                     out.update(fused_components(stage, fused, rows, labels, slots, protos, start))
-                    parts = [out["share"]] + [out[k] for k in ("probe", "text_share") if k in out]
+                    out["open_set"] = stage.open_set_factor(s.distance, labels, fused["thresholds"],
+                                                            params["alpha"], params["beta"])
+                    caption = (stage.caption_factor(out["text_share"], fused["text_floor"])
+                               if "text_share" in out else None)
                     out["weight_eq6"] = s.weight
-                    out["weight"] = stage.fused_weight(parts)
+                    out["weight"] = stage.fused_weight(out["probe"] if "probe" in out else out["share"],
+                                                       out["open_set"], caption)
                 for k in optional:
                     out[k] = rows[k] if k in rows else np.full(len(labels), fill[k])
                 writer.append_rows(out)
@@ -412,25 +453,56 @@ def run_scoring(stage, feats, features_path, target, suspects_path, protos, prot
     console.info(msg)
 
 
-def fit_probe(stage, feats, num_classes: int, probe_rows: int, folds: int, epochs: int, chunk: int):
-    """Fit the out-of-fold probe on a seeded sample of at most ``probe_rows`` labeled train rows (one
-    streamed read gathers their features)."""
+def fit_fused(stage, fused: dict, feats, num_classes: int, probe_rows: int, folds: int, epochs: int, chunk: int,
+              protos, slots, proto_class, index, alpha: float, beta: float) -> None:
+    """Fit --score fused's state on a seeded sample of at most ``probe_rows`` labeled train rows (one
+    streamed read gathers their features): the reweighted out-of-fold probe and the open-set
+    thresholds t_c (``fused["probe"]``, ``fused["thresholds"]``). Without a probe (``probe_rows`` 0)
+    the thresholds come from the rows whose prototype share says their label is the likelier one."""
     labels = feats.read("labels").astype(np.int64)
     ok = (labels >= 0) & (labels < num_classes)
     if "splits" in feats:
         ok &= feats.read("splits") == "train"
     cand = np.flatnonzero(ok)
-    if len(cand) < 2 * folds:
+    if probe_rows > 0 and len(cand) < 2 * folds:
         raise SinetError(f"only {len(cand)} labeled train rows: too few for a {folds}-fold probe (--probe-rows 0)")
     rng = np.random.default_rng(0)
-    rows = np.sort(rng.choice(cand, min(probe_rows, len(cand)), replace=False))
+    rows = np.sort(rng.choice(cand, min(probe_rows if probe_rows > 0 else 20000, len(cand)), replace=False))
     x = np.empty((len(rows), feats.dims["D"]), dtype=np.float32)
     for start, block in feats.iter_rows(["features"], max(chunk, 65536)):
         n = len(block["features"])
         lo, hi = np.searchsorted(rows, [start, start + n])
         if hi > lo:
             x[lo:hi] = block["features"][rows[lo:hi] - start]
-    return stage.fit_probe(x, labels[rows], rows, num_classes, folds=folds, epochs=epochs)
+    y = labels[rows]
+    distance = stage.score_block(x, y, protos, slots, proto_class, index, alpha, beta).distance
+    if probe_rows > 0:
+        fused["probe"], fused["thresholds"] = stage.fit_reweighted_probe(
+            x, y, rows, num_classes, distance, alpha=alpha, beta=beta, folds=folds, epochs=epochs,
+            quantile=fused["quantile"])
+    else:
+        share = stage.labeled_share(stage.class_similarity(x, protos, slots), y, fused["temperature"],
+                                    fused["background"])
+        fused["thresholds"] = stage.open_set_thresholds(distance, y, share >= 0.5, num_classes, fused["quantile"])
+
+
+def load_fused_state(target: Path, fused: dict, with_probe: bool) -> bool:
+    """Put the probe and thresholds stored in ``target`` into ``fused``; False when it lacks them
+    (then every row is rescored)."""
+    with store.open_artifact(target, "scores") as art:
+        names = ["open_set_threshold"] + (["probe_W", "probe_b"] if with_probe else [])
+        if not all(n in art for n in names):
+            return False
+        fused["thresholds"] = art.read("open_set_threshold").astype(np.float64)
+        if with_probe:
+            from stages.score_noise import Probe
+
+            W, b = art.read("probe_W").astype(np.float32), art.read("probe_b").astype(np.float32)
+            # the stored rows are not re-scored, so no row needs its out-of-fold model: every new row
+            # gets the mean of the K models
+            fused["probe"] = Probe(W=W, b=b, sample_rows=np.zeros(0, dtype=np.int64),
+                                   sample_fold=np.zeros(0, dtype=np.int64))
+    return True
 
 
 def fused_components(stage, fused: dict, rows: dict, labels: np.ndarray, slots, protos, start: int) -> dict:

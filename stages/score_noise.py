@@ -212,36 +212,45 @@ def fit_probe(x: np.ndarray, y: np.ndarray, rows: np.ndarray, num_classes: int, 
     X = X / torch.linalg.vector_norm(X, dim=1, keepdim=True).clamp_min(1e-12)
     Y = torch.as_tensor(y)
     gen = torch.Generator().manual_seed(seed)
-    Ws, bs = [], []
-    for f in range(folds):
-        tr_np = np.flatnonzero(fold != f)
-        tr = torch.as_tensor(tr_np)
-        Xt, Yt = X[tr], Y[tr]
-        St = torch.as_tensor(sw[tr_np] / max(float(sw[tr_np].mean()), 1e-12))  # mean 1: same scale as unweighted
-        lam = 1.0 / len(tr)
-        if init is None:
-            W, b = torch.zeros((X.shape[1], num_classes)), torch.zeros(num_classes)
-        else:
-            W, b = torch.tensor(init.W[f]), torch.tensor(init.b[f])
-        mW, vW, mb, vb = torch.zeros_like(W), torch.zeros_like(W), torch.zeros_like(b), torch.zeros_like(b)
-        step, total = 0, epochs * -(-len(Yt) // batch_size)
-        for _ in range(epochs):
-            perm = torch.randperm(len(Yt), generator=gen)
-            for i in range(0, len(Yt), batch_size):
-                idx = perm[i : i + batch_size]
-                xb, yb = Xt[idx], Yt[idx]
-                grad = torch.softmax(xb @ W + b, dim=1)
-                grad[torch.arange(len(yb)), yb] -= 1.0
-                grad *= St[idx, None] / len(yb)
-                gW, gb = xb.t() @ grad + lam * W, grad.sum(0)
-                rate = lr * 0.5 * (1.0 + math.cos(math.pi * step / total))
-                step += 1
-                for p_, g_, m_, v_ in ((W, gW, mW, vW), (b, gb, mb, vb)):
-                    m_.mul_(0.9).add_(g_, alpha=0.1)
-                    v_.mul_(0.999).addcmul_(g_, g_, value=0.001)
-                    p_.addcdiv_(m_ / (1 - 0.9**step), (v_ / (1 - 0.999**step)).sqrt_().add_(1e-8), value=-rate)
-        Ws.append(W.numpy())
-        bs.append(b.numpy())
+    # the K fold models train side by side (batched products, one Python step for all K: the
+    # per-step overhead, not the arithmetic, is what costs at these sizes); Adam is elementwise,
+    # so each model follows exactly its own fold's updates
+    K, D = folds, X.shape[1]
+    train_rows = [np.flatnonzero(fold != f) for f in range(K)]
+    sizes = torch.tensor([len(t) for t in train_rows], dtype=torch.float32)
+    scale = torch.stack([torch.as_tensor(sw / max(float(sw[t].mean()), 1e-12)) for t in train_rows])  # (K, n): mean 1 per fold
+    lam = (1.0 / sizes).view(K, 1, 1)
+    if init is None:
+        W, b = torch.zeros((K, D, num_classes)), torch.zeros((K, num_classes))
+    else:
+        W, b = torch.tensor(init.W), torch.tensor(init.b)
+    mW, vW, mb, vb = torch.zeros_like(W), torch.zeros_like(W), torch.zeros_like(b), torch.zeros_like(b)
+    longest = max(len(t) for t in train_rows)
+    step, total = 0, epochs * -(-longest // batch_size)
+    fold_of = torch.arange(K)[:, None]
+    for _ in range(epochs):
+        perms = [torch.as_tensor(t)[torch.randperm(len(t), generator=gen)] for t in train_rows]
+        for i in range(0, longest, batch_size):
+            parts = [p_[i : i + batch_size] for p_ in perms]
+            width = max(len(q) for q in parts)
+            idx = torch.zeros((K, width), dtype=torch.int64)
+            mask = torch.zeros((K, width))
+            for k, q in enumerate(parts):  # folds differ by at most one row: pad the short ones, masked out
+                idx[k, : len(q)] = q
+                mask[k, : len(q)] = 1.0
+            xb, yb = X[idx], Y[idx]  # (K, B, D), (K, B)
+            grad = torch.softmax(torch.baddbmm(b[:, None, :], xb, W), dim=2)
+            grad.scatter_add_(2, yb[..., None], torch.full((K, width, 1), -1.0))
+            count = mask.sum(1, keepdim=True).clamp_min(1.0)
+            grad *= (scale[fold_of, idx] * mask / count)[..., None]
+            gW, gb = torch.bmm(xb.transpose(1, 2), grad).add_(W * lam), grad.sum(1)
+            rate = lr * 0.5 * (1.0 + math.cos(math.pi * step / total))
+            step += 1
+            for p_, g_, m_, v_ in ((W, gW, mW, vW), (b, gb, mb, vb)):
+                m_.mul_(0.9).add_(g_, alpha=0.1)
+                v_.mul_(0.999).addcmul_(g_, g_, value=0.001)
+                p_.addcdiv_(m_ / (1 - 0.9**step), (v_ / (1 - 0.999**step)).sqrt_().add_(1e-8), value=-rate)
+    Ws, bs = list(W.numpy()), list(b.numpy())
     return Probe(W=np.stack(Ws), b=np.stack(bs), sample_rows=np.asarray(rows)[order], sample_fold=fold[order])
 
 

@@ -65,7 +65,8 @@ PER_CLASS   ?= 1
 ROUNDS      ?= 1
 PROTOTYPES_FROM ?= $(if $(CLOTHING1M),clean,all)
 PROTO_OPTS  ?=
-# ---- score-noise (eq. 6) -----------------------------------------------------------------
+# ---- score-noise (eq. 6; default score: README "Scoring beyond eq. 6") ---------------------
+SCORE      ?= fused
 ALPHA      ?= 1.2
 BETA       ?= 1.5
 SCORE_OPTS ?=
@@ -131,7 +132,7 @@ $(ART)/prototypes.h5: $(ART)/features.h5 $(ART)/graph.h5 FORCE
 		$(if $(filter-out all,$(PROTOTYPES_FROM)),--prototypes-from $(PROTOTYPES_FROM)) $(PROTO_OPTS)
 
 $(ART)/scores.h5: $(ART)/prototypes.h5 FORCE
-	$(SINET) score-noise --out $(ART) --alpha $(ALPHA) --beta $(BETA) $(SCORE_OPTS)
+	$(SINET) score-noise --out $(ART) --score $(SCORE) --alpha $(ALPHA) --beta $(BETA) $(SCORE_OPTS)
 
 $(ART)/metrics.json: $(ART)/scores.h5 FORCE
 	for seed in $(SEEDS); do for mode in $(MODES); do \

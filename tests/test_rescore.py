@@ -184,3 +184,23 @@ def test_unreadable_new_image_is_recorded_not_retried_unless_asked(built, sinet,
     with store.open_artifact(art / "features.h5", "features") as f:
         assert f.dims["N"] == n0 + 1 and f.read("ids")[-1] == "boot-90"
         assert len(f.read("skipped_ids")) == 0 and len(f.read("skipped_reasons")) == 0
+
+
+def test_cron_scoring_keeps_the_score_mode_scores_h5_was_made_with(tmp_path, sinet):
+    """An eq. 6 scores.h5 (--score paper records alpha and beta only) gets its new rows scored by
+    eq. 6 and appended, not rescored whole with the default score."""
+    from test_score_noise import grow, make_features, make_prototypes_artifact, read_scores
+
+    from sinet_cli.commands.rescore import score_new
+    from stages import score_noise as sn
+
+    make_features(tmp_path / "features.h5", 100)
+    make_prototypes_artifact(tmp_path)
+    assert sinet("score-noise", "--out", tmp_path, "--score", "paper")[0] == 0
+    first, _, _ = read_scores(tmp_path)
+    grow(tmp_path, 100, 20)
+    score_new("demo", tmp_path, None, None, 0.0)
+    second, _, _ = read_scores(tmp_path)
+    assert len(second["ids"]) == 120 and "probe" not in second
+    np.testing.assert_array_equal(second["weight"][:100], first["weight"])
+    np.testing.assert_array_equal(second["weight"], sn.noise_weight(second["distance"], 1.2, 1.5))

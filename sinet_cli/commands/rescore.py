@@ -286,6 +286,8 @@ def score_new(data: str, folder: Path, alpha: float | None, beta: float | None, 
     options = set(inspect.signature(score_noise).parameters) - {"data", "features", "prototypes", "wait", "out",
                                                                   "force"}
     kwargs = {k: v for k, v in recorded.items() if k in options}
+    if recorded and "score" not in recorded:  # eq. 6 runs record alpha and beta only
+        kwargs["score"] = "paper"
     if alpha is not None:
         kwargs["alpha"] = alpha
     if beta is not None:

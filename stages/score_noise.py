@@ -212,44 +212,43 @@ def fit_probe(x: np.ndarray, y: np.ndarray, rows: np.ndarray, num_classes: int, 
     X = X / torch.linalg.vector_norm(X, dim=1, keepdim=True).clamp_min(1e-12)
     Y = torch.as_tensor(y)
     gen = torch.Generator().manual_seed(seed)
-    # the K fold models train side by side (batched products, one Python step for all K: the
-    # per-step overhead, not the arithmetic, is what costs at these sizes); Adam is elementwise,
-    # so each model follows exactly its own fold's updates
-    K, D = folds, X.shape[1]
-    train_rows = [np.flatnonzero(fold != f) for f in range(K)]
-    sizes = torch.tensor([len(t) for t in train_rows], dtype=torch.float32)
-    scale = torch.stack([torch.as_tensor(sw / max(float(sw[t].mean()), 1e-12)) for t in train_rows])  # (K, n): mean 1 per fold
-    lam = (1.0 / sizes).view(K, 1, 1)
+    # the K fold models train side by side on shared mini-batches: one product (B x D) x (D x K*C)
+    # for all of them, each model masking out its held-out fold's rows (so every model still sees
+    # exactly its own training rows, once per epoch). At these sizes the per-step overhead and
+    # the shape of the products, not the arithmetic, set the time. Adam is elementwise, so each
+    # model follows only its own gradient.
+    K, D, n = folds, X.shape[1], len(y)
+    member = torch.as_tensor(fold)[:, None] != torch.arange(K)[None, :]  # (n, K): row i trains model k
+    sizes = member.sum(0).to(torch.float32)
+    train_w = torch.stack([torch.as_tensor(sw / max(float(sw[member[:, k].numpy()].mean()), 1e-12))
+                           for k in range(K)], 1) * member  # (n, K): mean 1 over each model's rows, 0 held out
+    lam = (1.0 / sizes).view(1, K, 1)
     if init is None:
-        W, b = torch.zeros((K, D, num_classes)), torch.zeros((K, num_classes))
+        W, b = torch.zeros((D, K, num_classes)), torch.zeros((K, num_classes))
     else:
-        W, b = torch.tensor(init.W), torch.tensor(init.b)
+        W, b = torch.tensor(init.W).permute(1, 0, 2).contiguous(), torch.tensor(init.b)
     mW, vW, mb, vb = torch.zeros_like(W), torch.zeros_like(W), torch.zeros_like(b), torch.zeros_like(b)
-    longest = max(len(t) for t in train_rows)
-    step, total = 0, epochs * -(-longest // batch_size)
-    fold_of = torch.arange(K)[:, None]
+    flat = W.view(D, K * num_classes)
+    step, total = 0, epochs * -(-n // batch_size)
+    minus_one = torch.full((1, K, 1), -1.0)
     for _ in range(epochs):
-        perms = [torch.as_tensor(t)[torch.randperm(len(t), generator=gen)] for t in train_rows]
-        for i in range(0, longest, batch_size):
-            parts = [p_[i : i + batch_size] for p_ in perms]
-            width = max(len(q) for q in parts)
-            idx = torch.zeros((K, width), dtype=torch.int64)
-            mask = torch.zeros((K, width))
-            for k, q in enumerate(parts):  # folds differ by at most one row: pad the short ones, masked out
-                idx[k, : len(q)] = q
-                mask[k, : len(q)] = 1.0
-            xb, yb = X[idx], Y[idx]  # (K, B, D), (K, B)
-            grad = torch.softmax(torch.baddbmm(b[:, None, :], xb, W), dim=2)
-            grad.scatter_add_(2, yb[..., None], torch.full((K, width, 1), -1.0))
-            count = mask.sum(1, keepdim=True).clamp_min(1.0)
-            grad *= (scale[fold_of, idx] * mask / count)[..., None]
-            gW, gb = torch.bmm(xb.transpose(1, 2), grad).add_(W * lam), grad.sum(1)
+        perm = torch.randperm(n, generator=gen)
+        for i in range(0, n, batch_size):
+            idx = perm[i : i + batch_size]
+            xb, yb = X[idx], Y[idx]
+            grad = torch.softmax((xb @ flat).view(len(idx), K, num_classes) + b, dim=2)
+            grad.scatter_add_(2, yb.view(-1, 1, 1).expand(-1, K, 1), minus_one.expand(len(idx), K, 1))
+            tw = train_w[idx]  # (B, K)
+            grad *= (tw / member[idx].sum(0).clamp_min(1))[..., None]
+            gW = (xb.t() @ grad.view(len(idx), K * num_classes)).view(D, K, num_classes).add_(W * lam)
+            gb = grad.sum(0)
             rate = lr * 0.5 * (1.0 + math.cos(math.pi * step / total))
             step += 1
             for p_, g_, m_, v_ in ((W, gW, mW, vW), (b, gb, mb, vb)):
                 m_.mul_(0.9).add_(g_, alpha=0.1)
                 v_.mul_(0.999).addcmul_(g_, g_, value=0.001)
                 p_.addcdiv_(m_ / (1 - 0.9**step), (v_ / (1 - 0.999**step)).sqrt_().add_(1e-8), value=-rate)
+    W = W.permute(1, 0, 2)
     Ws, bs = list(W.numpy()), list(b.numpy())
     return Probe(W=np.stack(Ws), b=np.stack(bs), sample_rows=np.asarray(rows)[order], sample_fold=fold[order])
 
@@ -295,22 +294,32 @@ def open_set_factor(distance: np.ndarray, labels: np.ndarray, thresholds: np.nda
 
 def probe_label_probability(probe: Probe, features: np.ndarray, labels: np.ndarray, rows: np.ndarray) -> np.ndarray:
     """p(label | x) under the probe: a sample row by the model that did not see it (out-of-fold),
-    any other row by the mean of the K models. Labels outside [0, C) get 0."""
-    g = torch.as_tensor(np.asarray(features, dtype=np.float32))
-    g = g / torch.linalg.vector_norm(g, dim=1, keepdim=True).clamp_min(1e-12)
+    any other row by the K models' average (W = mean_k W_k, b = mean_k b_k: one product per row
+    instead of K; for linear models this is the softmax of the mean logits). Labels outside
+    [0, C) get 0."""
+    g = torch.as_tensor(np.ascontiguousarray(features)).float()  # torch converts float16 blocks far faster than numpy
+    inv_norm = 1.0 / torch.linalg.vector_norm(g, dim=1).clamp_min(1e-12)
     K, _, C = probe.W.shape
     labels = np.asarray(labels, dtype=np.int64)
     valid = (labels >= 0) & (labels < C)
-    lab = np.where(valid, labels, 0)
-    P = torch.stack([torch.softmax(g @ torch.as_tensor(probe.W[k]) + torch.as_tensor(probe.b[k]), 1)
-                     for k in range(K)]).numpy()  # (K, B, C)
-    pk = P[:, np.arange(len(lab)), lab]  # (K, B)
-    out = pk.mean(0)
+    lab = torch.as_tensor(np.where(valid, labels, 0))
+
+    def label_probability(x: torch.Tensor, scale: torch.Tensor, y: torch.Tensor, W: np.ndarray,
+                          b: np.ndarray) -> torch.Tensor:
+        # (x / |x|) W + b, with the normalization applied to the B x C logits instead of the B x D rows
+        z = torch.addcmul(torch.as_tensor(b), x @ torch.as_tensor(np.ascontiguousarray(W)), scale[:, None])
+        return torch.exp(z.gather(1, y[:, None])[:, 0] - torch.logsumexp(z, 1))
+
+    out = label_probability(g, inv_norm, lab, probe.W.mean(0), probe.b.mean(0)).numpy()
     rows = np.asarray(rows)
     pos = np.minimum(np.searchsorted(probe.sample_rows, rows), max(len(probe.sample_rows) - 1, 0))
     insample = (probe.sample_rows[pos] == rows) if len(probe.sample_rows) else np.zeros(len(rows), bool)
     if insample.any():
-        out[insample] = pk[probe.sample_fold[pos[insample]], np.flatnonzero(insample)]
+        where = np.flatnonzero(insample)
+        fold = probe.sample_fold[pos[where]]
+        for k in np.unique(fold):
+            sel = torch.as_tensor(where[fold == k])
+            out[sel.numpy()] = label_probability(g[sel], inv_norm[sel], lab[sel], probe.W[k], probe.b[k]).numpy()
     return np.where(valid, out, 0.0).astype(np.float32)
 
 

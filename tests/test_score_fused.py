@@ -44,11 +44,14 @@ def test_probe_is_out_of_fold_for_sample_rows():
     probe = sn.fit_probe(x, y_noisy, np.arange(n), C, folds=3, epochs=30, lr=0.05)
     p = sn.probe_label_probability(probe, x, y_noisy, np.arange(n))
     assert p[:5].max() < np.median(p[5:])  # the flipped rows have the lowest p(label | x)
-    # a row outside the sample is scored by the mean of the K models
+    # a sample row by the model of its held-out fold, by hand
+    g = x / np.linalg.norm(x, axis=1, keepdims=True)
+    softmax = lambda z: np.exp(z) / np.exp(z).sum(1, keepdims=True)  # noqa: E731
+    k = probe.sample_fold[7]
+    assert np.isclose(p[7], softmax(g[7:8] @ probe.W[k] + probe.b[k])[0, y_noisy[7]], rtol=1e-4)
+    # a row outside the sample by the averaged model (mean W, mean b)
     q = sn.probe_label_probability(probe, x[:1], y_noisy[:1], np.array([10_000]))
-    g = x[:1] / np.linalg.norm(x[:1])
-    ref = np.mean([np.exp(g @ probe.W[k] + probe.b[k])[0, y_noisy[0]] / np.exp(g @ probe.W[k] + probe.b[k]).sum()
-                   for k in range(3)])
+    ref = softmax(g[:1] @ probe.W.mean(0) + probe.b.mean(0))[0, y_noisy[0]]
     assert np.isclose(q[0], ref, rtol=1e-4)
 
 
@@ -166,12 +169,12 @@ def test_cli_fused_appends_new_rows_with_the_stored_probe(tmp_path, sinet):
     second, _, _ = read_scores(tmp_path)
     for k in ("weight", "probe", "open_set", "probe_W", "open_set_threshold"):  # old rows and the state untouched
         np.testing.assert_array_equal(second[k][: len(first[k])], first[k])
-    # a new row: the mean of the K stored models, times its open-set factor
+    # a new row: the averaged stored model (mean W, mean b), times its open-set factor
     g = grown["features"][200:].astype(np.float32)
     g /= np.linalg.norm(g, axis=1, keepdims=True)
     lab = grown["labels"][200:]
-    z = [g @ first["probe_W"][k] + first["probe_b"][k] for k in range(2)]
-    p = np.mean([(np.exp(zk) / np.exp(zk).sum(1, keepdims=True))[np.arange(50), lab] for zk in z], 0)
+    z = g @ first["probe_W"].mean(0) + first["probe_b"].mean(0)
+    p = (np.exp(z) / np.exp(z).sum(1, keepdims=True))[np.arange(50), lab]
     np.testing.assert_allclose(second["probe"][200:], p, atol=1e-5)
     np.testing.assert_allclose(second["weight"][200:], p * second["open_set"][200:], atol=1e-5)
 

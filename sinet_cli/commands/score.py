@@ -507,9 +507,11 @@ def load_fused_state(target: Path, fused: dict, with_probe: bool) -> bool:
 
 def fused_components(stage, fused: dict, rows: dict, labels: np.ndarray, slots, protos, start: int) -> dict:
     """The per-row label-quality components of --score fused for one block."""
-    sim = stage.class_similarity(rows["features"], protos, slots)
-    out = {"share": stage.labeled_share(sim, labels, fused["temperature"], fused["background"])}
-    if "probe" in fused:
+    out = {}
+    if "probe" not in fused:  # the prototype share stands in for the probe (--probe-rows 0)
+        sim = stage.class_similarity(rows["features"], protos, slots)
+        out["share"] = stage.labeled_share(sim, labels, fused["temperature"], fused["background"])
+    else:
         out["probe"] = stage.probe_label_probability(fused["probe"], rows["features"], labels,
                                                      np.arange(start, start + len(labels)))
     if "encoder" in fused:

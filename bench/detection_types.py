@@ -1,6 +1,7 @@
 """Noise detection per noise type: score-noise --score paper (eq. 6), --score fused [--image-text], and cleanlab.
 
     python bench/detection_types.py --work /tmp/sinet-dt            # demo and demo-mnist, 4 types each
+    python bench/detection_types.py --work /tmp/sinet-dt --heldout  # other rates, noise seed 1
 
 Per dataset (demo: Fashion-MNIST with MNIST junk; demo-mnist: MNIST with Fashion-MNIST junk) and
 noise type (uniform = symmetric 40%, confusion 30%, open-set 20%, mixed = symmetric 10% +
@@ -44,6 +45,14 @@ SETTINGS = {  # name: demo noise spec (load_demo)
     "openset": "openset:0.2",
     "mixed": "symmetric:0.1+confusion:0.2+openset:0.1",
 }
+# --heldout: rates and noise draws never looked at while the fused score was designed (noise seed 1)
+HELDOUT = {
+    "uniform": "symmetric:0.2",
+    "confusion": "confusion:0.4",
+    "openset": "openset:0.3",
+    "mixed": "symmetric:0.15+confusion:0.1+openset:0.15",
+}
+NOISE_SEED = 0
 CAPTIONS = "synthetic:0.2"  # SYNTHETIC captions from the true class, 20% naming a wrong class (for fused+text)
 MODES = {"paper": ["--score", "paper"], "fused": ["--score", "fused"], "fused+text": ["--score", "fused", "--image-text"]}
 
@@ -76,11 +85,11 @@ def prepare(ds: str, setting: str, work: Path) -> Path:
     graph = work / f"{ds}-graph" / "graph.h5"
     if not graph.exists():
         sinet("build-graph", "--data", ds, "--out", graph.parent)
-    folder = work / "runs" / f"{ds}-{setting}"
+    folder = work / "runs" / f"{ds}-{setting}{'' if NOISE_SEED == 0 else f'-seed{NOISE_SEED}'}"
     if (folder / "features.h5").exists():
         return folder
     folder.mkdir(parents=True, exist_ok=True)
-    t = load_demo(noise=SETTINGS[setting], rate=0.0, seed=0, name=ds, captions=CAPTIONS)
+    t = load_demo(noise=SETTINGS[setting], rate=0.0, seed=NOISE_SEED, name=ds, captions=CAPTIONS)
     own, junk = base_features(ds, work), base_features(DEMOS[ds][3], work)
     pos = {i: k for k, i in enumerate(own["ids"])}
     jpos = {i: k for k, i in enumerate(junk["ids"])}
@@ -121,7 +130,7 @@ def run(ds: str, setting: str, work: Path, cache: dict) -> dict:
         noisy = (lab != clean)[tr]
         res[mode] = {"roc_auc": sn.roc_auc(noisy, -w[tr]), "ap": sn.average_precision(noisy, -w[tr]),
                      "seconds": t_proto + t}
-    key = f"{ds}-{setting}"
+    key = f"{ds}-{setting}{'' if NOISE_SEED == 0 else f'-seed{NOISE_SEED}'}"
     if key not in cache:
         with store.open_artifact(folder / "features.h5", "features") as a:
             x, y, sp = a.read("features").astype(np.float32), a.read("labels").astype(int), a.read("splits")
@@ -138,7 +147,12 @@ def main() -> None:
     ap.add_argument("--work", type=Path, default=Path("/tmp/sinet-bench-detection-types"))
     ap.add_argument("--datasets", default="demo,demo-mnist")
     ap.add_argument("--settings", default=",".join(SETTINGS))
+    ap.add_argument("--heldout", action="store_true", help="other rates, noise seed 1 (never used for design)")
     args = ap.parse_args()
+    if args.heldout:
+        global NOISE_SEED
+        NOISE_SEED = 1
+        SETTINGS.update(HELDOUT)
     args.work.mkdir(parents=True, exist_ok=True)
     cache_path = args.work / "cleanlab.json"
     cache = json.loads(cache_path.read_text()) if cache_path.exists() else {}
@@ -153,7 +167,8 @@ def main() -> None:
         cells = " | ".join(f"{r[m]['roc_auc']:>14.4f} {r[m]['ap']:>6.3f} {r[m]['seconds']:>5.1f}"
                            for m in (*MODES, "cleanlab"))
         print(f"{k:<22}{r['noise_rate']:>6.1%} | {cells}")
-    (args.work / "detection_types.json").write_text(json.dumps(results, indent=1) + "\n")
+    name = "detection_types-heldout.json" if args.heldout else "detection_types.json"
+    (args.work / name).write_text(json.dumps(results, indent=1) + "\n")
 
 
 if __name__ == "__main__":

@@ -233,7 +233,7 @@ def plot_weights(stage, weight: np.ndarray, noisy: np.ndarray | None, threshold:
         ax.axvline(threshold, color="#333", ls="--", lw=1)
     n0 = int(np.sum(~(np.asarray(weight) > 0)))
     ax.set_title(f"weights of {len(weight)} training images ({n0} with w = 0)", fontsize=10)
-    ax.set_xlabel("weight w (eq. 6)")
+    ax.set_xlabel("weight w (scores.h5)")
     ax.set_ylabel("images")
     fig.tight_layout()
     return _fig_png(fig)

@@ -27,3 +27,14 @@ def run_sinet(*args, capsys=None) -> tuple[int, str, str]:
 @pytest.fixture
 def sinet(capsys):
     return lambda *args: run_sinet(*args, capsys=capsys)
+
+
+@pytest.fixture
+def one_torch_thread():
+    """Tiny torch ops: extra threads only contend with other processes on a shared CPU (10x slower)."""
+    import torch
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

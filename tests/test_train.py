@@ -10,13 +10,7 @@ import stages.train as stage
 from sinet_cli import store
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny ops: threads only contend with other processes on a shared CPU (10x slower)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # conftest.py
 
 
 # ------------------------------------------------------------------------------------- eq. 1 loss

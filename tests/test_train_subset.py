@@ -13,13 +13,7 @@ from sinet_cli import store
 from test_make_all import dry
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny ops: threads only contend with other processes on a shared CPU."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # conftest.py
 
 
 N_TRAIN, N_VAL, D = 120, 30, 16

@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import argparse
 import shutil
-import tempfile
 from pathlib import Path
 
 import benchlib as bl
@@ -57,9 +56,7 @@ def main() -> None:
     from sinet_cli.app import app  # noqa: F401
     from stages import make_prototypes, score_noise  # noqa: F401
 
-    work = args.work or Path(tempfile.mkdtemp(prefix="sinet-bench-cleanlab-"))
-    work.mkdir(parents=True, exist_ok=True)
-    try:
+    with bl.scratch(args.work, "sinet-bench-cleanlab-") as work:
         demo = bl.ROOT / "artifacts" / "demo"
         features = args.features or (demo / "features.h5" if (demo / "features.h5").exists() else None)
         graph = args.graph or (demo / "graph.h5" if (demo / "graph.h5").exists() else None)
@@ -99,9 +96,6 @@ def main() -> None:
                                      s["roc_auc"] > c["roc_auc"],
                                      f"AP sinet {s['average_precision']:.3f} vs cleanlab {c['average_precision']:.3f}"))
         bl.emit(figures, args.json)
-    finally:
-        if args.work is None:
-            shutil.rmtree(work, ignore_errors=True)
 
 
 if __name__ == "__main__":

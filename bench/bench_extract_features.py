@@ -23,8 +23,6 @@ Run: python bench/bench_extract_features.py [--sizes 64,112] [--images 3000,1000
 from __future__ import annotations
 
 import argparse
-import shutil
-import tempfile
 from pathlib import Path
 
 import benchlib as bl
@@ -55,12 +53,10 @@ def main() -> None:
     n_all = len(table)
     model, _ = stage.build_backbone(DEFAULT_BACKBONE, default_weights(DEFAULT_BACKBONE))
     model = model.to(args.device).eval()
-    work = args.work or Path(tempfile.mkdtemp(prefix="sinet-bench-extract-"))
-    work.mkdir(parents=True, exist_ok=True)
     figures = []
     print(f"# extract-features: the demo ({n_all:,} images), batch {BATCH}, device {args.device}, "
           f"torch threads {torch.get_num_threads()}", flush=True)
-    try:
+    with bl.scratch(args.work, "sinet-bench-extract-") as work:
         for size, count in zip(sizes, counts):
             shards = 1 if count <= 0 or count >= n_all else max(1, round(n_all / count))
             n = n_all // shards  # the command's --shard 0/K covers rows [0, n_all // K)
@@ -88,9 +84,6 @@ def main() -> None:
                                      ips_cmd / ips_bare, ">=0.85x", ips_cmd / ips_bare >= 0.85))
             del x
         bl.emit(figures, args.json)
-    finally:
-        if args.work is None:
-            shutil.rmtree(work, ignore_errors=True)
 
 
 if __name__ == "__main__":

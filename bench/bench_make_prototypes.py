@@ -26,8 +26,6 @@ Run: python bench/bench_make_prototypes.py [--quick] [--device cuda] [--repeats 
 from __future__ import annotations
 
 import argparse
-import shutil
-import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -53,9 +51,7 @@ def main() -> None:
     import faiss  # noqa: F401  (imported lazily by the command: keep imports out of the timing)
     from stages import score_noise  # noqa: F401
 
-    work = args.work or Path(tempfile.mkdtemp(prefix="sinet-bench-proto-"))
-    work.mkdir(parents=True, exist_ok=True)
-    try:
+    with bl.scratch(args.work, "sinet-bench-proto-") as work:
         n, d, c = args.n, args.d, args.c
         print(f"# make-prototypes: N={n:,} D={d:,} C={c:,}, device {args.device}, torch threads "
               f"{torch.get_num_threads()}", flush=True)
@@ -107,9 +103,6 @@ def main() -> None:
                       best["command (from disk)"] / base <= 1.3),
         ]
         bl.emit(figures, args.json)
-    finally:
-        if args.work is None:
-            shutil.rmtree(work, ignore_errors=True)
 
 
 if __name__ == "__main__":

@@ -37,7 +37,6 @@ from __future__ import annotations
 import argparse
 import shutil
 import sys
-import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -139,11 +138,9 @@ def main() -> None:
     import torch  # noqa: F401
     from stages import score_noise  # noqa: F401
 
-    work = args.work or Path(tempfile.mkdtemp(prefix="sinet-bench-score-"))
-    work.mkdir(parents=True, exist_ok=True)
     figures = []
     q = " QUICK" if args.quick else ""
-    try:
+    with bl.scratch(args.work, "sinet-bench-score-") as work:
         free = shutil.disk_usage(work).free
         need = (max(rss_n) * 256 * 2 + args.n * args.d * 2) * 1.3
         print(f"# score-noise: scratch {work}, {free / 2**30:.1f} GB free, about {need / 2**30:.1f} GB needed", flush=True)
@@ -190,9 +187,6 @@ def main() -> None:
                                          "<2048 MB", rss[n] < 2048,
                                          f"+{per_m:.0f} MB per extra 1M rows" if n == hi and hi > lo else ""))
         bl.emit(figures, args.json)
-    finally:
-        if args.work is None:
-            shutil.rmtree(work, ignore_errors=True)
 
 
 if __name__ == "__main__":

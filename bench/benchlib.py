@@ -11,11 +11,14 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
 import time
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import numpy as np
 
@@ -107,15 +110,31 @@ def best_of(fns: dict[str, Callable[[], Any]], repeats: int) -> dict[str, float]
     return best
 
 
-def sinet(*args: object) -> None:
-    """Run one sinet command in-process (what a user runs, without the interpreter start-up)."""
+def sinet(*args: object) -> float:
+    """Run one sinet command in-process (what a user runs, without the interpreter start-up);
+    returns its wall time in seconds."""
     from sinet_cli.app import main
 
+    t0 = time.perf_counter()
     try:
         main([str(a) for a in args])
     except SystemExit as e:
         if e.code not in (0, None):
             raise RuntimeError(f"sinet {' '.join(map(str, args))} exited {e.code}") from None
+    return time.perf_counter() - t0
+
+
+@contextmanager
+def scratch(work: Path | None, prefix: str) -> Iterator[Path]:
+    """The scratch folder of a bench script: ``work`` when given (kept), else a temp dir removed
+    at the end."""
+    folder = work or Path(tempfile.mkdtemp(prefix=prefix))
+    folder.mkdir(parents=True, exist_ok=True)
+    try:
+        yield folder
+    finally:
+        if work is None:
+            shutil.rmtree(folder, ignore_errors=True)
 
 
 # -- synthetic artifacts ---------------------------------------------------------------------

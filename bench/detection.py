@@ -39,25 +39,13 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from benchlib import sinet  # noqa: E402
 from sinet_cli import store  # noqa: E402
 from sinet_cli.datasets import load_demo  # noqa: E402
 from stages import score_noise as sn  # noqa: E402
 
 ALPHAS = (0.8, 1.0, 1.2, 1.4)
 BETAS = (1.0, 1.5, 2.0, 2.5)
-
-
-def sinet(*args: object) -> float:
-    """Run one sinet command in-process; returns its wall time."""
-    from sinet_cli.app import main
-
-    t0 = time.perf_counter()
-    try:
-        main([str(a) for a in args])
-    except SystemExit as e:
-        if e.code not in (0, None):
-            raise RuntimeError(f"sinet {' '.join(map(str, args))} exited {e.code}") from None
-    return time.perf_counter() - t0
 
 
 def ensure_inputs(args: argparse.Namespace, work: Path) -> tuple[Path, Path]:

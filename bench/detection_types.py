@@ -34,6 +34,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from benchlib import sinet  # noqa: E402
 from sinet_cli import store  # noqa: E402
 from sinet_cli.datasets import load_demo  # noqa: E402
 from sinet_cli.datasets.demo import DEMOS  # noqa: E402
@@ -55,18 +56,6 @@ HELDOUT = {
 NOISE_SEED = 0
 CAPTIONS = "synthetic:0.2"  # SYNTHETIC captions from the true class, 20% naming a wrong class (for fused+text)
 MODES = {"paper": ["--score", "paper"], "fused": ["--score", "fused"], "fused+text": ["--score", "fused", "--image-text"]}
-
-
-def sinet(*args: object) -> float:
-    from sinet_cli.app import main
-
-    t0 = time.perf_counter()
-    try:
-        main([str(a) for a in args])
-    except SystemExit as e:
-        if e.code not in (0, None):
-            raise RuntimeError(f"sinet {' '.join(map(str, args))} exited {e.code}") from None
-    return time.perf_counter() - t0
 
 
 def base_features(ds: str, work: Path) -> dict[str, np.ndarray]:

@@ -3,7 +3,11 @@
 Pure computation over one block of rows at a time, so the caller can stream any N with bounded
 memory: :func:`score_block` gives, per row, the distance to the nearest prototype of its labeled
 class, the weight w_i (eq. 6), and the nearest prototype of any class (a suggested relabel,
-found with a FAISS index over the prototypes). :func:`suspect_order` ranks rows worst first;
+found with a FAISS index over the prototypes). The default score goes beyond eq. 6 (README
+"Scoring beyond eq. 6"): :func:`fit_reweighted_probe` fits a reweighted out-of-fold linear probe
+and the open-set thresholds on a sample, and :func:`fused_weight` multiplies the probe's
+p(label | x), :func:`open_set_factor` and, with captions, :func:`caption_factor`.
+:func:`suspect_order` ranks rows worst first;
 :func:`roc_auc` and :func:`average_precision` score detection against a known noise mask (numpy
 only, tie-aware, equal to scikit-learn's definitions).
 """
@@ -135,8 +139,6 @@ def score_block(
 
 # -- scoring beyond eq. 6 ("fused", the default of score-noise) -------------------------------
 
-SCORE_MODES = ("fused", "paper")
-
 
 def class_similarity(features: np.ndarray, prototypes: np.ndarray, slots: np.ndarray) -> np.ndarray:
     """(B, C) cosine of each row to each class: the best over the class's prototypes."""
@@ -248,9 +250,8 @@ def fit_probe(x: np.ndarray, y: np.ndarray, rows: np.ndarray, num_classes: int, 
                 m_.mul_(0.9).add_(g_, alpha=0.1)
                 v_.mul_(0.999).addcmul_(g_, g_, value=0.001)
                 p_.addcdiv_(m_ / (1 - 0.9**step), (v_ / (1 - 0.999**step)).sqrt_().add_(1e-8), value=-rate)
-    W = W.permute(1, 0, 2)
-    Ws, bs = list(W.numpy()), list(b.numpy())
-    return Probe(W=np.stack(Ws), b=np.stack(bs), sample_rows=np.asarray(rows)[order], sample_fold=fold[order])
+    return Probe(W=np.ascontiguousarray(W.permute(1, 0, 2).numpy()), b=b.numpy(), sample_rows=np.asarray(rows)[order],
+                 sample_fold=fold[order])
 
 
 def open_set_thresholds(distance: np.ndarray, labels: np.ndarray, agree: np.ndarray, num_classes: int,
@@ -357,13 +358,13 @@ def text_share(text_embeddings: np.ndarray, label_embeddings: np.ndarray, labels
     return labeled_share(t @ e.T, labels, temperature)
 
 
-def caption_factor(text_share_: np.ndarray, floor: float = 0.5) -> np.ndarray:
+def caption_factor(share: np.ndarray, floor: float = 0.5) -> np.ndarray:
     """c_i = floor + (1 - floor) * t_i: a caption is taken as evidence with probability 1 - floor and
     as unrelated to the image otherwise (web titles often are), so a caption naming another class
     can lower a weight by at most the factor ``floor``. Rows without a caption (NaN) get 1."""
     if not 0.0 <= floor <= 1.0:
         raise ValueError(f"floor {floor}: must be in [0, 1]")
-    t = np.asarray(text_share_, dtype=np.float64)
+    t = np.asarray(share, dtype=np.float64)
     return np.where(np.isnan(t), 1.0, floor + (1.0 - floor) * np.clip(np.nan_to_num(t), 0.0, 1.0)).astype(np.float32)
 
 

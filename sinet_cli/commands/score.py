@@ -24,7 +24,8 @@ from ..errors import SinetError
 from ..progress import progress_bar
 
 PANEL_EQ6 = "Weighting (eq. 6)"
-SCORE_MODES = ("fused", "paper")  # stages.score_noise.SCORE_MODES, without importing torch for the option check
+SCORE_MODES = ("fused", "paper")  # README "Scoring beyond eq. 6"; checked before torch is imported
+THRESHOLD_SAMPLE_ROWS = 20000  # --probe-rows 0: rows sampled for the open-set thresholds
 PANEL_FUSED = "Scoring beyond eq. 6 (--score fused)"
 SUSPECT_COLUMNS = ("id", "path", "label", "suggested_class", "weight", "distance")
 
@@ -327,9 +328,8 @@ def score_noise(
                 if fused is not None and not append:
                     fit_fused(stage, fused, feats, len(classes), probe_rows, probe_folds, probe_epochs, chunk_rows,
                               protos, slots, proto_class, index, alpha, beta)
-                params_fused = fused
                 run_scoring(stage, feats, features_path, target, suspects_path, protos, proto_class, slots, index,
-                            classes, params, inputs, append, max_suspects, chunk_rows, params_fused)
+                            classes, params, inputs, append, max_suspects, chunk_rows, fused)
             finally:
                 torch.set_num_threads(threads)
                 faiss.omp_set_num_threads(faiss_threads)
@@ -467,7 +467,8 @@ def fit_fused(stage, fused: dict, feats, num_classes: int, probe_rows: int, fold
     if probe_rows > 0 and len(cand) < 2 * folds:
         raise SinetError(f"only {len(cand)} labeled train rows: too few for a {folds}-fold probe (--probe-rows 0)")
     rng = np.random.default_rng(0)
-    rows = np.sort(rng.choice(cand, min(probe_rows if probe_rows > 0 else 20000, len(cand)), replace=False))
+    rows = np.sort(rng.choice(cand, min(probe_rows if probe_rows > 0 else THRESHOLD_SAMPLE_ROWS, len(cand)),
+                              replace=False))
     x = np.empty((len(rows), feats.dims["D"]), dtype=np.float32)
     for start, block in feats.iter_rows(["features"], max(chunk, 65536)):
         n = len(block["features"])
@@ -499,7 +500,7 @@ def load_fused_state(target: Path, fused: dict, with_probe: bool) -> bool:
 
             W, b = art.read("probe_W").astype(np.float32), art.read("probe_b").astype(np.float32)
             # the stored rows are not re-scored, so no row needs its out-of-fold model: every new row
-            # gets the mean of the K models
+            # gets the models' mean W and b (probe_label_probability)
             fused["probe"] = Probe(W=W, b=b, sample_rows=np.zeros(0, dtype=np.int64),
                                    sample_fold=np.zeros(0, dtype=np.int64))
     return True

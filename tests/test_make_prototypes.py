@@ -85,6 +85,23 @@ def test_eq5_weighted_topk_hand_computed():
     assert sel.tolist() == [True, False, True, True, True, True]
 
 
+def test_eq5_sums_as_one_sparse_product_hand_computed_and_equal_to_index_add(rng):
+    torch = pytest.importorskip("torch")
+    # rows (1,2) w=2 and (3,4) w=1 in class 2, row (5,6) w=.5 in class 0, class 1 empty:
+    # class 0: .5 (5,6) = (2.5, 3); class 1: 0; class 2: 2 (1,2) + (3,4) = (5, 8); added to ones
+    sums = torch.ones(3, 2)
+    rows = torch.tensor([[1.0, 2], [5, 6], [3, 4]])
+    mp._add_weighted_class_sums(sums, torch.tensor([2, 0, 2]), torch.tensor([2.0, 0.5, 1.0]), rows)
+    assert sums.tolist() == [[3.5, 4.0], [1.0, 1.0], [6.0, 9.0]]
+    y = torch.as_tensor(rng.integers(0, 50, 3000))
+    w = torch.as_tensor(rng.random(3000).astype(np.float32))
+    g = torch.as_tensor(rng.standard_normal((3000, 64)).astype(np.float32))
+    ours = torch.zeros(60, 64)
+    mp._add_weighted_class_sums(ours, y, w, g)
+    ref = torch.zeros(60, 64).index_add_(0, y, g * w[:, None])
+    torch.testing.assert_close(ours, ref, rtol=1e-5, atol=1e-5)
+
+
 def test_eq5_constant_weighting_is_the_plain_mean():
     protos, _ = mp.prototypes_from_consistency(source_of(G5, 4), L5, P5, 3, np.array([2, 2, 2]), weighting="constant")
     np.testing.assert_allclose(protos, [[0.707107, 0, 0.707107], [0, 0.948683, 0.316228], [0.6, 0, 0.8]], atol=1e-5)
@@ -160,7 +177,7 @@ def test_probe_prototypes_recover_clean_classes(rng):
 
 
 def test_thread_count_restored_and_results_independent_of_it(rng):
-    """The stage runs its elementwise work on one torch thread and its products on all of them:
+    """The stage runs its small elementwise work on one torch thread and its products on all of them:
     the caller's thread count comes back, and the result does not depend on it."""
     torch = pytest.importorskip("torch")
     x, _, noisy, _ = blobs(rng, n_per=800, C=4, D=64)
@@ -178,6 +195,19 @@ def test_thread_count_restored_and_results_independent_of_it(rng):
     np.testing.assert_allclose(one.prototypes, two.prototypes, atol=1e-6)
     np.testing.assert_allclose(one.consistency, two.consistency, rtol=1e-5)
     assert (one.selected == two.selected).all()
+
+
+def test_small_ops_run_on_one_thread_only_with_few_threads():
+    torch = pytest.importorskip("torch")
+    before = torch.get_num_threads()
+    try:
+        for threads, inside in ((1, 1), (2, 1), (4, 4)):
+            torch.set_num_threads(threads)
+            with mp._small_ops("cpu"):
+                assert torch.get_num_threads() == inside
+            assert torch.get_num_threads() == threads
+    finally:
+        torch.set_num_threads(before)
 
 
 def test_results_do_not_depend_on_block_size(rng):

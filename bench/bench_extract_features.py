@@ -35,7 +35,9 @@ def main() -> None:
     bl.common_args(ap)
     ap.add_argument("--sizes", default="64,112")
     ap.add_argument("--images", default="3000,1000", help="images of the demo per size (0: all)")
+    ap.add_argument("--batch", type=int, default=BATCH, help="batch size of both contenders")
     args = ap.parse_args()
+    batch = args.batch
     sizes = [int(s) for s in args.sizes.split(",")]
     counts = [int(c) for c in args.images.split(",")]
     counts = (counts + counts[-1:] * len(sizes))[: len(sizes)]
@@ -54,24 +56,24 @@ def main() -> None:
     model, _ = stage.build_backbone(DEFAULT_BACKBONE, default_weights(DEFAULT_BACKBONE))
     model = model.to(args.device).eval()
     figures = []
-    print(f"# extract-features: the demo ({n_all:,} images), batch {BATCH}, device {args.device}, "
+    print(f"# extract-features: the demo ({n_all:,} images), batch {batch}, device {args.device}, "
           f"torch threads {torch.get_num_threads()}", flush=True)
     with bl.scratch(args.work, "sinet-bench-extract-") as work:
         for size, count in zip(sizes, counts):
             shards = 1 if count <= 0 or count >= n_all else max(1, round(n_all / count))
             n = n_all // shards  # the command's --shard 0/K covers rows [0, n_all // K)
             pre = stage.Preprocess.for_model(model, size)
-            x = torch.cat([pre(torch.from_numpy(table.pixels[i : min(i + BATCH, n)])) for i in range(0, n, BATCH)])
+            x = torch.cat([pre(torch.from_numpy(table.pixels[i : min(i + batch, n)])) for i in range(0, n, batch)])
 
             @torch.inference_mode()
             def bare() -> None:
-                for i in range(0, n, BATCH):
-                    xb = x[i : i + BATCH].to(args.device)
+                for i in range(0, n, batch):
+                    xb = x[i : i + batch].to(args.device)
                     model.forward_head(model.forward_features(xb), pre_logits=True)
                 bl.sync(args.device)
 
             out = work / f"size{size}"
-            cmd = ["extract-features", "--data", "demo", "--image-size", size, "--batch-size", BATCH, "--out", out,
+            cmd = ["extract-features", "--data", "demo", "--image-size", size, "--batch-size", batch, "--out", out,
                    "--device", args.device, "--force"]
             if shards > 1:
                 cmd += ["--shard", f"0/{shards}"]

@@ -16,11 +16,12 @@ prototypes.faiss). Interleaved, fastest of ``--repeats``:
 
 Target: within 1.5x of the read. A second figure (no target) puts the command against reading
 plus eq. 6 itself (``stages.score_noise.score_block`` on the same blocks, as the command calls
-it: torch on one thread, FAISS on its own threads): the ratio is what the command adds around the
+it: torch on one thread on 2 cores; the own-class distance and the nearest prototype come from
+one product of each row with every prototype): the ratio is what the command adds around the
 scoring (writing scores.h5 and its fingerprint, the metrics, suspects.tsv).
-``--with-1000-classes`` adds the same at C=1,000, where the
-nearest-prototype search (an N x D by D x C product inside FAISS) is the work: its figure is
-against reading plus a FAISS search of the same rows.
+``--with-1000-classes`` adds the same at C=1,000, where the nearest-prototype product
+(N x D by D x C) is the work: its figure is against reading plus a FAISS flat search of the
+same rows (the same product inside FAISS).
 
 Memory: ``python -m sinet_cli score-noise`` as a child process on N=1,000,000 and N=5,000,000
 rows of D=256 (2.5 GB on disk at 5M; the free space of the scratch folder is checked first); peak
@@ -84,7 +85,7 @@ def speed(folder: Path, repeats: int, with_search: bool) -> dict[str, float]:
         index = store.read_faiss_index(folder / "prototypes.faiss")
         slots = stage.class_slots(proto_class, num_classes)
         threads = torch.get_num_threads()
-        torch.set_num_threads(1)  # as the command runs it
+        torch.set_num_threads(1 if threads <= 2 else threads)  # as the command runs it
         try:
             with store.open_artifact(folder / "features.h5", "features") as a:
                 for _, rows in a.iter_rows(READ, CHUNK):
@@ -164,7 +165,7 @@ def main() -> None:
                                      f"probe fit + per-block probe: ~{max(cd - best['command'], 0):.2f} s over eq. 6"))
             rs = best["read + eq. 6 scoring"]
             figures.append(bl.figure(f"score-noise command ({size}) vs read + scoring", best["command"], "s",
-                                     "HDF5 read + score_block (eq. 6, FAISS)", rs, best["command"] / rs, "-", None,
+                                     "HDF5 read + score_block (eq. 6, nearest)", rs, best["command"] / rs, "-", None,
                                      f"scoring alone ~{max(rs - best['read'], 0):.2f} s"))
             if with_search:
                 figures.append(bl.figure(f"score-noise command ({size}) vs read only", best["command"], "s",

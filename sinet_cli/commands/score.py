@@ -321,9 +321,14 @@ def score_noise(
             import torch
 
             threads = torch.get_num_threads()
-            torch.set_num_threads(1)  # only O(B x D) products per block here, and FAISS's search is one per
-            faiss_threads = faiss.omp_get_max_threads()  # block: short parallel regions stall on busy cores
-            faiss.omp_set_num_threads(1)  # (measured: read + scoring 1M rows 3.6 s -> 2.8-3.4 s, no 13 s spikes)
+            faiss_threads = faiss.omp_get_max_threads()
+            # Per block only short products and elementwise ops: with at most 2 threads their
+            # parallel regions stall on busy cores, so they run on one (measured on 2 shared cores:
+            # read + scoring 1M rows 3.6 s -> 2.8-3.4 s, no 13 s spikes). With more threads they keep
+            # them all, as make-prototypes does (there, 16 idle cores ran its stage 2x faster so).
+            serial = threads <= 2
+            torch.set_num_threads(1 if serial else threads)
+            faiss.omp_set_num_threads(1 if serial else faiss_threads)
             try:
                 if fused is not None and not append:
                     fit_fused(stage, fused, feats, len(classes), probe_rows, probe_folds, probe_epochs, chunk_rows,

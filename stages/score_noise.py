@@ -117,22 +117,26 @@ def score_block(
     valid = (labels >= 0) & (labels < C)
     lab = torch.as_tensor(np.where(valid, labels, 0))
     V = torch.as_tensor(prototypes)
-    VT = V.t()
     vv = (V * V).sum(1)
     S = torch.as_tensor(slots)
     metric = _flat_metric(index)  # exact flat index: its search is the same product, done here
     B, P = len(g), len(V)
+    # few prototypes: zero columns up to a multiple of 16 (BLAS works in column panels: on one
+    # thread 4,096 x 512 by 512 x 14 took 3.4 ms, by 512 x 16 2.1 ms); they are sliced off below
+    width = P if P >= 64 else -(-P // 16) * 16
+    VT = torch.zeros((V.shape[1], width))
+    VT[:, :P] = V.t()
     gg = torch.empty(B)
     d2 = torch.empty(B)
     nd2 = torch.empty(B)
     idx = torch.empty(B, dtype=torch.int64)
-    rows = max(256, min(SUB_ROWS, PRODUCT_ELEMS // max(P, 1)))  # the n x P product stays under 64 MB
-    prod_buf = torch.empty((min(rows, B), P))
+    rows = max(256, min(SUB_ROWS, PRODUCT_ELEMS // max(width, 1)))  # the n x P product stays under 64 MB
+    prod_buf = torch.empty((min(rows, B), width))
     for i in range(0, B, rows):  # sub-blocks: temporaries stay small (no page faults)
         gs, ls = g[i : i + rows], lab[i : i + rows]
         n = len(gs)
         gg[i : i + n] = torch.linalg.vector_norm(gs, dim=1).square_()
-        prod = torch.mm(gs, VT, out=prod_buf[:n])  # g . v for every prototype: one product
+        prod = torch.mm(gs, VT, out=prod_buf[:n])[:, :P]  # g . v for every prototype: one product
         # own class: ||v - g||^2 = |g|^2 + |v|^2 - 2 g.v, minimized over the class's m prototypes
         own = S.index_select(0, ls)  # (n, m) prototype rows of each row's class
         d2[i : i + n] = (vv[own] - 2.0 * prod.gather(1, own)).amin(1).add_(gg[i : i + n])

@@ -339,8 +339,12 @@ def probe_label_probability(probe: Probe, features: np.ndarray, labels: np.ndarr
 
     def label_probability(x: torch.Tensor, scale: torch.Tensor, y: torch.Tensor, W: np.ndarray,
                           b: np.ndarray) -> torch.Tensor:
-        # (x / |x|) W + b, with the normalization applied to the B x C logits instead of the B x D rows
-        z = torch.addcmul(torch.as_tensor(b), x @ torch.as_tensor(np.ascontiguousarray(W)), scale[:, None])
+        # (x / |x|) W + b, with the normalization applied to the B x C logits instead of the B x D rows;
+        # few classes: W padded with zero columns to a multiple of 16, sliced off (see score_block)
+        width = C if C >= 64 else -(-C // 16) * 16
+        Wp = torch.zeros((W.shape[0], width))
+        Wp[:, :C] = torch.as_tensor(W)
+        z = torch.addcmul(torch.as_tensor(b), (x @ Wp)[:, :C], scale[:, None])
         return torch.exp(z.gather(1, y[:, None])[:, 0] - torch.logsumexp(z, 1))
 
     out = label_probability(g, inv_norm, lab, probe.W.mean(0), probe.b.mean(0)).numpy()

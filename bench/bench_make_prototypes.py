@@ -40,9 +40,7 @@ import benchlib as bl
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     bl.common_args(ap)
-    ap.add_argument("--n", type=int, default=200_000)
-    ap.add_argument("--d", type=int, default=1280)
-    ap.add_argument("--c", type=int, default=1000)
+    bl.prototype_size_args(ap)
     args = ap.parse_args()
     if args.quick:
         args.n = min(args.n, 20_000)
@@ -50,7 +48,6 @@ def main() -> None:
     import torch
 
     from stages import make_prototypes as stage
-    from sinet_cli import store
     from sinet_cli.app import app  # noqa: F401  (imports every command before timing)
     import faiss  # noqa: F401  (imported lazily by the command: keep imports out of the timing)
     from stages import score_noise  # noqa: F401
@@ -59,17 +56,7 @@ def main() -> None:
         n, d, c = args.n, args.d, args.c
         print(f"# make-prototypes: N={n:,} D={d:,} C={c:,}, device {args.device}, torch threads "
               f"{torch.get_num_threads()}", flush=True)
-        centers = bl.synthetic_centers(c, d)
-        _, t = bl.timed(lambda: bl.write_features(work / "features.h5", n, d, c, centers=centers))
-        bl.write_graph(work / "graph.h5", c, centers)
-        print(f"  setup: features.h5 written chunk by chunk in {t:.1f} s "
-              f"({(work / 'features.h5').stat().st_size / 2**20:,.0f} MB)", flush=True)
-
-        with store.open_artifact(work / "features.h5", "features") as a:
-            x16 = a.read("features")
-            labels = a.read("labels").astype(np.int64)
-        with store.open_artifact(work / "graph.h5", "graph") as g:
-            S_t = g.read("S_t")
+        x16, labels, S_t = bl.prototype_inputs(work, n, d, c)
         dev = args.device
         block = 16384
         x32 = torch.from_numpy(x16.astype(np.float32)).to(dev)

@@ -192,6 +192,28 @@ def write_graph(path: Path, c: int, centers: np.ndarray) -> None:
                                          "S_t": S}, {"bench": "synthetic"}, {})
 
 
+def prototype_size_args(ap) -> None:
+    """--n/--d/--c of the make-prototypes benchmarks (the issue's N=200k, D=1,280, C=1,000)."""
+    ap.add_argument("--n", type=int, default=200_000)
+    ap.add_argument("--d", type=int, default=1280)
+    ap.add_argument("--c", type=int, default=1000)
+
+
+def prototype_inputs(work: Path, n: int, d: int, c: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """features.h5 (float16, written chunk by chunk) and graph.h5 in ``work`` for make-prototypes,
+    and what the stage reads of them: the float16 rows, the labels, S_t."""
+    centers = synthetic_centers(c, d)
+    _, t = timed(lambda: write_features(work / "features.h5", n, d, c, centers=centers))
+    write_graph(work / "graph.h5", c, centers)
+    print(f"  setup: features.h5 written chunk by chunk in {t:.1f} s "
+          f"({(work / 'features.h5').stat().st_size / 2**20:,.0f} MB)", flush=True)
+    with store.open_artifact(work / "features.h5", "features") as a:
+        x16, labels = a.read("features"), a.read("labels").astype(np.int64)
+    with store.open_artifact(work / "graph.h5", "graph") as g:
+        S_t = g.read("S_t")
+    return x16, labels, S_t
+
+
 def write_prototypes(folder: Path, centers: np.ndarray) -> Path:
     """prototypes.h5 + prototypes.faiss with one prototype per class (the class centers), as
     make-prototypes would write them (its per-row consistency columns left empty)."""

@@ -24,27 +24,17 @@ import benchlib as bl
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     bl.common_args(ap)
-    ap.add_argument("--n", type=int, default=200_000)
-    ap.add_argument("--d", type=int, default=1280)
-    ap.add_argument("--c", type=int, default=1000)
+    bl.prototype_size_args(ap)
     ap.add_argument("--all-threads", action="store_true")
     args = ap.parse_args()
     bl.check_device(args.device)
     import torch
 
-    from sinet_cli import store
     from stages import make_prototypes as mp
 
     n, d, c, dev = args.n, args.d, args.c, args.device
     with bl.scratch(args.work, "sinet-profile-proto-") as work:
-        centers = bl.synthetic_centers(c, d)
-        bl.write_features(work / "features.h5", n, d, c, centers=centers)
-        bl.write_graph(work / "graph.h5", c, centers)
-        with store.open_artifact(work / "features.h5", "features") as a:
-            x16 = a.read("features")
-            labels = a.read("labels").astype(np.int64)
-        with store.open_artifact(work / "graph.h5", "graph") as g:
-            S_t = g.read("S_t")
+        x16, labels, S_t = bl.prototype_inputs(work, n, d, c)
     block = 16384
 
     def source():

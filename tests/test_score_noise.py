@@ -66,6 +66,28 @@ def test_eq6_l2_index_and_unknown_labels():
     assert np.isnan(s.distance[5]) and s.weight[5] == 0
 
 
+def test_eq6_any_other_faiss_index_is_searched_and_agrees_with_the_flat_product(rng):
+    # score_block computes the nearest prototype itself for an exact flat index; any other index
+    # (here the flat one wrapped in an id map) goes through FAISS's search: both must agree
+    v = rng.standard_normal((40, 16)).astype(np.float32)
+    v /= np.linalg.norm(v, axis=1, keepdims=True)
+    g = rng.standard_normal((300, 16)).astype(np.float32)
+    g /= np.linalg.norm(g, axis=1, keepdims=True)
+    pc = np.arange(40) % 20
+    labels = rng.integers(0, 20, 300)
+    wrapped = faiss.IndexIDMap(faiss.IndexFlatIP(16))
+    wrapped.add_with_ids(v, np.arange(40, dtype=np.int64))
+    assert sn._flat_metric(flat_index(v)) == "ip" and sn._flat_metric(wrapped) is None
+    a = sn.score_block(g, labels, v, sn.class_slots(pc, 20), pc, flat_index(v))
+    b = sn.score_block(g, labels, v, sn.class_slots(pc, 20), pc, wrapped)
+    assert (a.nearest_class == b.nearest_class).all()
+    np.testing.assert_allclose(a.nearest_distance, b.nearest_distance, atol=1e-5)
+    np.testing.assert_allclose(a.distance, b.distance, atol=1e-6)
+    # and the own-class distance is the brute-force minimum over the class's prototypes
+    brute = [min(np.linalg.norm(g[i] - v[j]) for j in np.flatnonzero(pc == labels[i])) for i in range(300)]
+    np.testing.assert_allclose(a.distance, brute, atol=1e-5)
+
+
 def test_noise_weight_clips_at_alpha():
     w = sn.noise_weight(np.array([0.0, 0.2, 1.2, 2.0, np.nan]), alpha=1.2, beta=1.5)
     np.testing.assert_allclose(w, [1.2**1.5, 1.0, 0.0, 0.0, 0.0], atol=1e-6)

@@ -486,7 +486,7 @@ class TopSuspects:
 
 def _threshold_counts(y_true: np.ndarray, score: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Cumulative true / false positives at each distinct score threshold, highest first."""
-    order = np.argsort(-score, kind="mergesort")
+    order = np.argsort(-score)  # unstable is enough: only each tie group's last position is read
     s, y = score[order], y_true[order]
     last = np.r_[np.flatnonzero(np.diff(s)), len(s) - 1]  # last position of each tie group
     tps = np.cumsum(y)[last]

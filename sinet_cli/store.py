@@ -431,11 +431,37 @@ class Artifact:
             return value.decode("utf-8") if isinstance(value, bytes) else str(value)
         return value
 
-    def iter_rows(self, names: list[str], chunk_rows: int) -> Iterator[tuple[int, dict[str, np.ndarray]]]:
-        """Stream row blocks of several N-length datasets together: bounded memory for any N."""
+    def iter_rows(self, names: list[str], chunk_rows: int,
+                  prefetch: bool = False) -> Iterator[tuple[int, dict[str, np.ndarray]]]:
+        """Stream row blocks of several N-length datasets together: bounded memory for any N.
+
+        With ``prefetch``, a background thread reads the next block while the caller works on the
+        current one (h5py releases the GIL while HDF5 reads, and so do torch's and numpy's large
+        ops): one extra block in memory, read errors raised where that block is taken.
+        """
         n = self.dataset(names[0]).shape[0]
-        for start in range(0, n, chunk_rows):
-            yield start, {name: self.read(name, slice(start, min(n, start + chunk_rows))) for name in names}
+
+        def block(start: int) -> dict[str, np.ndarray]:
+            return {name: self.read(name, slice(start, min(n, start + chunk_rows))) for name in names}
+
+        starts = iter(range(0, n, chunk_rows))
+        if not prefetch:
+            for start in starts:
+                yield start, block(start)
+            return
+        from concurrent.futures import ThreadPoolExecutor
+
+        start = next(starts, None)
+        if start is None:
+            return
+        # closing the generator early waits for the one pending read before the caller closes the file
+        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="sinet-read") as pool:
+            pending = pool.submit(block, start)
+            while pending is not None:
+                current, rows = start, pending.result()
+                start = next(starts, None)
+                pending = pool.submit(block, start) if start is not None else None
+                yield current, rows
 
 
 def open_artifact(path: Path | str, kind: str) -> Artifact:
@@ -761,6 +787,46 @@ class ArtifactWriter:
         finally:
             if not keep_partial:
                 self.partial.unlink(missing_ok=True)
+
+
+class BackgroundAppender:
+    """Appends row blocks to an :class:`ArtifactWriter` on a background thread, so the caller
+    computes the next block while the last one is hashed and written (h5py and blake2 release the
+    GIL while they work). At most one block is pending: :meth:`append` first waits for the one
+    before, and raises its error there; leaving the ``with`` block waits for the last one.
+
+    The caller must not change a block's arrays after handing them over, and must not use the
+    writer itself until the ``with`` block is left.
+    """
+
+    def __init__(self, writer: ArtifactWriter) -> None:
+        from concurrent.futures import Future, ThreadPoolExecutor
+
+        self.writer = writer
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sinet-write")
+        self._pending: Future | None = None
+
+    def append(self, rows: Mapping[str, Any]) -> None:
+        self.wait()
+        self._pending = self._pool.submit(self.writer.append_rows, dict(rows))
+
+    def wait(self) -> None:
+        pending, self._pending = self._pending, None
+        if pending is not None:
+            pending.result()
+
+    def __enter__(self) -> "BackgroundAppender":
+        return self
+
+    def __exit__(self, exc_type: Any, *exc: Any) -> None:
+        try:
+            if exc_type is None:
+                self.wait()
+            elif self._pending is not None:  # the caller's error wins; the block's own is dropped
+                self._pending.exception()
+                self._pending = None
+        finally:
+            self._pool.shutdown(wait=True)
 
 
 def write_artifact(

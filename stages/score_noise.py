@@ -55,8 +55,16 @@ def class_slots(prototype_class: np.ndarray, num_classes: int) -> np.ndarray:
     return order[first[:, None] + j]
 
 
-SUB_ROWS = 4096
+SUB_BYTES = 4 << 20  # a float32 sub-block stays in cache from its conversion through its norm and product
 PRODUCT_ELEMS = 1 << 24  # the per-sub-block rows x prototypes product stays under 64 MB of float32
+
+
+def _sub_rows(dim: int, width: int) -> int:
+    """Rows per sub-block: its float32 copy is at most SUB_BYTES (converted, normed and multiplied
+    while in cache: on one thread a 16,384 x 512 float16 block took 40 ms converted whole and then
+    multiplied, 7-8 ms in 2,048-row pieces), and its product with ``width`` columns at most
+    PRODUCT_ELEMS."""
+    return max(256, min(SUB_BYTES // (4 * max(dim, 1)), PRODUCT_ELEMS // max(width, 1)))
 
 
 def _flat_metric(index: Any) -> str | None:
@@ -81,17 +89,21 @@ def _padded_columns(m: torch.Tensor) -> torch.Tensor:
 
 
 class _Buffer:
-    """A reusable float32 buffer: float16 blocks are converted into it without a fresh allocation."""
+    """A reusable float32 buffer: float16 sub-blocks are converted into it without a fresh
+    allocation (a fresh 32 MB conversion page-faults: 25 ms against 5 ms per 16,384 x 512 block)."""
 
     def __init__(self) -> None:
         self.buf: torch.Tensor | None = None
 
     def __call__(self, block: np.ndarray) -> torch.Tensor:
+        block = np.ascontiguousarray(block)
+        if block.dtype == np.float32:
+            return torch.from_numpy(block)  # already float32: no copy
         b, d = block.shape
         if self.buf is None or self.buf.shape[0] < b or self.buf.shape[1] != d:
             self.buf = torch.empty((b, d), dtype=torch.float32)
         out = self.buf[:b]
-        out.copy_(torch.from_numpy(np.ascontiguousarray(block)))
+        out.copy_(torch.from_numpy(block))
         return out
 
 
@@ -121,7 +133,7 @@ def score_block(
             the own-class distance anyway, gives the same nearest prototype.
         alpha, beta: shift and contrast of eq. 6.
     """
-    g = _BUFFER(features)  # float32 view of a reused buffer
+    features = np.asarray(features)
     labels = np.asarray(labels, dtype=np.int64)
     C = slots.shape[0]
     valid = (labels >= 0) & (labels < C)
@@ -130,17 +142,21 @@ def score_block(
     vv = (V * V).sum(1)
     S = torch.as_tensor(slots)
     metric = _flat_metric(index)  # exact flat index: its search is the same product, done here
-    B, P = len(g), len(V)
+    B, P = len(features), len(V)
     VT = _padded_columns(V.t())  # few prototypes: zero columns, sliced off after the product
     width = VT.shape[1]
     gg = torch.empty(B)
     d2 = torch.empty(B)
     nd2 = torch.empty(B)
     idx = torch.empty(B, dtype=torch.int64)
-    rows = max(256, min(SUB_ROWS, PRODUCT_ELEMS // max(width, 1)))  # the n x P product stays under 64 MB
+    rows = _sub_rows(features.shape[1] if features.ndim == 2 else 1, width)
     prod_buf = torch.empty((min(rows, B), width))
-    for i in range(0, B, rows):  # sub-blocks: temporaries stay small (no page faults)
-        gs, ls = g[i : i + rows], lab[i : i + rows]
+    if metric is None:
+        import faiss
+
+        inner = index.metric_type == faiss.METRIC_INNER_PRODUCT
+    for i in range(0, B, rows):  # sub-blocks: converted, normed and multiplied while in cache
+        gs, ls = _BUFFER(features[i : i + rows]), lab[i : i + rows]
         n = len(gs)
         gg[i : i + n] = torch.linalg.vector_norm(gs, dim=1).square_()
         prod = torch.mm(gs, VT, out=prod_buf[:n])[:, :P]  # g . v for every prototype: one product
@@ -153,17 +169,14 @@ def score_block(
         elif metric == "l2":
             key, idx[i : i + n] = (vv - 2.0 * prod).min(1)
             nd2[i : i + n] = key.add_(gg[i : i + n])
+        else:  # any other FAISS index (IVF, HNSW, ...): its own search
+            score_np, idx_np = index.search(np.ascontiguousarray(gs.numpy()), 1)
+            idx[i : i + n] = torch.as_tensor(idx_np[:, 0])
+            found = torch.as_tensor(score_np[:, 0])
+            # METRIC_L2 returns squared distances
+            nd2[i : i + n] = gg[i : i + n] + vv[idx[i : i + n]] - 2.0 * found if inner else found
     dist = d2.clamp_min_(0.0).sqrt_().numpy()
     dist = np.where(valid, dist, np.nan).astype(np.float32)
-    if metric is None:  # any other FAISS index (IVF, HNSW, ...): its own search
-        import faiss
-
-        score_np, idx_np = index.search(g.numpy(), 1)
-        idx = torch.as_tensor(idx_np[:, 0])
-        if index.metric_type == faiss.METRIC_INNER_PRODUCT:
-            nd2 = gg + vv[idx] - 2.0 * torch.as_tensor(score_np[:, 0])
-        else:  # METRIC_L2 returns squared distances
-            nd2 = torch.as_tensor(score_np[:, 0])
     idx = idx.numpy()
     nd2 = nd2.numpy()
     return BlockScores(
@@ -335,22 +348,26 @@ def probe_label_probability(probe: Probe, features: np.ndarray, labels: np.ndarr
     any other row by the K models' average (W = mean_k W_k, b = mean_k b_k: one product per row
     instead of K; for linear models this is the softmax of the mean logits). Labels outside
     [0, C) get 0."""
-    # float32 in the reused buffer (score_block's): a fresh 16,384 x 512 conversion page-faults its
-    # 32 MB every block (22 ms vs 5 ms; 1M rows: 1.4 s -> 0.3 s)
-    g = _BUFFER(np.asarray(features))
-    inv_norm = 1.0 / torch.linalg.vector_norm(g, dim=1).clamp_min(1e-12)
+    features = np.asarray(features)
     K, _, C = probe.W.shape
     labels = np.asarray(labels, dtype=np.int64)
     valid = (labels >= 0) & (labels < C)
     lab = torch.as_tensor(np.where(valid, labels, 0))
 
-    def label_probability(x: torch.Tensor, scale: torch.Tensor, y: torch.Tensor, W: np.ndarray,
-                          b: np.ndarray) -> torch.Tensor:
+    def label_probability(block: np.ndarray, y: torch.Tensor, WT: torch.Tensor, b: np.ndarray) -> torch.Tensor:
+        # float32 in score_block's reused buffer, in cache-sized pieces
+        x = _BUFFER(block)
+        scale = 1.0 / torch.linalg.vector_norm(x, dim=1).clamp_min(1e-12)
         # (x / |x|) W + b, with the normalization applied to the B x C logits instead of the B x D rows
-        z = torch.addcmul(torch.as_tensor(b), (x @ _padded_columns(torch.as_tensor(W)))[:, :C], scale[:, None])
+        z = torch.addcmul(torch.as_tensor(b), (x @ WT)[:, :C], scale[:, None])
         return torch.exp(z.gather(1, y[:, None])[:, 0] - torch.logsumexp(z, 1))
 
-    out = label_probability(g, inv_norm, lab, probe.W.mean(0), probe.b.mean(0)).numpy()
+    mean_WT = _padded_columns(torch.as_tensor(probe.W.mean(0)))
+    mean_b = probe.b.mean(0)
+    out = np.empty(len(labels), dtype=np.float32)
+    step = _sub_rows(features.shape[1], mean_WT.shape[1])
+    for i in range(0, len(labels), step):
+        out[i : i + step] = label_probability(features[i : i + step], lab[i : i + step], mean_WT, mean_b).numpy()
     rows = np.asarray(rows)
     pos = np.minimum(np.searchsorted(probe.sample_rows, rows), max(len(probe.sample_rows) - 1, 0))
     insample = (probe.sample_rows[pos] == rows) if len(probe.sample_rows) else np.zeros(len(rows), bool)
@@ -358,8 +375,9 @@ def probe_label_probability(probe: Probe, features: np.ndarray, labels: np.ndarr
         where = np.flatnonzero(insample)
         fold = probe.sample_fold[pos[where]]
         for k in np.unique(fold):
-            sel = torch.as_tensor(where[fold == k])
-            out[sel.numpy()] = label_probability(g[sel], inv_norm[sel], lab[sel], probe.W[k], probe.b[k]).numpy()
+            sel = where[fold == k]
+            out[sel] = label_probability(features[sel], lab[torch.as_tensor(sel)],
+                                         _padded_columns(torch.as_tensor(probe.W[k])), probe.b[k]).numpy()
     return np.where(valid, out, 0.0).astype(np.float32)
 
 

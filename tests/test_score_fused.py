@@ -55,6 +55,34 @@ def test_probe_is_out_of_fold_for_sample_rows():
     assert np.isclose(q[0], ref, rtol=1e-4)
 
 
+def test_probe_probability_of_float16_rows_across_sub_blocks():
+    # D=1024: 1,024-row pieces; 2,100 rows of float16, 30 of them in the sample (by their fold's model)
+    rng = np.random.default_rng(1)
+    C, d, n = 4, 1024, 2100
+    W = rng.standard_normal((3, d, C)).astype(np.float32)
+    b = rng.standard_normal((3, C)).astype(np.float32)
+    sample = np.sort(rng.choice(n, 30, replace=False))
+    probe = sn.Probe(W=W, b=b, sample_rows=sample, sample_fold=np.arange(30) % 3)
+    x16 = rng.standard_normal((n, d)).astype(np.float16)
+    y = rng.integers(0, C, n)
+    y[5] = C  # outside [0, C): 0
+    p = sn.probe_label_probability(probe, x16, y, np.arange(n))
+    g = x16.astype(np.float64)
+    g /= np.linalg.norm(g, axis=1, keepdims=True)
+
+    def softmax(z):
+        z = z - z.max(1, keepdims=True)
+        return np.exp(z) / np.exp(z).sum(1, keepdims=True)
+
+    ref = softmax(g @ W.mean(0) + b.mean(0))
+    fold = np.full(n, -1)
+    fold[sample] = probe.sample_fold
+    for k in range(3):
+        ref[fold == k] = softmax(g[fold == k] @ W[k] + b[k])
+    want = np.where(y < C, ref[np.arange(n), np.minimum(y, C - 1)], 0.0)
+    np.testing.assert_allclose(p, want, rtol=1e-4, atol=1e-6)
+
+
 def test_text_share_by_hand():
     t = np.array([[1.0, 0.0]])
     e = np.array([[1.0, 0.0], [0.0, 2.0]])

@@ -88,6 +88,28 @@ def test_eq6_any_other_faiss_index_is_searched_and_agrees_with_the_flat_product(
     np.testing.assert_allclose(a.distance, brute, atol=1e-5)
 
 
+def test_score_block_across_sub_blocks_of_float16_rows_matches_brute_force(rng):
+    # D=1024: 1,024-row float32 sub-blocks, so 2,500 rows are three pieces (the last partial)
+    d, n = 1024, 2500
+    assert sn._sub_rows(d, 16) == 1024
+    v = rng.standard_normal((10, d)).astype(np.float32)
+    v /= np.linalg.norm(v, axis=1, keepdims=True)
+    g16 = (rng.standard_normal((n, d)) / np.sqrt(d)).astype(np.float16)
+    pc = np.arange(10) % 5
+    labels = rng.integers(-1, 6, n)  # -1 and 5 are outside [0, 5)
+    g = g16.astype(np.float64)
+    dists = np.linalg.norm(g[:, None, :] - v[None].astype(np.float64), axis=2)  # (n, 10)
+    own = np.array([dists[i, pc == labels[i]].min() if 0 <= labels[i] < 5 else np.nan for i in range(n)])
+    wrapped = faiss.IndexIDMap(faiss.IndexFlatIP(d))
+    wrapped.add_with_ids(v, np.arange(10, dtype=np.int64))
+    for index in (flat_index(v), wrapped):
+        s = sn.score_block(g16, labels, v, sn.class_slots(pc, 5), pc, index)
+        np.testing.assert_allclose(s.distance, own, atol=1e-5)
+        np.testing.assert_array_equal(s.nearest_class, pc[dists.argmin(1)])
+        np.testing.assert_allclose(s.nearest_distance, dists.min(1), atol=1e-5)
+    np.testing.assert_array_equal(s.weight, sn.noise_weight(s.distance))
+
+
 def test_noise_weight_clips_at_alpha():
     w = sn.noise_weight(np.array([0.0, 0.2, 1.2, 2.0, np.nan]), alpha=1.2, beta=1.5)
     np.testing.assert_allclose(w, [1.2**1.5, 1.0, 0.0, 0.0, 0.0], atol=1e-6)

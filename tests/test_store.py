@@ -295,3 +295,48 @@ def test_string_fingerprint_keeps_value_boundaries(tmp_path):
     assert fp(["ab", "c"], "a.h5") != fp(["a", "bc"], "b.h5")
     assert fp(["", "abc"], "c.h5") != fp(["abc", ""], "d.h5")
     assert fp(["ab", "c"], "e.h5") == fp(np.array([b"ab", b"c"]), "f.h5")
+
+
+def test_prefetched_rows_equal_plain_reads_and_close_early(tmp_path):
+    path = tmp_path / "f.h5"
+    store.write_artifact(path, "features", _features(n=23), {}, {})
+    with store.open_artifact(path, "features") as a:
+        plain = list(a.iter_rows(["ids", "labels", "features"], 5))
+        ahead = list(a.iter_rows(["ids", "labels", "features"], 5, prefetch=True))
+        assert [s for s, _ in ahead] == [0, 5, 10, 15, 20]
+        for (_, p), (_, q) in zip(plain, ahead):
+            assert p.keys() == q.keys() and all(np.array_equal(p[k], q[k]) for k in p)
+        rows = a.iter_rows(["ids"], 5, prefetch=True)
+        assert next(rows)[0] == 0
+        rows.close()  # waits for the block read ahead; the file is still usable after
+        assert a.read("ids")[22] == "img22"
+        with pytest.raises(ArtifactError, match="missing dataset 'nope'"):
+            list(a.iter_rows(["ids", "nope"], 5, prefetch=True))
+
+
+def test_background_appender_writes_what_append_rows_writes(tmp_path):
+    fps = []
+    for i, background in enumerate((False, True)):
+        w = store.ArtifactWriter(tmp_path / f"f{i}.h5", "features", {"p": 1}, {"i": "x"})
+        if background:
+            with store.BackgroundAppender(w) as appender:
+                appender.append(_rows(0, 5))
+                appender.append(_rows(5, 7))
+        else:
+            w.append_rows(_rows(0, 5))
+            w.append_rows(_rows(5, 7))
+        w.write("classes", ["c0", "c1", "c2"])
+        fps.append(w.commit())
+    assert fps[0] == fps[1] == _reference_fingerprint(tmp_path / "f1.h5")[0]
+    # a block's error is raised by the next append (or on leaving), not lost
+    w = store.ArtifactWriter(tmp_path / "bad.h5", "features", {}, {})
+    bad = {**_rows(0, 5), "labels": np.zeros(4, dtype=np.int64)}
+    with pytest.raises(ArtifactError, match="unequal row counts"):
+        with store.BackgroundAppender(w) as appender:
+            appender.append(bad)
+    with pytest.raises(ArtifactError, match="unequal row counts"):
+        with store.BackgroundAppender(w) as appender:
+            appender.append(bad)
+            appender.append(_rows(0, 5))
+    w.abort()
+    assert not (tmp_path / "bad.h5").exists()

@@ -399,11 +399,12 @@ def run_scoring(stage, feats, features_path, target, suspects_path, protos, prot
                     writer.write("probe_W", fused["probe"].W)
                     writer.write("probe_b", fused["probe"].b)
         pos = n_old
-        with progress_bar("score-noise", total) as advance:
+        # reads run one block ahead and writes one block behind, each on its own thread
+        with progress_bar("score-noise", total) as advance, store.BackgroundAppender(writer) as appender:
             read = ["ids", "labels", "features"] + [k for k in optional if k in feats]
             if fused is not None and "encoder" in fused:
                 read.append("side_text")
-            for start, rows in feats.iter_rows(read, chunk_rows):
+            for start, rows in feats.iter_rows(read, chunk_rows, prefetch=True):
                 b = len(rows["ids"])
                 if new_mask is not None:
                     keep = new_mask[start : start + b]
@@ -426,7 +427,7 @@ def run_scoring(stage, feats, features_path, target, suspects_path, protos, prot
                                                        out["open_set"], caption)
                 for k in optional:
                     out[k] = rows[k] if k in rows else np.full(len(labels), fill[k])
-                writer.append_rows(out)
+                appender.append(out)
                 collect(collected, out)
                 if top is not None:
                     feed(top, pos, out)

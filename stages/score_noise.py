@@ -28,6 +28,7 @@ class BlockScores:
     weight: np.ndarray  # (B,) eq. 6
     nearest_class: np.ndarray  # (B,) class of the nearest prototype of any class
     nearest_distance: np.ndarray  # (B,) its Euclidean distance
+    label_probability: np.ndarray | None = None  # (B,) p(label | x) under a probe, when one is given
 
 
 def noise_weight(distance: np.ndarray, alpha: float = 1.2, beta: float = 1.5) -> np.ndarray:
@@ -119,6 +120,8 @@ def score_block(
     index: Any,
     alpha: float = 1.2,
     beta: float = 1.5,
+    probe: Probe | None = None,
+    rows: np.ndarray | None = None,
 ) -> BlockScores:
     """Score one block of rows against the prototypes.
 
@@ -132,6 +135,10 @@ def score_block(
             An exact flat index is not searched: the product with every prototype, computed for
             the own-class distance anyway, gives the same nearest prototype.
         alpha, beta: shift and contrast of eq. 6.
+        probe: also give ``label_probability``, p(label | x) under this probe (as
+            :func:`probe_label_probability`), from the same product: the probe's averaged model
+            is appended to the prototypes' columns, so each row is converted and normed once.
+        rows: (B,) row positions of the block (the probe's sample rows get their fold's model).
     """
     features = np.asarray(features)
     labels = np.asarray(labels, dtype=np.int64)
@@ -143,23 +150,34 @@ def score_block(
     S = torch.as_tensor(slots)
     metric = _flat_metric(index)  # exact flat index: its search is the same product, done here
     B, P = len(features), len(V)
-    VT = _padded_columns(V.t())  # few prototypes: zero columns, sliced off after the product
+    if probe is not None:  # [prototypes | probe's mean W]: one product for both
+        Cp = probe.W.shape[2]
+        VT = _padded_columns(torch.cat([V.t(), torch.as_tensor(probe.W.mean(0))], 1))
+        probe_b = probe.b.mean(0)
+        lab_p = torch.as_tensor(np.where((labels >= 0) & (labels < Cp), labels, 0))
+        label_p = np.empty(B, dtype=np.float32)
+    else:
+        VT = _padded_columns(V.t())  # few prototypes: zero columns, sliced off after the product
     width = VT.shape[1]
     gg = torch.empty(B)
     d2 = torch.empty(B)
     nd2 = torch.empty(B)
     idx = torch.empty(B, dtype=torch.int64)
-    rows = _sub_rows(features.shape[1] if features.ndim == 2 else 1, width)
-    prod_buf = torch.empty((min(rows, B), width))
+    step = _sub_rows(features.shape[1] if features.ndim == 2 else 1, width)
+    prod_buf = torch.empty((min(step, B), width))
     if metric is None:
         import faiss
 
         inner = index.metric_type == faiss.METRIC_INNER_PRODUCT
-    for i in range(0, B, rows):  # sub-blocks: converted, normed and multiplied while in cache
-        gs, ls = _BUFFER(features[i : i + rows]), lab[i : i + rows]
+    for i in range(0, B, step):  # sub-blocks: converted, normed and multiplied while in cache
+        gs, ls = _BUFFER(features[i : i + step]), lab[i : i + step]
         n = len(gs)
         gg[i : i + n] = torch.linalg.vector_norm(gs, dim=1).square_()
-        prod = torch.mm(gs, VT, out=prod_buf[:n])[:, :P]  # g . v for every prototype: one product
+        full = torch.mm(gs, VT, out=prod_buf[:n])
+        prod = full[:, :P]  # g . v for every prototype: one product
+        if probe is not None:
+            label_p[i : i + n] = _probe_probability(gs, gg[i : i + n].rsqrt().clamp_max_(1e12), lab_p[i : i + n],
+                                                    full[:, P : P + Cp], probe_b).numpy()
         # own class: ||v - g||^2 = |g|^2 + |v|^2 - 2 g.v, minimized over the class's m prototypes
         own = S.index_select(0, ls)  # (n, m) prototype rows of each row's class
         d2[i : i + n] = (vv[own] - 2.0 * prod.gather(1, own)).amin(1).add_(gg[i : i + n])
@@ -179,11 +197,15 @@ def score_block(
     dist = np.where(valid, dist, np.nan).astype(np.float32)
     idx = idx.numpy()
     nd2 = nd2.numpy()
+    if probe is not None:
+        _out_of_fold(probe, features, lab_p, np.arange(B) if rows is None else rows, label_p)
+        label_p = np.where((labels >= 0) & (labels < Cp), label_p, 0.0).astype(np.float32)
     return BlockScores(
         distance=dist,
         weight=noise_weight(dist, alpha, beta),
         nearest_class=np.asarray(prototype_class)[idx].astype(np.int64),
         nearest_distance=np.sqrt(np.maximum(nd2, 0.0)).astype(np.float32),
+        label_probability=label_p if probe is not None else None,
     )
 
 
@@ -343,41 +365,55 @@ def open_set_factor(distance: np.ndarray, labels: np.ndarray, thresholds: np.nda
     return np.where(valid, o, 0.0).astype(np.float32)
 
 
+def _probe_probability(x: torch.Tensor, scale: torch.Tensor, y: torch.Tensor, xW: torch.Tensor,
+                       b: np.ndarray) -> torch.Tensor:
+    """p(y | x) of a linear softmax probe from the unnormalized product ``xW`` = x W (B x C) and
+    ``scale`` = 1 / |x|: (x / |x|) W + b, the normalization applied to the B x C logits instead of
+    the B x D rows."""
+    z = torch.addcmul(torch.as_tensor(b), xW, scale[:, None])
+    return torch.exp(z.gather(1, y[:, None])[:, 0] - torch.logsumexp(z, 1))
+
+
+def _inverse_norms(x: torch.Tensor) -> torch.Tensor:
+    return 1.0 / torch.linalg.vector_norm(x, dim=1).clamp_min(1e-12)
+
+
+def _out_of_fold(probe: Probe, features: np.ndarray, lab: torch.Tensor, rows: np.ndarray, out: np.ndarray) -> None:
+    """Overwrite ``out`` at the sample rows among ``rows`` with p(label | x) of the fold model
+    that did not see them."""
+    rows = np.asarray(rows)
+    if len(probe.sample_rows) == 0 or len(rows) == 0:
+        return
+    pos = np.minimum(np.searchsorted(probe.sample_rows, rows), len(probe.sample_rows) - 1)
+    where = np.flatnonzero(probe.sample_rows[pos] == rows)
+    fold = probe.sample_fold[pos[where]]
+    C = probe.W.shape[2]
+    for k in np.unique(fold):
+        sel = where[fold == k]
+        x = _BUFFER(features[sel])
+        xW = (x @ _padded_columns(torch.as_tensor(probe.W[k])))[:, :C]
+        out[sel] = _probe_probability(x, _inverse_norms(x), lab[torch.as_tensor(sel)], xW, probe.b[k]).numpy()
+
+
 def probe_label_probability(probe: Probe, features: np.ndarray, labels: np.ndarray, rows: np.ndarray) -> np.ndarray:
     """p(label | x) under the probe: a sample row by the model that did not see it (out-of-fold),
     any other row by the K models' average (W = mean_k W_k, b = mean_k b_k: one product per row
     instead of K; for linear models this is the softmax of the mean logits). Labels outside
-    [0, C) get 0."""
+    [0, C) get 0. :func:`score_block` computes the same in its own product when given the probe."""
     features = np.asarray(features)
-    K, _, C = probe.W.shape
+    C = probe.W.shape[2]
     labels = np.asarray(labels, dtype=np.int64)
     valid = (labels >= 0) & (labels < C)
     lab = torch.as_tensor(np.where(valid, labels, 0))
-
-    def label_probability(block: np.ndarray, y: torch.Tensor, WT: torch.Tensor, b: np.ndarray) -> torch.Tensor:
-        # float32 in score_block's reused buffer, in cache-sized pieces
-        x = _BUFFER(block)
-        scale = 1.0 / torch.linalg.vector_norm(x, dim=1).clamp_min(1e-12)
-        # (x / |x|) W + b, with the normalization applied to the B x C logits instead of the B x D rows
-        z = torch.addcmul(torch.as_tensor(b), (x @ WT)[:, :C], scale[:, None])
-        return torch.exp(z.gather(1, y[:, None])[:, 0] - torch.logsumexp(z, 1))
-
     mean_WT = _padded_columns(torch.as_tensor(probe.W.mean(0)))
     mean_b = probe.b.mean(0)
     out = np.empty(len(labels), dtype=np.float32)
     step = _sub_rows(features.shape[1], mean_WT.shape[1])
-    for i in range(0, len(labels), step):
-        out[i : i + step] = label_probability(features[i : i + step], lab[i : i + step], mean_WT, mean_b).numpy()
-    rows = np.asarray(rows)
-    pos = np.minimum(np.searchsorted(probe.sample_rows, rows), max(len(probe.sample_rows) - 1, 0))
-    insample = (probe.sample_rows[pos] == rows) if len(probe.sample_rows) else np.zeros(len(rows), bool)
-    if insample.any():
-        where = np.flatnonzero(insample)
-        fold = probe.sample_fold[pos[where]]
-        for k in np.unique(fold):
-            sel = where[fold == k]
-            out[sel] = label_probability(features[sel], lab[torch.as_tensor(sel)],
-                                         _padded_columns(torch.as_tensor(probe.W[k])), probe.b[k]).numpy()
+    for i in range(0, len(labels), step):  # float32 in score_block's reused buffer, in cache-sized pieces
+        x = _BUFFER(features[i : i + step])
+        out[i : i + step] = _probe_probability(x, _inverse_norms(x), lab[i : i + step], (x @ mean_WT)[:, :C],
+                                               mean_b).numpy()
+    _out_of_fold(probe, features, lab, rows, out)
     return np.where(valid, out, 0.0).astype(np.float32)
 
 

@@ -2,6 +2,7 @@
 
 import math
 
+import faiss
 import numpy as np
 
 from stages import score_noise as sn
@@ -81,6 +82,17 @@ def test_probe_probability_of_float16_rows_across_sub_blocks():
         ref[fold == k] = softmax(g[fold == k] @ W[k] + b[k])
     want = np.where(y < C, ref[np.arange(n), np.minimum(y, C - 1)], 0.0)
     np.testing.assert_allclose(p, want, rtol=1e-4, atol=1e-6)
+    # score_block computes the same in its product with the prototypes (the mean model's columns appended)
+    V = rng.standard_normal((6, d)).astype(np.float32)
+    pc = np.arange(6) % C
+    index = faiss.IndexFlatIP(d)
+    index.add(V)
+    s = sn.score_block(x16, y, V, sn.class_slots(pc, C), pc, index, probe=probe, rows=np.arange(n))
+    np.testing.assert_allclose(s.label_probability, want, rtol=1e-4, atol=1e-6)
+    plain = sn.score_block(x16, y, V, sn.class_slots(pc, C), pc, index)
+    assert plain.label_probability is None
+    np.testing.assert_array_equal(s.distance, plain.distance)
+    np.testing.assert_array_equal(s.nearest_class, plain.nearest_class)
 
 
 def test_text_share_by_hand():

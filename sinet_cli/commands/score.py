@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -438,6 +439,11 @@ def run_scoring(stage, feats, features_path, target, suspects_path, protos, prot
                 pos += len(labels)
                 advance(len(labels))
         full = {k: np.concatenate(v) for k, v in collected.items() if v}
+        # suspects.tsv's lines are formatted (Python, holding the GIL) while the metrics sort (numpy,
+        # releasing it); the file is written only after scores.h5 is committed
+        formatter = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sinet-suspects")
+        suspects_text = formatter.submit(format_top_suspects, top.result(), classes) if top is not None else None
+        formatter.shutdown(wait=False)
         detection = {}
         if "clean_labels" in full:
             for name, suspicion in (("weight", 1.0 - full["weight"]), ("distance", full["distance"])):
@@ -450,8 +456,9 @@ def run_scoring(stage, feats, features_path, target, suspects_path, protos, prot
     except BaseException:
         writer.abort()
         raise
-    if top is not None:
-        n_suspects = write_top_suspects(suspects_path, top.result(), classes)
+    if suspects_text is not None:
+        text, n_suspects = suspects_text.result()
+        store.write_text(suspects_path, text)
     else:
         order = stage.suspect_order(full["weight"], full["distance"], full["labels"], full["nearest_class"],
                                     flag_below=flag_below)
@@ -559,7 +566,8 @@ def feed(top, start: int, rows: dict[str, np.ndarray]) -> None:
             ids=np.asarray(rows["ids"]), paths=np.asarray(rows["paths"]) if "paths" in rows else np.full(n, ""))
 
 
-def write_top_suspects(out_path: Path, top: dict[str, np.ndarray], classes: np.ndarray) -> int:
+def format_top_suspects(top: dict[str, np.ndarray], classes: np.ndarray) -> tuple[str, int]:
+    """suspects.tsv's text for the kept top suspects, and their count."""
     names = np.asarray(_clean_field(classes), dtype=object)
     lines = ["\t".join(SUSPECT_COLUMNS) + "\n"]
     if top:
@@ -570,5 +578,4 @@ def write_top_suspects(out_path: Path, top: dict[str, np.ndarray], classes: np.n
             for i, p, ln, nn, w, d in zip(_clean_field(top["ids"]), _clean_field(top["paths"]), lab_names,
                                           names[top["nearest_class"]], top["weight"].tolist(), top["distance"].tolist())
         ]
-    store.write_text(out_path, "".join(lines))
-    return len(lines) - 1
+    return "".join(lines), len(lines) - 1

@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import time
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import closing
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -402,12 +403,14 @@ def run_scoring(stage, feats, features_path, target, suspects_path, protos, prot
                     writer.write("probe_W", fused["probe"].W)
                     writer.write("probe_b", fused["probe"].b)
         pos = n_old
-        # reads run one block ahead and writes one block behind, each on its own thread
-        with progress_bar("score-noise", total) as advance, store.BackgroundAppender(writer) as appender:
-            read = ["ids", "labels", "features"] + [k for k in optional if k in feats]
-            if fused is not None and "encoder" in fused:
-                read.append("side_text")
-            for start, rows in feats.iter_rows(read, chunk_rows, prefetch=True):
+        read = ["ids", "labels", "features"] + [k for k in optional if k in feats]
+        if fused is not None and "encoder" in fused:
+            read.append("side_text")
+        # reads run one block ahead and writes one block behind, each on its own thread; on an error
+        # the reader is closed (its pending read waited for) before the file is
+        with progress_bar("score-noise", total) as advance, store.BackgroundAppender(writer) as appender, \
+                closing(feats.iter_rows(read, chunk_rows, prefetch=True)) as blocks:
+            for start, rows in blocks:
                 b = len(rows["ids"])
                 if new_mask is not None:
                     keep = new_mask[start : start + b]

@@ -59,7 +59,8 @@ def row_source(art: store.Artifact, chunk: int, cache_mb: float = 0):
         if state["complete"]:
             yield from cache
             return
-        for start, rows in art.iter_rows(["features"], chunk):
+        # the next block is read while the stage computes on this one (passes past the cache's cap)
+        for start, rows in art.iter_rows(["features"], chunk, prefetch=True):
             block = rows["features"]
             if not state["overflow"]:
                 if state["bytes"] + block.nbytes <= cap:

@@ -10,15 +10,17 @@ prototypes.faiss). Interleaved, fastest of ``--repeats``:
   with ``Artifact.iter_rows`` in blocks of 16,384 rows (the command's ``--chunk-rows``), page
   cache warm, nothing else;
 * command: ``sinet score-noise --force --score paper`` in-process: the same reads, eq. 6 and the
-  nearest prototype per row, writing scores.h5 (and its content fingerprint) and suspects.tsv;
+  nearest prototype per row, writing scores.h5 (and its content fingerprint) and suspects.tsv
+  (the command reads the next block and writes the last one on background threads);
 * the default ``--score fused`` the same way: it adds the two-round probe on a 20,000-row sample
   and, per block, the probe's probabilities and the open-set factor (README "Scoring beyond eq. 6").
 
 Target: within 1.5x of the read. A second figure (no target) puts the command against reading
-plus eq. 6 itself (``stages.score_noise.score_block`` on the same blocks, as the command calls
-it: torch on one thread on 2 cores; the own-class distance and the nearest prototype come from
-one product of each row with every prototype): the ratio is what the command adds around the
-scoring (writing scores.h5 and its fingerprint, the metrics, suspects.tsv).
+plus eq. 6 itself (``stages.score_noise.score_block`` on the same blocks, one after the other, as
+the command calls it: torch on one thread on 2 cores; the own-class distance and the nearest
+prototype come from one product of each row with every prototype): the ratio is what the command
+adds around the scoring (writing scores.h5 and its fingerprint, the metrics, suspects.tsv), less
+what its reading and writing threads hide.
 ``--with-1000-classes`` adds the same at C=1,000, where the nearest-prototype product
 (N x D by D x C) is the work: its figure is against reading plus a FAISS flat search of the
 same rows (the same product inside FAISS).

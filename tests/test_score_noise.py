@@ -326,3 +326,45 @@ def test_cli_dimension_and_class_mismatch_name_both_files(tmp_path, sinet):
     make_features(tmp_path / "features.h5", 30, C=4, D=8)
     code, _, err = sinet("score-noise", "--out", tmp_path)
     assert code == 1 and "features.h5" in err and "prototypes.h5" in err and "4 classes" in err
+
+
+@pytest.mark.parametrize("where", ["score_block", "append_rows"])
+def test_cli_failure_mid_run_keeps_the_previous_outputs_and_stops_its_threads(tmp_path, sinet, monkeypatch, where):
+    # an interrupt while a block is scored (main thread), or a write error on the writer thread
+    make_features(tmp_path / "features.h5", 300)
+    make_prototypes_artifact(tmp_path)
+    args = ("score-noise", "--out", tmp_path, "--score", "paper", "--chunk-rows", "40")
+    code, _, err = sinet(*args)
+    assert code == 0, err
+    before = {name: (tmp_path / name).read_bytes() for name in ("scores.h5", "suspects.tsv")}
+    threads = threading.active_count()
+    calls = []
+    if where == "score_block":
+        real_score = sn.score_block
+
+        def failing(*a, **k):
+            calls.append(1)
+            if len(calls) == 3:
+                raise KeyboardInterrupt
+            return real_score(*a, **k)
+
+        monkeypatch.setattr(sn, "score_block", failing)
+        expected = 130
+    else:
+        real_append = store.ArtifactWriter.append_rows
+
+        def failing(self, rows, **attrs):
+            calls.append(1)
+            if len(calls) == 3:
+                raise store.ArtifactError(f"{self.path}: no space left on device (test)")
+            return real_append(self, rows, **attrs)
+
+        monkeypatch.setattr(store.ArtifactWriter, "append_rows", failing)
+        expected = 1
+    code, _, err = sinet(*args, "--force")
+    assert code == expected and len(calls) == 3
+    if where == "append_rows":
+        assert "no space left on device (test)" in err
+    assert {name: (tmp_path / name).read_bytes() for name in before} == before
+    assert not [p for p in tmp_path.iterdir() if p.suffix in (".partial", ".scratch")]
+    assert threading.active_count() == threads  # the reader and writer threads are gone

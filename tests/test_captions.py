@@ -93,6 +93,6 @@ def test_image_text_sees_only_side_text():
     protos = np.eye(3, 4, dtype=np.float32)
     fused = {"temperature": 0.02, "background": 0.28, "encoder": _Encoder(),
              "label_emb": np.eye(3, dtype=np.float32), "text_temperature": 0.05}
-    out = fused_components(sn, fused, rows, labels, sn.class_slots(np.arange(3), 3), protos, 0)
+    out = fused_components(sn, fused, rows, labels, sn.class_slots(np.arange(3), 3), protos, None)
     t = out["text_share"]
     assert t[0] > 0.99 and t[1] > 0.99 and t[2] < 0.01 and np.isnan(t[3])

@@ -138,6 +138,13 @@ def test_metrics_hand_cases():
     # ranking 1, 0, 1: AP = 1/2 * 1 + 1/2 * 2/3
     assert sn.average_precision([1, 0, 1], [0.9, 0.8, 0.7]) == pytest.approx(0.5 + 1 / 3)
     assert np.isnan(sn.roc_auc([1, 1], [0.1, 0.2]))
+    # NaN (an unknown distance) ranks lowest, tied with other NaNs: (0 + 1/2) / 2 negatives
+    assert sn.roc_auc([1, 0, 0], [np.nan, 0.5, np.nan]) == 0.25
+    # float32 scores keep their order and ties (no float64 copy); AP by hand: thresholds .9 (tp 1,
+    # fp 0) and .5 (a tie of one positive and one negative: tp 2, fp 1): 1/2 * 1 + 1/2 * 2/3
+    s32 = np.array([0.9, 0.5, 0.5, 0.1], dtype=np.float32)
+    assert sn.average_precision([1, 1, 0, 0], s32) == pytest.approx(0.5 + 1 / 3)
+    assert sn.roc_auc([1, 1, 0, 0], s32) == pytest.approx((2 * 3 + 1) / 8)
 
 
 def test_noise_mask_unknown_and_openset():

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from sinet_cli import store
-from sinet_cli.commands.score import id_hashes
+from sinet_cli.commands.score import RunColumns, id_hashes
 from stages import score_noise as sn
 
 # -- eq. 6 on a 3-class, 6-image case ------------------------------------------------------------
@@ -375,3 +375,25 @@ def test_cli_failure_mid_run_keeps_the_previous_outputs_and_stops_its_threads(tm
     assert {name: (tmp_path / name).read_bytes() for name in before} == before
     assert not [p for p in tmp_path.iterdir() if p.suffix in (".partial", ".scratch")]
     assert threading.active_count() == threads  # the reader and writer threads are gone
+
+
+def test_run_columns_fill_compact_arrays_or_only_count():
+    blocks = [{"labels": np.array([0, 2]), "weight": np.array([0.0, 0.5], np.float32),
+               "distance": np.array([1.3, 0.4], np.float32), "nearest_class": np.array([1, 2]),
+               "clean_labels": np.array([1, 2]), "splits": np.array(["train", "val"])},
+              {"labels": np.array([1]), "weight": np.array([0.0], np.float32), "distance": np.array([1.5], np.float32),
+               "nearest_class": np.array([1]), "clean_labels": np.array([-1]), "splits": np.array(["train"])}]
+    kept, counted = RunColumns(10, keep=True), RunColumns(10, keep=False)
+    for b in blocks:
+        kept.add(b)
+        counted.add(b)
+    full = kept.columns()
+    assert full["labels"].tolist() == [0, 2, 1] and full["labels"].dtype == np.int32
+    assert full["clean_labels"].tolist() == [1, 2, -1] and full["train"].tolist() == [True, False, True]
+    assert full["weight"].tolist() == [0.0, 0.5, 0.0] and full["nearest_class"].tolist() == [1, 2, 1]
+    assert (kept.rows, kept.zero_weight) == (counted.rows, counted.zero_weight) == (3, 2)
+    assert counted.columns() == {}
+    with pytest.raises(ValueError, match="4 rows for columns of 3"):
+        small = RunColumns(3, keep=True)
+        small.add(blocks[0])
+        small.add(blocks[0])

@@ -27,10 +27,11 @@ same rows (the same product inside FAISS).
 
 Memory: ``python -m sinet_cli score-noise`` as a child process on N=1,000,000 and N=5,000,000
 rows of D=256 (2.5 GB on disk at 5M; the free space of the scratch folder is checked first); peak
-RSS from ``wait4``'s ru_maxrss of that child. Target: under 2 GB at both. The command keeps a few
-N-length numeric columns (labels, weights, distances, ...: tens of bytes a row) for the metrics
-and the suspect ranking, so RSS grows a little with N by design; the features never stay in
-memory.
+RSS from ``wait4``'s ru_maxrss of that child. Target: under 2 GB at both. Twice: with clean labels
+and splits (the demos' case: the detection metrics keep N-length columns of labels, weights,
+distances, ...: 21 bytes a row, plus the metrics' sorted copies) and without (a crawl: nothing
+N-length is kept, and the suspect ranking is bounded by --max-suspects). The features never stay
+in memory.
 
 Run: python bench/bench_score_noise.py [--quick] [--skip-rss] [--with-1000-classes] [--work DIR]
 """
@@ -50,11 +51,11 @@ READ = ["ids", "labels", "features", "clean_labels", "splits"]
 CHUNK = 16384
 
 
-def make_input(folder: Path, n: int, d: int, c: int) -> None:
+def make_input(folder: Path, n: int, d: int, c: int, with_clean: bool = True) -> None:
     folder.mkdir(parents=True, exist_ok=True)
     centers = bl.synthetic_centers(c, d)
-    _, t = bl.timed(lambda: bl.write_features(folder / "features.h5", n, d, c, centers=centers, with_clean=True,
-                                              with_splits=True))
+    _, t = bl.timed(lambda: bl.write_features(folder / "features.h5", n, d, c, centers=centers, with_clean=with_clean,
+                                              with_splits=with_clean))
     bl.write_prototypes(folder, centers)
     mb = (folder / "features.h5").stat().st_size / 2**20
     print(f"  setup: {folder / 'features.h5'} N={n:,} D={d} C={c}: {mb:,.0f} MB written chunk by chunk in {t:.1f} s",
@@ -176,19 +177,21 @@ def main() -> None:
             shutil.rmtree(folder, ignore_errors=True)
 
         if not args.skip_rss:
-            rss = {}
-            for n in rss_n:
-                folder = work / f"rss-{n}"
-                make_input(folder, n, 256, args.c)
-                rss[n], _ = peak_rss(folder)
-                shutil.rmtree(folder, ignore_errors=True)
-            lo, hi = min(rss_n), max(rss_n)
-            per_m = (rss[hi] - rss[lo]) / ((hi - lo) / 1e6) if hi > lo else 0.0
-            for n in rss_n:
-                figures.append(bl.figure(f"score-noise peak RSS, child process (N={n / 1e6:g}M D=256 C={args.c}{q})",
-                                         rss[n], "MB", f"peak RSS at N={lo / 1e6:g}M", rss[lo], rss[n] / rss[lo],
-                                         "<2048 MB", rss[n] < 2048,
-                                         f"+{per_m:.0f} MB per extra 1M rows" if n == hi and hi > lo else ""))
+            # with clean labels (the demos: the metrics keep N-length columns) and without (a crawl)
+            for with_clean, case in ((True, "with clean labels"), (False, "no clean labels")):
+                rss = {}
+                for n in rss_n:
+                    folder = work / f"rss-{n}"
+                    make_input(folder, n, 256, args.c, with_clean)
+                    rss[n], _ = peak_rss(folder)
+                    shutil.rmtree(folder, ignore_errors=True)
+                lo, hi = min(rss_n), max(rss_n)
+                per_m = (rss[hi] - rss[lo]) / ((hi - lo) / 1e6) if hi > lo else 0.0
+                for n in rss_n:
+                    figures.append(bl.figure(
+                        f"score-noise peak RSS, {case} (N={n / 1e6:g}M D=256 C={args.c}{q})", rss[n], "MB",
+                        f"peak RSS at N={lo / 1e6:g}M", rss[lo], rss[n] / rss[lo], "<2048 MB", rss[n] < 2048,
+                        f"+{per_m:.0f} MB per extra 1M rows" if n == hi and hi > lo else ""))
         bl.emit(figures, args.json)
 
 

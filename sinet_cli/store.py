@@ -431,6 +431,27 @@ class Artifact:
             return value.decode("utf-8") if isinstance(value, bytes) else str(value)
         return value
 
+    def take(self, name: str, positions: np.ndarray, chunk_rows: int) -> np.ndarray:
+        """Rows ``positions`` (sorted, unique) of a numeric row dataset, in one pass of
+        ``chunk_rows``-row reads into one reused buffer (a fresh array per read page-faults:
+        1 GB of float16 took 0.50-0.56 s so, 0.34-0.41 s into a reused buffer); blocks holding
+        none of the positions are not read."""
+        ds = self.dataset(name)
+        positions = np.asarray(positions, dtype=np.int64)
+        n = ds.shape[0]
+        if len(positions) and (positions[0] < 0 or positions[-1] >= n or (np.diff(positions) <= 0).any()):
+            raise ValueError(f"{self.path}: {name}: positions must be sorted, unique and in [0, {n})")
+        out = np.empty((len(positions), *ds.shape[1:]), dtype=ds.dtype)
+        buf = np.empty((min(chunk_rows, n), *ds.shape[1:]), dtype=ds.dtype)
+        for start in range(0, n, chunk_rows):
+            lo, hi = np.searchsorted(positions, [start, start + chunk_rows])
+            if hi == lo:
+                continue
+            end = min(n, start + chunk_rows)
+            ds.read_direct(buf, np.s_[start:end], np.s_[0 : end - start])
+            out[lo:hi] = buf[positions[lo:hi] - start]
+        return out
+
     def iter_rows(self, names: list[str], chunk_rows: int,
                   prefetch: bool = False) -> Iterator[tuple[int, dict[str, np.ndarray]]]:
         """Stream row blocks of several N-length datasets together: bounded memory for any N.

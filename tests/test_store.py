@@ -340,3 +340,17 @@ def test_background_appender_writes_what_append_rows_writes(tmp_path):
             appender.append(_rows(0, 5))
     w.abort()
     assert not (tmp_path / "bad.h5").exists()
+
+
+def test_take_reads_the_rows_asked_for(tmp_path):
+    path = tmp_path / "f.h5"
+    data = _features(n=23, d=3)
+    store.write_artifact(path, "features", data, {}, {})
+    with store.open_artifact(path, "features") as a:
+        for positions in ([0, 4, 5, 19, 22], [7], [], list(range(23))):
+            got = a.take("features", np.array(positions, dtype=np.int64), 5)
+            np.testing.assert_array_equal(got, data["features"][positions])
+            assert got.shape == (len(positions), 3)
+        for bad in ([3, 2], [1, 1], [23], [-1]):
+            with pytest.raises(ValueError, match="sorted, unique and in"):
+                a.take("features", np.array(bad), 5)

@@ -496,12 +496,7 @@ def fit_fused(stage, fused: dict, feats, num_classes: int, probe_rows: int, fold
     rng = np.random.default_rng(0)
     rows = np.sort(rng.choice(cand, min(probe_rows if probe_rows > 0 else THRESHOLD_SAMPLE_ROWS, len(cand)),
                               replace=False))
-    x = np.empty((len(rows), feats.dims["D"]), dtype=np.float32)
-    for start, block in feats.iter_rows(["features"], max(chunk, 65536)):
-        n = len(block["features"])
-        lo, hi = np.searchsorted(rows, [start, start + n])
-        if hi > lo:
-            x[lo:hi] = block["features"][rows[lo:hi] - start]
+    x = feats.take("features", rows, max(chunk, 65536)).astype(np.float32)
     y = labels[rows]
     distance = stage.score_block(x, y, protos, slots, proto_class, index, alpha, beta).distance
     if probe_rows > 0:

@@ -234,11 +234,29 @@ def write_prototypes(folder: Path, centers: np.ndarray) -> Path:
 # -- peak memory of a child ------------------------------------------------------------------
 
 
+# A child's ru_maxrss starts at the RSS of the process that exec'd it (Linux carries the old
+# address space's high-water mark over an exec), so a child spawned straight from this process -
+# which holds torch, FAISS and benchmark arrays, ~1 GB - would report at least that. The command
+# is therefore spawned by a tiny launcher interpreter (~10 MB), which reports its child's wait4.
+_LAUNCHER = """
+import os, sys, time
+t = time.perf_counter()
+pid = os.posix_spawn(sys.argv[2], sys.argv[2:], os.environ)
+_, status, usage = os.wait4(pid, 0)
+with open(sys.argv[1], "w") as f:
+    f.write(f"{usage.ru_maxrss} {time.perf_counter() - t} {os.waitstatus_to_exitcode(status)}")
+"""
+
+
 def child_peak_rss(cmd: list[str], env: dict[str, str] | None = None) -> tuple[float, float, int]:
-    """Run ``cmd`` as a child process; its own peak RSS in MB (``wait4``'s ru_maxrss, this child
-    only), its wall time, and its exit status."""
-    t0 = time.perf_counter()
-    proc = subprocess.Popen(cmd, cwd=ROOT, env={**os.environ, **(env or {})})
-    _, status, usage = os.wait4(proc.pid, 0)
-    proc.returncode = os.waitstatus_to_exitcode(status)
-    return usage.ru_maxrss / 1024.0, time.perf_counter() - t0, proc.returncode
+    """Run ``cmd`` (``cmd[0]`` a full path) as a child process; its own peak RSS in MB
+    (``wait4``'s ru_maxrss of that child only, spawned by a small launcher: see above), its wall
+    time, and its exit status."""
+    with tempfile.TemporaryDirectory() as tmp:
+        result = Path(tmp) / "rss"
+        launcher = subprocess.run([sys.executable, "-c", _LAUNCHER, str(result), *map(str, cmd)], cwd=ROOT,
+                                  env={**os.environ, **(env or {})})
+        if launcher.returncode != 0 or not result.exists():
+            raise RuntimeError(f"the peak-RSS launcher failed (exit {launcher.returncode}) for {cmd}")
+        maxrss_kb, wall, code = result.read_text().split()
+    return int(maxrss_kb) / 1024.0, float(wall), int(code)

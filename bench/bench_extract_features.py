@@ -5,7 +5,10 @@ For each ``--sizes`` (default 64 and 112 px), interleaved, fastest of ``--repeat
 * baseline: the packaged ImageNet ``tf_efficientnet_lite0`` (the command's default backbone and
   weights) on the same images already decoded *and preprocessed* into float tensors
   (3 x size x size, built before timing), ``forward_features`` + pooled head, batch 64 (the
-  command's default ``--batch-size``), ``torch.inference_mode``, nothing else;
+  command's default ``--batch-size``), ``torch.inference_mode``, in the memory format the command
+  uses (``--memory-format auto``: channels-last on the CPU, contiguous on a GPU), nothing else;
+* the same bare forward in the contiguous format (a second figure, no target: what channels-last
+  gains);
 * command: ``sinet extract-features --data demo --image-size SIZE --force`` in-process, end to end:
   building the demo table (noise injection), loading the weights, preprocessing every batch
   (resize, crop, normalize), the forward pass, L2 normalization, writing features.h5 in chunks and
@@ -23,6 +26,7 @@ Run: python bench/bench_extract_features.py [--sizes 64,112] [--images 3000,1000
 from __future__ import annotations
 
 import argparse
+import copy
 from pathlib import Path
 
 import benchlib as bl
@@ -55,6 +59,9 @@ def main() -> None:
     n_all = len(table)
     model, _ = stage.build_backbone(DEFAULT_BACKBONE, default_weights(DEFAULT_BACKBONE))
     model = model.to(args.device).eval()
+    contiguous = copy.deepcopy(model)
+    if torch.device(args.device).type == "cpu":  # as the command runs it (stage.extract's default)
+        model = model.to(memory_format=torch.channels_last)
     figures = []
     print(f"# extract-features: the demo ({n_all:,} images), batch {batch}, device {args.device}, "
           f"torch threads {torch.get_num_threads()}", flush=True)
@@ -66,10 +73,10 @@ def main() -> None:
             x = torch.cat([pre(torch.from_numpy(table.pixels[i : min(i + batch, n)])) for i in range(0, n, batch)])
 
             @torch.inference_mode()
-            def bare() -> None:
+            def bare(m: torch.nn.Module = model) -> None:
                 for i in range(0, n, batch):
                     xb = x[i : i + batch].to(args.device)
-                    model.forward_head(model.forward_features(xb), pre_logits=True)
+                    m.forward_head(m.forward_features(xb), pre_logits=True)
                 bl.sync(args.device)
 
             out = work / f"size{size}"
@@ -77,13 +84,17 @@ def main() -> None:
                    "--device", args.device, "--force"]
             if shards > 1:
                 cmd += ["--shard", f"0/{shards}"]
-            best = bl.best_of({f"bare forward {size}px": bare, f"command {size}px": lambda: bl.sinet(*cmd)},
-                              args.repeats)
+            best = bl.best_of({f"bare forward {size}px": bare, f"command {size}px": lambda: bl.sinet(*cmd),
+                               f"bare forward, contiguous {size}px": lambda: bare(contiguous)}, args.repeats)
             ips_bare, ips_cmd = n / best[f"bare forward {size}px"], n / best[f"command {size}px"]
             q = " QUICK" if args.quick else ""
             figures.append(bl.figure(f"extract-features command, demo {n:,} images at {size}px ({args.device}{q})",
                                      ips_cmd, "img/s", "bare forward on pre-decoded tensors", ips_bare,
                                      ips_cmd / ips_bare, ">=0.85x", ips_cmd / ips_bare >= 0.85))
+            ips_contiguous = n / best[f"bare forward, contiguous {size}px"]
+            figures.append(bl.figure(f"extract-features bare forward at {size}px, the command's memory format",
+                                     ips_bare, "img/s", "bare forward, contiguous format", ips_contiguous,
+                                     ips_bare / ips_contiguous, "-", None))
             del x
         bl.emit(figures, args.json)
 

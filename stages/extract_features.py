@@ -254,6 +254,7 @@ def extract(
     workers: int = 2,
     device: str = "cpu",
     with_probs: bool = False,
+    channels_last: bool | None = None,
     progress: Callable[[int], None] | None = None,
 ) -> Iterator[FeatureBatch]:
     """Yield L2-normalized pooled features for the images at ``positions``, in that order.
@@ -261,9 +262,18 @@ def extract(
     The uint8 batch goes to ``device`` before :class:`Preprocess` (resize and normalize run there).
     On a GPU the next batch is fetched and launched before the previous one's features are copied
     back, so decoding (or indexing) on the CPU overlaps the GPU's work.
+
+    Args:
+        channels_last: run the model in channels-last memory format (``model`` is converted in
+            place). None: on the CPU only, where oneDNN's NHWC kernels ran lite0 1.2x / 1.6x /
+            1.55x faster at 64 / 112 / 224 px (2 cores, batch 64; features within 4e-6 relative);
+            not on a GPU, where it has not been measured.
     """
-    model = model.to(device).eval()
     on_gpu = torch.device(device).type == "cuda"
+    if channels_last is None:
+        channels_last = torch.device(device).type == "cpu"
+    model = model.to(device).eval()
+    model = model.to(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
     if pixels is not None:
         source = _batches_from_pixels(pixels, positions, batch_size)
     elif paths is not None:

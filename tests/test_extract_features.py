@@ -162,6 +162,29 @@ def test_packaged_lite0_weights_give_imagenet_features():
     assert within > across + 0.1  # pretrained features separate real classes
 
 
+def test_channels_last_gives_the_same_features_and_is_the_cpu_default():
+    model, _ = stage.build_backbone("test_efficientnet", None, random_init=True)
+    pre = stage.Preprocess.for_model(model, 32)
+    demo = load_demo(noise="none")
+    idx = np.arange(40)
+
+    def features(**kw):
+        return np.concatenate([b.features for b in stage.extract(model, pre, pixels=demo.pixels, positions=idx,
+                                                                 batch_size=16, **kw)])
+
+    contiguous = features(channels_last=False)
+    assert model.conv_stem.weight.is_contiguous()
+    auto = features()  # on the CPU: channels-last
+    assert model.conv_stem.weight.is_contiguous(memory_format=torch.channels_last)
+    assert not model.conv_stem.weight.is_contiguous()
+    np.testing.assert_allclose(auto, contiguous, atol=1e-5)
+
+
+def test_memory_format_option_is_checked(sinet, manifest, tmp_path):
+    code, _, err = _extract(sinet, manifest, tmp_path / "o", "--memory-format", "nhwc")
+    assert code != 0 and "--memory-format 'nhwc'" in err
+
+
 def test_help_lists_commands(sinet):
     code, out, _ = sinet("--help")
     assert code == 0 and "extract-features" in out and "merge-features" in out

@@ -43,6 +43,9 @@ def shard_path(out: Path, i: int, n: int) -> Path:
     return out / f"features.shard-{i}-of-{n}.h5"
 
 
+MEMORY_FORMATS = {"auto": None, "channels-last": True, "contiguous": False}  # --memory-format -> stage.extract
+
+
 @app.command("extract-features")
 def extract_features(
     data: DataOpt = "demo",
@@ -69,6 +72,8 @@ def extract_features(
     batch_size: Annotated[int, typer.Option(help="Images per forward pass (64 is fastest on CPU here).", rich_help_panel="Compute")] = 64,
     workers: Annotated[int, typer.Option(help="DataLoader decoding processes (image files).", rich_help_panel="Compute")] = 2,
     device: DeviceOpt = "auto",
+    memory_format: Annotated[str, typer.Option(help="auto (channels-last on the CPU: 1.2-1.6x faster there; "
+                             "contiguous on a GPU), channels-last or contiguous.", rich_help_panel="Compute")] = "auto",
     dtype: Annotated[str, typer.Option(help="On-disk feature dtype: float16 or float32.", rich_help_panel="Artifacts")] = "float16",
     chunk_rows: Annotated[int, typer.Option(help="Rows per flushed (resumable) chunk.", rich_help_panel="Artifacts")] = 4096,
     shard: Annotated[
@@ -89,6 +94,8 @@ def extract_features(
 
     if dtype not in ("float16", "float32"):
         raise SinetError(f"--dtype {dtype!r}: choose float16 or float32")
+    if memory_format not in MEMORY_FORMATS:
+        raise SinetError(f"--memory-format {memory_format!r}: choose one of {', '.join(MEMORY_FORMATS)}")
     table = load_table(data, classes, noise, noise_rate, noise_seed, captions)
     shard_i, shard_n = parse_shard(shard)
     folder = artifact_dir(out, data)
@@ -170,6 +177,7 @@ def extract_features(
                 workers=workers,
                 device=dev,
                 with_probs=probs,
+                channels_last=MEMORY_FORMATS[memory_format],
                 progress=advance,
             ):
                 for p in np.flatnonzero(~batch.ok):

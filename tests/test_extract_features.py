@@ -180,6 +180,68 @@ def test_channels_last_gives_the_same_features_and_is_the_cpu_default():
     np.testing.assert_allclose(auto, contiguous, atol=1e-5)
 
 
+class _ConvBN(torch.nn.Module):
+    """conv -> bn (-> conv2 when ``swapped``: conv2 is registered between them but runs last)."""
+
+    def __init__(self, swapped: bool = False):
+        super().__init__()
+        self.conv = torch.nn.Conv2d(1, 2, 1, bias=False)
+        if swapped:
+            self.conv2 = torch.nn.Conv2d(2, 2, 1)
+        self.bn = torch.nn.BatchNorm2d(2)
+        self.swapped = swapped
+        with torch.no_grad():
+            self.conv.weight.copy_(torch.tensor([2.0, -1.0]).view(2, 1, 1, 1))
+            self.bn.running_mean.copy_(torch.tensor([1.0, 0.5]))
+            self.bn.running_var.copy_(torch.tensor([4.0, 0.25]) - self.bn.eps)
+            self.bn.weight.copy_(torch.tensor([3.0, 2.0]))
+            self.bn.bias.copy_(torch.tensor([0.5, -1.0]))
+        self.eval()
+
+    def forward_features(self, x):
+        if self.swapped:
+            return self.conv2(self.bn(self.conv(x)))
+        return self.bn(self.conv(x))
+
+    def forward_head(self, x, pre_logits=True):
+        return x.flatten(1)
+
+
+def test_fold_batchnorm_by_hand_and_refuses_a_wrong_order():
+    # channel 0: w = 2 * 3 / sqrt(4) = 3, b = (0 - 1) * 3 / 2 + 0.5 = -1
+    # channel 1: w = -1 * 2 / sqrt(.25) = -4, b = (0 - .5) * 2 / .5 - 1 = -3
+    model = _ConvBN()
+    x = torch.tensor([[[[1.0, -2.0]]]])
+    fused, n = stage.fold_batchnorm(model, x)
+    assert n == 1 and fused is not model and isinstance(fused.bn, torch.nn.Identity)
+    assert fused.conv.weight.flatten().tolist() == pytest.approx([3.0, -4.0])
+    assert fused.conv.bias.tolist() == pytest.approx([-1.0, -3.0])
+    assert fused.forward_features(x).flatten().tolist() == pytest.approx([2.0, -7.0, -7.0, 5.0])  # 3x - 1, -4x - 3
+    assert isinstance(model.bn, torch.nn.BatchNorm2d)  # the model itself is untouched
+    # conv2 sits between conv and bn among the children, but the forward runs conv -> bn -> conv2:
+    # conv2 -> bn is folded by child order, the check on the example catches it, the model is kept
+    swapped = _ConvBN(swapped=True)
+    kept, n = stage.fold_batchnorm(swapped, x)
+    assert kept is swapped and n == 0
+
+
+def test_folded_extraction_gives_the_same_features():
+    model, _ = stage.build_backbone("test_efficientnet", None, random_init=True)
+    with torch.no_grad():  # batch norms with non-trivial statistics, so that folding changes the convs
+        for m in model.modules():
+            if isinstance(m, torch.nn.BatchNorm2d):
+                m.running_mean.uniform_(-0.5, 0.5)
+                m.running_var.uniform_(0.5, 2.0)
+    pre = stage.Preprocess.for_model(model, 32)
+    demo = load_demo(noise="none")
+    kw = dict(pixels=demo.pixels, positions=np.arange(40), batch_size=16, channels_last=False)
+    plain = np.concatenate([b.features for b in stage.extract(model, pre, fold_bn=False, **kw)])
+    folded = np.concatenate([b.features for b in stage.extract(model, pre, **kw)])
+    np.testing.assert_allclose(folded, plain, atol=1e-5)
+    x = pre(torch.from_numpy(demo.pixels[:8]))
+    assert stage.fold_batchnorm(model, x)[1] > 0
+
+
 def test_memory_format_option_is_checked(sinet, manifest, tmp_path):
     code, _, err = _extract(sinet, manifest, tmp_path / "o", "--memory-format", "nhwc")
     assert code != 0 and "--memory-format 'nhwc'" in err

@@ -267,29 +267,31 @@ def fold_batchnorm(model: torch.nn.Module, example: torch.Tensor, rtol: float = 
     """
     import copy
 
-    fused = copy.deepcopy(model).eval()
-    count = 0
-    with torch.no_grad():
-        for parent in list(fused.modules()):
+    def pairs(net: torch.nn.Module) -> Iterator[tuple[torch.nn.Module, str, torch.nn.Conv2d, torch.nn.BatchNorm2d]]:
+        for parent in list(net.modules()):
             names = list(parent._modules)
             for a, b in zip(names, names[1:]):
                 conv, bn = parent._modules[a], parent._modules[b]
-                if not (isinstance(conv, torch.nn.Conv2d) and isinstance(bn, torch.nn.BatchNorm2d)):
-                    continue
-                after = _activation_after(bn)
-                if after is None or bn.running_mean is None or conv.out_channels != bn.num_features:
-                    continue
-                scale = torch.rsqrt(bn.running_var + bn.eps)
-                if bn.weight is not None:
-                    scale = scale * bn.weight
-                bias = conv.bias if conv.bias is not None else torch.zeros_like(bn.running_mean)
-                bias = (bias - bn.running_mean) * scale + (bn.bias if bn.bias is not None else 0.0)
-                conv.weight.mul_(scale.view(-1, *([1] * (conv.weight.dim() - 1))))
-                conv.bias = torch.nn.Parameter(bias)
-                parent._modules[b] = after
-                count += 1
-        if count == 0:
-            return model, 0
+                if (isinstance(conv, torch.nn.Conv2d) and isinstance(bn, torch.nn.BatchNorm2d)
+                        and _activation_after(bn) is not None and bn.running_mean is not None
+                        and conv.out_channels == bn.num_features):
+                    yield parent, b, conv, bn
+
+    if next(pairs(model), None) is None:  # nothing to fold (e.g. a transformer): no copy
+        return model, 0
+    fused = copy.deepcopy(model).eval()
+    count = 0
+    with torch.no_grad():
+        for parent, b, conv, bn in list(pairs(fused)):
+            scale = torch.rsqrt(bn.running_var + bn.eps)
+            if bn.weight is not None:
+                scale = scale * bn.weight
+            bias = conv.bias if conv.bias is not None else torch.zeros_like(bn.running_mean)
+            bias = (bias - bn.running_mean) * scale + (bn.bias if bn.bias is not None else 0.0)
+            conv.weight.mul_(scale.view(-1, *([1] * (conv.weight.dim() - 1))))
+            conv.bias = torch.nn.Parameter(bias)
+            parent._modules[b] = _activation_after(bn)
+            count += 1
         want = model.forward_head(model.forward_features(example), pre_logits=True)
         got = fused.forward_head(fused.forward_features(example), pre_logits=True)
     if float((got - want).norm() / want.norm().clamp_min(1e-12)) > rtol:

@@ -223,6 +223,10 @@ def test_fold_batchnorm_by_hand_and_refuses_a_wrong_order():
     swapped = _ConvBN(swapped=True)
     kept, n = stage.fold_batchnorm(swapped, x)
     assert kept is swapped and n == 0
+    # no conv -> batch norm pair at all (a transformer, say): the model itself, not copied
+    no_bn = _ConvBN()
+    no_bn.bn = torch.nn.Identity()
+    assert stage.fold_batchnorm(no_bn, x) == (no_bn, 0)
 
 
 def test_folded_extraction_gives_the_same_features():

@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-from pathlib import Path
 
 import benchlib as bl
 

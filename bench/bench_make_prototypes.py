@@ -30,7 +30,6 @@ Run: python bench/bench_make_prototypes.py [--quick] [--device cuda] [--repeats 
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
 
 import numpy as np
 

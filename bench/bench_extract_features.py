@@ -6,10 +6,11 @@ For each ``--sizes`` (default 64 and 112 px), interleaved, fastest of ``--repeat
   weights) on the same images already decoded *and preprocessed* into float tensors
   (3 x size x size, built before timing), ``forward_features`` + pooled head, batch 64 (the
   command's default ``--batch-size``), ``torch.inference_mode``, as the command runs the model:
-  batch norms folded into the convs (``stages.extract_features.fold_batchnorm``) and, on the CPU,
-  channels-last memory format (``--memory-format auto``); nothing else;
-* the plain model's bare forward (unfolded, contiguous: a second figure, no target: what those two
-  inference steps gain);
+  ``stages.extract_features.prepare_for_inference``: batch norms folded into the convs and, on the
+  CPU, the TF-"SAME" convs' padding made static for the image size, and channels-last memory
+  format (``--memory-format auto``); nothing else;
+* the plain model's bare forward (unfolded, padded per call, contiguous: a second figure, no
+  target: what those inference steps gain);
 * command: ``sinet extract-features --data demo --image-size SIZE --force`` in-process, end to end:
   building the demo table (noise injection), loading the weights, preprocessing every batch
   (resize, crop, normalize), the forward pass, L2 normalization, writing features.h5 in chunks and
@@ -69,11 +70,16 @@ def main() -> None:
             n = n_all // shards  # the command's --shard 0/K covers rows [0, n_all // K)
             pre = stage.Preprocess.for_model(model, size)
             x = torch.cat([pre(torch.from_numpy(table.pixels[i : min(i + batch, n)])) for i in range(0, n, batch)])
-            # as stage.extract runs it: folded on the first batch, channels-last on the CPU
+            # as stage.extract runs it: channels-last on the CPU, then (on the first batch) batch norms
+            # folded and, on the CPU, the TF-"SAME" convs' padding made static
+            on_cpu = torch.device(args.device).type == "cpu"
+            if on_cpu:
+                plain_cl = copy.deepcopy(plain).to(memory_format=torch.channels_last)
             with torch.inference_mode():
-                model, _ = stage.fold_batchnorm(plain, x[: stage.FOLD_CHECK_ROWS].to(args.device))
-            if torch.device(args.device).type == "cpu":
-                model = model.to(memory_format=torch.channels_last)
+                model, done = stage.prepare_for_inference(plain_cl if on_cpu else plain,
+                                                          x[: stage.FOLD_CHECK_ROWS].to(args.device),
+                                                          static_padding=on_cpu)
+            print(f"  {size}px: model as the command runs it: {done}", flush=True)
 
             @torch.inference_mode()
             def bare(m: torch.nn.Module = model) -> None:  # noqa: B008 (bound now: this size's model)
@@ -96,7 +102,7 @@ def main() -> None:
                                      ips_cmd / ips_bare, ">=0.85x", ips_cmd / ips_bare >= 0.85))
             ips_plain = n / best[f"bare forward, plain model {size}px"]
             figures.append(bl.figure(f"extract-features bare forward at {size}px, as the command runs the model",
-                                     ips_bare, "img/s", "plain model (BN unfolded, contiguous)", ips_plain,
+                                     ips_bare, "img/s", "plain model (BN unfolded, padded, contiguous)", ips_plain,
                                      ips_bare / ips_plain, "-", None))
             del x
         bl.emit(figures, args.json)

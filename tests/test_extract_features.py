@@ -246,6 +246,141 @@ def test_folded_extraction_gives_the_same_features():
     assert stage.fold_batchnorm(model, x)[1] > 0
 
 
+def test_same_padding_by_hand():
+    # total = max((ceil(size / s) - 1) * s + (k - 1) * d + 1 - size, 0), the odd pixel after
+    assert stage.same_padding(112, 3, 2) == (0, 1)  # 55 * 2 + 3 - 112 = 1
+    assert stage.same_padding(56, 5, 2) == (1, 2)  # 27 * 2 + 5 - 56 = 3
+    assert stage.same_padding(7, 3, 2) == (1, 1)  # 3 * 2 + 3 - 7 = 2
+    assert stage.same_padding(7, 3, 1) == (1, 1)
+    assert stage.same_padding(8, 3, 1, dilation=2) == (2, 2)  # 7 + 4 + 1 - 8 = 4
+    assert stage.same_padding(4, 1, 2) == (0, 0)
+
+
+def test_static_same_conv_by_hand():
+    # a 1 x 4 row, kernel 1 x 3, stride 2: SAME pads (0, 1) on the width, so
+    # out[0] = w . x[0:3] = 1 * 1 + 2 * 10 + 4 * 100 = 421, out[1] = w . (x[2], x[3], 0) = 100 + 2000 = 2100
+    from timm.layers import create_conv2d
+
+    conv = create_conv2d(1, 1, (1, 3), stride=2, padding="same", bias=False)
+    assert type(conv).__name__ == "Conv2dSame"
+    with torch.no_grad():
+        conv.weight.copy_(torch.tensor([1.0, 2.0, 4.0]).view(1, 1, 1, 3))
+    x = torch.tensor([1.0, 10.0, 100.0, 1000.0]).view(1, 1, 1, 4)
+    static = stage.StaticSameConv2d(conv, (1, 4))
+    assert static.weight.flatten().tolist() == [0.0, 1.0, 2.0, 4.0]  # one leading zero tap
+    assert static.padding == (0, 1)  # symmetric: hi on both sides
+    assert static(x).flatten().tolist() == [421.0, 2100.0]
+    assert conv(x).flatten().tolist() == [421.0, 2100.0]
+    # another width (5: SAME pads (1, 1)) takes the padded path with the original kernel
+    x5 = torch.tensor([1.0, 10.0, 100.0, 1000.0, 10000.0]).view(1, 1, 1, 5)
+    assert static(x5).flatten().tolist() == conv(x5).flatten().tolist() == [0 + 2 + 40, 10 + 200 + 4000, 1000 + 20000]
+
+
+@pytest.mark.parametrize("kernel,stride,size,groups,dilation", [
+    (3, 2, 12, 1, 1), (5, 2, 12, 4, 1), (3, 2, 11, 4, 1), (3, 1, 10, 1, 1), (5, 2, 9, 1, 1), (3, 1, 9, 4, 2)])
+def test_static_same_conv_equals_timm_conv2d_same(kernel, stride, size, groups, dilation):
+    from timm.layers import create_conv2d
+
+    torch.manual_seed(0)
+    conv = create_conv2d(4, 8, kernel, stride=stride, dilation=dilation, padding="same", groups=groups, bias=True)
+    if type(conv).__name__ != "Conv2dSame":  # timm pads statically itself (stride 1, symmetric)
+        conv = __import__("timm.layers", fromlist=["Conv2dSame"]).Conv2dSame(
+            4, 8, kernel, stride=stride, dilation=dilation, groups=groups, bias=True)
+    with torch.no_grad():
+        conv.bias.uniform_(-1, 1)
+    for fmt in (torch.contiguous_format, torch.channels_last):
+        c = conv.to(memory_format=fmt)
+        x = torch.randn(2, 4, size, size + 1).to(memory_format=fmt)
+        static = stage.StaticSameConv2d(c, (size, size + 1))
+        assert static.weight.is_contiguous(memory_format=fmt)
+        with torch.no_grad():
+            torch.testing.assert_close(static(x), c(x), rtol=1e-5, atol=1e-5)
+            y = torch.randn(2, 4, size + 3, size + 2).to(memory_format=fmt)  # another size: padded path
+            torch.testing.assert_close(static(y), c(y), rtol=1e-5, atol=1e-5)
+
+
+def test_static_same_conv_refuses_a_dilated_shift():
+    from timm.layers import Conv2dSame
+
+    conv = Conv2dSame(2, 2, 3, stride=2, dilation=2)  # size 8: total 3 * 2 + 5 - 8 = 3, (1, 2)
+    with pytest.raises(ValueError):
+        stage.StaticSameConv2d(conv, (8, 8))
+
+
+def _tf_style_model():
+    import timm
+
+    model = timm.create_model("test_efficientnet", pretrained=False, pad_type="same", num_classes=0).eval()
+    with torch.no_grad():  # non-trivial batch norm statistics, as for the folding tests
+        for m in model.modules():
+            if isinstance(m, torch.nn.BatchNorm2d):
+                m.running_mean.uniform_(-0.5, 0.5)
+                m.running_var.uniform_(0.5, 2.0)
+    return model
+
+
+def test_static_same_padding_replaces_every_same_conv_and_keeps_the_features():
+    model = _tf_style_model()
+    n_same = sum(type(m).__name__ == "Conv2dSame" for m in model.modules())
+    assert n_same > 0
+    x = torch.randn(4, 3, 32, 32)
+    static, n = stage.static_same_padding(model, x[:2])
+    assert n == n_same and static is not model
+    assert not any(type(m).__name__ == "Conv2dSame" for m in static.modules())
+    assert sum(type(m).__name__ == "Conv2dSame" for m in model.modules()) == n_same  # the model is untouched
+    with torch.no_grad():
+        torch.testing.assert_close(stage._pooled(static, x), stage._pooled(model, x), rtol=1e-5, atol=1e-5)
+        # another image size: the padded path
+        y = torch.randn(2, 3, 40, 40)
+        torch.testing.assert_close(stage._pooled(static, y), stage._pooled(model, y), rtol=1e-5, atol=1e-5)
+    # nothing to replace: the model itself, not copied
+    plain, _ = stage.build_backbone("test_efficientnet", None, random_init=True)
+    assert stage.static_same_padding(plain, x[:2]) == (plain, 0)
+
+
+def test_static_same_padding_refuses_a_model_that_disagrees(monkeypatch):
+    model = _tf_style_model()
+    x = torch.randn(2, 3, 32, 32)
+
+    right_forward = stage.StaticSameConv2d.forward
+
+    def wrong_forward(self, x):  # the windows one pixel off (padding on the wrong side): the check keeps the model
+        return right_forward(self, x).roll(1, dims=-1)
+
+    monkeypatch.setattr(stage.StaticSameConv2d, "forward", wrong_forward)
+    kept, n = stage.static_same_padding(model, x)
+    assert kept is model and n == 0
+    # together with folding: the combined copy disagrees, so each step is tried on its own and
+    # only the folding (whose own check passes) is kept
+    net, done = stage.prepare_for_inference(model, x)
+    assert done == {"batch_norms_folded": 13, "same_convs_static": 0}
+    assert any(type(m).__name__ == "Conv2dSame" for m in net.modules()) and net is not model
+
+
+def test_extraction_with_static_padding_gives_the_same_features(monkeypatch):
+    calls = []
+    real = stage.prepare_for_inference
+
+    def spy(*a, **k):
+        model, done = real(*a, **k)
+        calls.append(done["same_convs_static"])
+        return model, done
+
+    monkeypatch.setattr(stage, "prepare_for_inference", spy)
+    model = _tf_style_model()
+    pre = stage.Preprocess.for_model(model, 32)
+    demo = load_demo(noise="none")
+    kw = dict(pixels=demo.pixels, positions=np.arange(40), batch_size=16)
+    padded = np.concatenate([b.features for b in stage.extract(model, pre, static_padding=False, **kw)])
+    assert calls == [0]
+    static = np.concatenate([b.features for b in stage.extract(model, pre, **kw)])  # the CPU default
+    assert calls[1:] == [5]  # once, on the first batch: test_efficientnet's 5 stride-2 convs
+    np.testing.assert_allclose(static, padded, atol=1e-5)
+    x = pre(torch.from_numpy(demo.pixels[:2]))
+    _, done = stage.prepare_for_inference(model, x)
+    assert done["batch_norms_folded"] > 0 and done["same_convs_static"] > 0
+
+
 def test_memory_format_option_is_checked(sinet, manifest, tmp_path):
     code, _, err = _extract(sinet, manifest, tmp_path / "o", "--memory-format", "nhwc")
     assert code != 0 and "--memory-format 'nhwc'" in err

@@ -301,8 +301,13 @@ def fit_probe(x: np.ndarray, y: np.ndarray, rows: np.ndarray, num_classes: int, 
         W, b = torch.zeros((D, K, num_classes)), torch.zeros((K, num_classes))
     else:
         W, b = torch.tensor(init.W).permute(1, 0, 2).contiguous(), torch.tensor(init.b)
-    mW, vW, mb, vb = torch.zeros_like(W), torch.zeros_like(W), torch.zeros_like(b), torch.zeros_like(b)
     flat = W.view(D, K * num_classes)
+    # Adam (beta 0.9 / 0.999, eps 1e-8) in torch's fused single-pass kernel: p -= rate * m_hat /
+    # (sqrt(v_hat) + eps), as the unfused steps, which took 3x as long at C=1,000 (10 passes over
+    # the 5 x 512 x 1,000 weights per step); the gradient comes in reused buffers
+    gW, decay = torch.empty_like(W), torch.empty_like(W)
+    W.grad, b.grad = gW, torch.empty_like(b)
+    adam = torch.optim.Adam([W, b], lr=lr, betas=(0.9, 0.999), eps=1e-8, fused=True)
     step, total = 0, epochs * -(-n // batch_size)
     minus_one = torch.full((1, K, 1), -1.0)
     for _ in range(epochs):
@@ -314,14 +319,13 @@ def fit_probe(x: np.ndarray, y: np.ndarray, rows: np.ndarray, num_classes: int, 
             grad.scatter_add_(2, yb.view(-1, 1, 1).expand(-1, K, 1), minus_one.expand(len(idx), K, 1))
             tw = train_w[idx]  # (B, K)
             grad *= (tw / member[idx].sum(0).clamp_min(1))[..., None]
-            gW = (xb.t() @ grad.view(len(idx), K * num_classes)).view(D, K, num_classes).add_(W * lam)
-            gb = grad.sum(0)
-            rate = lr * 0.5 * (1.0 + math.cos(math.pi * step / total))
+            torch.mm(xb.t(), grad.view(len(idx), K * num_classes), out=gW.view(D, K * num_classes))
+            gW.add_(torch.mul(W, lam, out=decay))  # + W / n_k: the L2 term of each fold's model
+            torch.sum(grad, 0, out=b.grad)
+            adam.param_groups[0]["lr"] = lr * 0.5 * (1.0 + math.cos(math.pi * step / total))
             step += 1
-            for p_, g_, m_, v_ in ((W, gW, mW, vW), (b, gb, mb, vb)):
-                m_.mul_(0.9).add_(g_, alpha=0.1)
-                v_.mul_(0.999).addcmul_(g_, g_, value=0.001)
-                p_.addcdiv_(m_ / (1 - 0.9**step), (v_ / (1 - 0.999**step)).sqrt_().add_(1e-8), value=-rate)
+            adam.step()
+    W.grad = b.grad = None
     return Probe(W=np.ascontiguousarray(W.permute(1, 0, 2).numpy()), b=b.numpy(), sample_rows=np.asarray(rows)[order],
                  sample_fold=fold[order])
 

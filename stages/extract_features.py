@@ -170,9 +170,9 @@ class Preprocess:
         x = batch_uint8
         if x.ndim == 3:
             x = x.unsqueeze(-1)
+        # grayscale stays 1 channel through the resize (3x less work: 3 equal channels resize
+        # alike); the normalization below broadcasts it to 3
         x = x.permute(0, 3, 1, 2).float().div_(255.0)
-        if x.shape[1] == 1:  # grayscale -> 3 channels
-            x = x.expand(-1, 3, -1, -1)
         h, w = x.shape[-2:]
         scale = self.resize / min(h, w)  # shorter side to `resize`, as timm's eval transform
         new_hw = (max(self.resize, round(h * scale)), max(self.resize, round(w * scale)))
@@ -182,7 +182,7 @@ class Preprocess:
         x = x[:, :, top : top + self.size, left : left + self.size]
         mean = torch.tensor(self.mean, device=x.device).view(1, 3, 1, 1)
         std = torch.tensor(self.std, device=x.device).view(1, 3, 1, 1)
-        return (x - mean) / std
+        return (x - mean).div_(std)
 
 
 class FileImages(Dataset):

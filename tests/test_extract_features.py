@@ -246,6 +246,27 @@ def test_folded_extraction_gives_the_same_features():
     assert stage.fold_batchnorm(model, x)[1] > 0
 
 
+def test_preprocess_by_hand():
+    # no resize (2 -> 2): x / 255 = [[0, 1], [.2, .4]], then (x - mean_c) / std_c per channel
+    pre = stage.Preprocess(size=2, resize=2, mean=(0.5, 0.5, 0.5), std=(0.25, 0.5, 1.0), interpolation="bicubic")
+    out = pre(torch.tensor([[[0, 255], [51, 102]]], dtype=torch.uint8))
+    assert out.shape == (1, 3, 2, 2)
+    expected = [[[-2.0, 2.0], [-1.2, -0.4]], [[-1.0, 1.0], [-0.6, -0.2]], [[-0.5, 0.5], [-0.3, -0.1]]]
+    np.testing.assert_allclose(out[0].numpy(), expected, atol=1e-6)
+
+
+def test_preprocess_gray_equals_its_rgb_copy():
+    # a grayscale batch is resized on its one channel: the same as the 3-channel copy of it
+    pre = stage.Preprocess(size=64, resize=73, mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225),
+                           interpolation="bicubic")
+    gray = torch.from_numpy(load_demo(noise="none").pixels[:4])
+    rgb = gray.unsqueeze(-1).expand(-1, -1, -1, 3).contiguous()
+    a, b = pre(gray), pre(rgb)
+    assert a.shape == b.shape == (4, 3, 64, 64)
+    torch.testing.assert_close(a, b, rtol=0, atol=0)
+    assert not torch.equal(a[:, 0], a[:, 1])  # the channels are normalized each with its own mean / std
+
+
 def test_same_padding_by_hand():
     # total = max((ceil(size / s) - 1) * s + (k - 1) * d + 1 - size, 0), the odd pixel after
     assert stage.same_padding(112, 3, 2) == (0, 1)  # 55 * 2 + 3 - 112 = 1

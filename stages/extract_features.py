@@ -172,14 +172,19 @@ class Preprocess:
             x = x.unsqueeze(-1)
         # grayscale stays 1 channel through the resize (3x less work: 3 equal channels resize
         # alike); the normalization below broadcasts it to 3
-        x = x.permute(0, 3, 1, 2).float().div_(255.0)
+        x = x.permute(0, 3, 1, 2)
         h, w = x.shape[-2:]
         scale = self.resize / min(h, w)  # shorter side to `resize`, as timm's eval transform
         new_hw = (max(self.resize, round(h * scale)), max(self.resize, round(w * scale)))
-        mode = "bicubic" if self.interpolation == "bicubic" else "bilinear"
-        x = F.interpolate(x, size=new_hw, mode=mode, align_corners=False, antialias=True).clamp_(0, 1)
         top, left = (new_hw[0] - self.size) // 2, (new_hw[1] - self.size) // 2
-        x = x[:, :, top : top + self.size, left : left + self.size]
+        if new_hw == (h, w):  # decoded files come at the resize already (FileImages): the resize is
+            # the identity, and the crop is taken before the conversion to float
+            x = x[:, :, top : top + self.size, left : left + self.size].float().div_(255.0)
+        else:
+            mode = "bicubic" if self.interpolation == "bicubic" else "bilinear"
+            x = F.interpolate(x.float().div_(255.0), size=new_hw, mode=mode, align_corners=False,
+                              antialias=True).clamp_(0, 1)
+            x = x[:, :, top : top + self.size, left : left + self.size]
         mean = torch.tensor(self.mean, device=x.device).view(1, 3, 1, 1)
         std = torch.tensor(self.std, device=x.device).view(1, 3, 1, 1)
         return (x - mean).div_(std)

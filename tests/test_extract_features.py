@@ -255,6 +255,18 @@ def test_preprocess_by_hand():
     np.testing.assert_allclose(out[0].numpy(), expected, atol=1e-6)
 
 
+def test_preprocess_of_decoded_files_skips_the_identity_resize():
+    # FileImages decodes at the resize already: the resize is skipped and the crop taken on the
+    # uint8 pixels; the result equals the full path (resize to the same size, then crop) exactly
+    pre = stage.Preprocess(size=6, resize=8, mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225),
+                           interpolation="bicubic")
+    rgb = torch.randint(0, 256, (3, 8, 8, 3), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    x = torch.nn.functional.interpolate(rgb.permute(0, 3, 1, 2).float() / 255, size=(8, 8), mode="bicubic",
+                                        align_corners=False, antialias=True).clamp(0, 1)[:, :, 1:7, 1:7]
+    expected = (x - torch.tensor(pre.mean).view(1, 3, 1, 1)) / torch.tensor(pre.std).view(1, 3, 1, 1)
+    torch.testing.assert_close(pre(rgb), expected, rtol=0, atol=1e-6)
+
+
 def test_preprocess_gray_equals_its_rgb_copy():
     # a grayscale batch is resized on its one channel: the same as the 3-channel copy of it
     pre = stage.Preprocess(size=64, resize=73, mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225),

@@ -17,7 +17,8 @@
 # Steps, each under its own time limit so that one stuck step leaves the others' figures:
 #   1. bench_make_prototypes.py --device cuda (N=200k, D=1,280, C=1,000)
 #   2. bench_make_prototypes.py --device cpu on this machine's cores (how the stage scales)
-#   3. bench_extract_features.py --device cuda at 64/112/224 px on all 6,000 demo images
+#   3. bench_extract_features.py --device cuda at 64/112/224 px on all 6,000 demo images (and the
+#      bare forward with static padding, off on a GPU by default: whether to turn it on)
 #   4. `sinet train --on images` on the demo (40% symmetric noise): modes A, B, C with the paper's
 #      eq. 6 weights and with the default fused weights, and the oracle, side by side on the GPU.
 # Usage: OUT=/some/dir [SEEDS="0 1 2"] [WORKERS=3] bash bench/device_check.sh [EPOCHS] [IMAGE_SIZE]

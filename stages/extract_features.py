@@ -180,8 +180,9 @@ class Preprocess:
         return {"size": self.size, "resize": self.resize, "mean": list(self.mean), "std": list(self.std),
                 "interpolation": self.interpolation, "version": self.VERSION}
 
-    def _resize_hw(self, h: int, w: int) -> tuple[int, int]:
-        return shorter_side_to(h, w, self.resize)
+    @property
+    def _mode(self) -> str:
+        return "bicubic" if self.interpolation == "bicubic" else "bilinear"
 
     def resized(self, batch_uint8: torch.Tensor) -> torch.Tensor:
         """``(B, H, W)`` or ``(B, H, W, C)`` uint8 on the CPU -> ``(B, H', W', C)`` uint8 with the
@@ -190,11 +191,10 @@ class Preprocess:
         demos at 64 and 224 px, where resizing in float differed by up to 0.13-0.15) and ran 7x
         faster. Already at the resize (decoded files): returned as it is."""
         x = batch_uint8 if batch_uint8.ndim == 4 else batch_uint8.unsqueeze(-1)
-        new_hw = self._resize_hw(*x.shape[1:3])
+        new_hw = shorter_side_to(*x.shape[1:3], self.resize)
         if new_hw == tuple(x.shape[1:3]):
             return x
-        mode = "bicubic" if self.interpolation == "bicubic" else "bilinear"
-        y = F.interpolate(x.permute(0, 3, 1, 2), size=new_hw, mode=mode, align_corners=False, antialias=True)
+        y = F.interpolate(x.permute(0, 3, 1, 2), size=new_hw, mode=self._mode, align_corners=False, antialias=True)
         return y.permute(0, 2, 3, 1)
 
     def __call__(self, batch_uint8: torch.Tensor) -> torch.Tensor:
@@ -211,14 +211,13 @@ class Preprocess:
         # alike); the normalization below broadcasts it to 3
         x = x.permute(0, 3, 1, 2)
         h, w = x.shape[-2:]
-        new_hw = self._resize_hw(h, w)
+        new_hw = shorter_side_to(h, w, self.resize)
         top, left = center_offset(new_hw[0], self.size), center_offset(new_hw[1], self.size)
         if new_hw == (h, w):  # resized already (on the CPU, or decoded files: FileImages decodes at
             # the resize): the crop is taken before the conversion to float
             x = x[:, :, top : top + self.size, left : left + self.size].float().div_(255.0)
         else:
-            mode = "bicubic" if self.interpolation == "bicubic" else "bilinear"
-            x = F.interpolate(x.float().div_(255.0), size=new_hw, mode=mode, align_corners=False,
+            x = F.interpolate(x.float().div_(255.0), size=new_hw, mode=self._mode, align_corners=False,
                               antialias=True).clamp_(0, 1)
             x = x[:, :, top : top + self.size, left : left + self.size]
         mean = torch.tensor(self.mean, device=x.device).view(1, 3, 1, 1)

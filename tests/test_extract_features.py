@@ -362,13 +362,10 @@ def test_static_same_conv_by_hand():
 @pytest.mark.parametrize("kernel,stride,size,groups,dilation", [
     (3, 2, 12, 1, 1), (5, 2, 12, 4, 1), (3, 2, 11, 4, 1), (3, 1, 10, 1, 1), (5, 2, 9, 1, 1), (3, 1, 9, 4, 2)])
 def test_static_same_conv_equals_timm_conv2d_same(kernel, stride, size, groups, dilation):
-    from timm.layers import create_conv2d
+    from timm.layers import Conv2dSame
 
     torch.manual_seed(0)
-    conv = create_conv2d(4, 8, kernel, stride=stride, dilation=dilation, padding="same", groups=groups, bias=True)
-    if type(conv).__name__ != "Conv2dSame":  # timm pads statically itself (stride 1, symmetric)
-        conv = __import__("timm.layers", fromlist=["Conv2dSame"]).Conv2dSame(
-            4, 8, kernel, stride=stride, dilation=dilation, groups=groups, bias=True)
+    conv = Conv2dSame(4, 8, kernel, stride=stride, dilation=dilation, groups=groups, bias=True)
     with torch.no_grad():
         conv.bias.uniform_(-1, 1)
     for fmt in (torch.contiguous_format, torch.channels_last):

@@ -33,7 +33,10 @@ distances, ...: 21 bytes a row, plus the metrics' sorted copies) and without (a 
 N-length is kept, and the suspect ranking is bounded by --max-suspects). The features never stay
 in memory.
 
-Run: python bench/bench_score_noise.py [--quick] [--skip-rss] [--with-1000-classes] [--work DIR]
+``--device cuda``: the command's products (probe fit, per-block scoring) on the GPU; the baseline
+read stays on the CPU (the command reads there too).
+
+Run: python bench/bench_score_noise.py [--quick] [--skip-rss] [--with-1000-classes] [--device cuda] [--work DIR]
 """
 
 from __future__ import annotations
@@ -62,7 +65,7 @@ def make_input(folder: Path, n: int, d: int, c: int, with_clean: bool = True) ->
           flush=True)
 
 
-def speed(folder: Path, repeats: int, with_search: bool) -> dict[str, float]:
+def speed(folder: Path, repeats: int, with_search: bool, device: str = "cpu") -> dict[str, float]:
     from sinet_cli import store
 
     def read() -> None:
@@ -93,17 +96,17 @@ def speed(folder: Path, repeats: int, with_search: bool) -> dict[str, float]:
             with store.open_artifact(folder / "features.h5", "features") as a:
                 for _, rows in a.iter_rows(READ, CHUNK):
                     stage.score_block(rows["features"], rows["labels"].astype(np.int64), protos, slots, proto_class,
-                                      index)
+                                      index, device=device)
         finally:
             torch.set_num_threads(threads)
 
     def command() -> None:
         bl.sinet("score-noise", "--features", folder / "features.h5", "--prototypes", folder / "prototypes.h5",
-                 "--out", folder / "out", "--force", "--score", "paper")
+                 "--out", folder / "out", "--force", "--score", "paper", "--device", device)
 
     def command_default() -> None:
         bl.sinet("score-noise", "--features", folder / "features.h5", "--prototypes", folder / "prototypes.h5",
-                 "--out", folder / "out", "--force")
+                 "--out", folder / "out", "--force", "--device", device)
 
     fns = {"read": read, "read + eq. 6 scoring": read_score, "command": command, "command, default score": command_default}
     if with_search:
@@ -131,8 +134,7 @@ def main() -> None:
     ap.add_argument("--skip-rss", action="store_true")
     ap.add_argument("--with-1000-classes", action="store_true", help="also the speed figure at C=1,000")
     args = ap.parse_args()
-    if args.device != "cpu":
-        print(f"# score-noise has no --device: FAISS and torch run on the CPU here ({args.device} ignored)")
+    bl.check_device(args.device)
     rss_n = [int(x) for x in args.rss_n.split(",")]
     if args.quick:
         args.n = min(args.n, 100_000)
@@ -155,8 +157,8 @@ def main() -> None:
         for c, with_search in cases:
             folder = work / f"speed-c{c}"
             make_input(folder, args.n, args.d, c)
-            best = speed(folder, args.repeats, with_search)
-            size = f"N={args.n / 1e6:g}M D={args.d} C={c}{q}"
+            best = speed(folder, args.repeats, with_search, args.device)
+            size = f"N={args.n / 1e6:g}M D={args.d} C={c}{q}" + ("" if args.device == "cpu" else f", {args.device}")
             base_name = "read + FAISS search" if with_search else "read"
             base = best[base_name]
             figures.append(bl.figure(f"score-noise --score paper command ({size})", best["command"], "s",

@@ -11,17 +11,22 @@
 #   cp artifacts/demo/scores.h5 artifacts/gpu/fused/        # the default --score fused
 #   cp artifacts/demo/{features.h5,graph.h5,prototypes.h5,prototypes.faiss} /tmp/demo-paper/
 #   sinet score-noise --data demo --score paper --out /tmp/demo-paper && cp /tmp/demo-paper/scores.h5 artifacts/gpu/paper/
-# and carry .whl and artifacts/gpu (about 37 MB of the 64 MiB that travel). (faiss-gpu-cu12 needs CUDA 12's cuBLAS, over the 64 MiB that
+# and carry .whl (35 MB), and for TRAIN=1 also artifacts/gpu (2 MB), of the 64 MiB that travel. (faiss-gpu-cu12 needs CUDA 12's cuBLAS, over the 64 MiB that
 # travels: its index path is not checked here.)
 #
 # Steps, each under its own time limit so that one stuck step leaves the others' figures:
-#   1. bench_make_prototypes.py --device cuda (N=200k, D=1,280, C=1,000)
-#   2. bench_make_prototypes.py --device cpu on this machine's cores (how the stage scales)
+#   1. tests/test_cuda.py: the CUDA paths (probe fit, score_block, score-noise --device cuda,
+#      make-prototypes, static padding and folding, extraction) against the CPU's
+#   2. bench_score_noise.py --device cuda at C=14 and C=1,000 (N=1M, D=512), and the CPU at C=1,000
+#      on this machine's cores (the same machine's baseline)
 #   3. bench_extract_features.py --device cuda at 64/112/224 px on all 6,000 demo images (and the
 #      bare forward with static padding, off on a GPU by default: whether to turn it on)
-#   4. `sinet train --on images` on the demo (40% symmetric noise): modes A, B, C with the paper's
-#      eq. 6 weights and with the default fused weights, and the oracle, side by side on the GPU.
-# Usage: OUT=/some/dir [SEEDS="0 1 2"] [WORKERS=3] bash bench/device_check.sh [EPOCHS] [IMAGE_SIZE]
+#   4. bench_make_prototypes.py --device cuda (N=200k, D=1,280, C=1,000)
+#   5. train: `sinet train --on images` on the demo (40% symmetric noise): modes A, B, C with the
+#      paper's eq. 6 weights and with the default fused weights, and the oracle, side by side on the
+#      GPU (needs artifacts/gpu, see above). Not among the default steps.
+# Usage: OUT=/some/dir [STEPS="tests score extract proto train"] [SEEDS="0 1 2"] [WORKERS=3] \
+#          bash bench/device_check.sh [EPOCHS] [IMAGE_SIZE]
 set -u
 EPOCHS=${1:-20}
 SIZE=${2:-64}
@@ -45,12 +50,25 @@ step() {  # step NAME SECONDS command...
   echo "=== $name ($(date +%T))"
   timeout "$secs" "$@" > "$OUT/$name.log" 2>&1
   echo "rc=$?" >> "$OUT/$name.log"
-  tail -n 4 "$OUT/$name.log"
+  tail -n 6 "$OUT/$name.log"
 }
-step proto_cuda 100 python3 bench/bench_make_prototypes.py --device cuda --repeats 3 --json "$OUT/proto_cuda.json"
-step proto_cpu 80 python3 bench/bench_make_prototypes.py --device cpu --repeats 2 --json "$OUT/proto_cpu.json"
-step extract_cuda 130 python3 bench/bench_extract_features.py --device cuda --sizes 64,112,224 --images 0,0,0 \
-  --repeats 3 --json "$OUT/extract_cuda.json"
+STEPS=" ${STEPS:-tests score extract proto} "
+want() { [[ "$STEPS" == *" $1 "* ]]; }
+want tests && step cuda_tests 150 python3 -m pytest -q -p no:cacheprovider tests/test_cuda.py
+if want score; then
+  step score_cuda 200 python3 bench/bench_score_noise.py --device cuda --with-1000-classes --skip-rss --repeats 2 \
+    --json "$OUT/score_cuda.json"
+  step score_cpu 100 python3 bench/bench_score_noise.py --device cpu --c 1000 --skip-rss --repeats 1 \
+    --json "$OUT/score_cpu.json"
+fi
+want extract && step extract_cuda 130 python3 bench/bench_extract_features.py --device cuda --sizes 64,112,224 \
+  --images 0,0,0 --repeats 3 --json "$OUT/extract_cuda.json"
+want proto && step proto_cuda 80 python3 bench/bench_make_prototypes.py --device cuda --repeats 2 \
+  --json "$OUT/proto_cuda.json"
+if ! want train; then
+  echo "=== done ($(date +%T))"
+  exit 0
+fi
 
 echo "=== train on images, $EPOCHS epochs at ${SIZE}px ($(date +%T))"
 runs=/tmp/sinet-runs

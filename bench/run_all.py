@@ -14,7 +14,7 @@ baselines (HDF5 reads), so ratios measured under load are pessimistic.
     python bench/run_all.py --only prototypes,score --device cuda
 
 GPU (``--device cuda``) is passed to the benchmarks that have a device (make-prototypes,
-extract-features, build-graph); score-noise and the cleanlab comparison run on the CPU.
+score-noise, extract-features, build-graph); the cleanlab comparison runs on the CPU.
 """
 
 from __future__ import annotations
@@ -121,7 +121,7 @@ def main() -> None:
         if "prototypes" in only:
             figures += run_script("prototypes", ["bench_make_prototypes.py", *q, *dev], tmp / "p.json", log)
         if "score" in only:
-            figures += run_script("score", ["bench_score_noise.py", *q, "--work", str(tmp / "score")],
+            figures += run_script("score", ["bench_score_noise.py", *q, *dev, "--work", str(tmp / "score")],
                                   tmp / "s.json", log)
         if "extract" in only:
             figures += run_script("extract", ["bench_extract_features.py", *q, *dev, "--repeats", "3"], tmp / "e.json",

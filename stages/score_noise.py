@@ -111,6 +111,14 @@ class _Buffer:
 _BUFFER = _Buffer()
 
 
+def _rows_on(block: np.ndarray, device: torch.device) -> torch.Tensor:
+    """float32 rows of ``block`` on ``device``: on the CPU in the reused buffer, elsewhere copied
+    as stored (float16 moves half the bytes) and converted there."""
+    if device.type == "cpu":
+        return _BUFFER(block)
+    return torch.from_numpy(np.ascontiguousarray(block)).to(device).float()
+
+
 def score_block(
     features: np.ndarray,
     labels: np.ndarray,
@@ -122,6 +130,7 @@ def score_block(
     beta: float = 1.5,
     probe: Probe | None = None,
     rows: np.ndarray | None = None,
+    device: str | torch.device = "cpu",
 ) -> BlockScores:
     """Score one block of rows against the prototypes.
 
@@ -139,45 +148,50 @@ def score_block(
             :func:`probe_label_probability`), from the same product: the probe's averaged model
             is appended to the prototypes' columns, so each row is converted and normed once.
         rows: (B,) row positions of the block (the probe's sample rows get their fold's model).
+        device: where the products run. On a GPU the block is one piece (the CPU's cache-sized
+            sub-blocks do not apply); the probe's held-out rows and a non-flat FAISS index's
+            search stay on the CPU.
     """
+    dev = torch.device(device)
     features = np.asarray(features)
     labels = np.asarray(labels, dtype=np.int64)
     C = slots.shape[0]
     valid = (labels >= 0) & (labels < C)
-    lab = torch.as_tensor(np.where(valid, labels, 0))
-    V = torch.as_tensor(prototypes)
+    lab = torch.as_tensor(np.where(valid, labels, 0)).to(dev)
+    V = torch.as_tensor(prototypes).to(dev)
     vv = (V * V).sum(1)
-    S = torch.as_tensor(slots)
+    S = torch.as_tensor(slots).to(dev)
     metric = _flat_metric(index)  # exact flat index: its search is the same product, done here
     B, P = len(features), len(V)
     if probe is not None:  # [prototypes | probe's mean W]: one product for both
         Cp = probe.W.shape[2]
-        VT = _padded_columns(torch.cat([V.t(), torch.as_tensor(probe.W.mean(0))], 1))
-        probe_b = probe.b.mean(0)
-        lab_p = torch.as_tensor(np.where((labels >= 0) & (labels < Cp), labels, 0))
-        label_p = np.empty(B, dtype=np.float32)
+        VT = _padded_columns(torch.cat([V.t().cpu(), torch.as_tensor(probe.W.mean(0))], 1)).to(dev)
+        probe_b = torch.as_tensor(probe.b.mean(0)).to(dev)
+        lab_p_np = np.where((labels >= 0) & (labels < Cp), labels, 0)
+        lab_p = torch.as_tensor(lab_p_np).to(dev)
+        label_p = torch.empty(B, device=dev)
     else:
-        VT = _padded_columns(V.t())  # few prototypes: zero columns, sliced off after the product
+        VT = _padded_columns(V.t().cpu()).to(dev)  # few prototypes: zero columns, sliced off after the product
     width = VT.shape[1]
-    gg = torch.empty(B)
-    d2 = torch.empty(B)
-    nd2 = torch.empty(B)
-    idx = torch.empty(B, dtype=torch.int64)
-    step = _sub_rows(features.shape[1] if features.ndim == 2 else 1, width)
-    prod_buf = torch.empty((min(step, B), width))
+    gg = torch.empty(B, device=dev)
+    d2 = torch.empty(B, device=dev)
+    nd2 = torch.empty(B, device=dev)
+    idx = torch.empty(B, dtype=torch.int64, device=dev)
+    step = _sub_rows(features.shape[1] if features.ndim == 2 else 1, width) if dev.type == "cpu" else max(B, 1)
+    prod_buf = torch.empty((min(step, B), width), device=dev)
     if metric is None:
         import faiss
 
         inner = index.metric_type == faiss.METRIC_INNER_PRODUCT
     for i in range(0, B, step):  # sub-blocks: converted, normed and multiplied while in cache
-        gs, ls = _BUFFER(features[i : i + step]), lab[i : i + step]
+        gs, ls = _rows_on(features[i : i + step], dev), lab[i : i + step]
         n = len(gs)
         gg[i : i + n] = torch.linalg.vector_norm(gs, dim=1).square_()
         full = torch.mm(gs, VT, out=prod_buf[:n])
         prod = full[:, :P]  # g . v for every prototype: one product
         if probe is not None:
             label_p[i : i + n] = _probe_probability(gs, gg[i : i + n].rsqrt().clamp_max_(1e12), lab_p[i : i + n],
-                                                    full[:, P : P + Cp], probe_b).numpy()
+                                                    full[:, P : P + Cp], probe_b)
         # own class: ||v - g||^2 = |g|^2 + |v|^2 - 2 g.v, minimized over the class's m prototypes
         own = S.index_select(0, ls)  # (n, m) prototype rows of each row's class
         d2[i : i + n] = (vv[own] - 2.0 * prod.gather(1, own)).amin(1).add_(gg[i : i + n])
@@ -188,17 +202,18 @@ def score_block(
             key, idx[i : i + n] = (vv - 2.0 * prod).min(1)
             nd2[i : i + n] = key.add_(gg[i : i + n])
         else:  # any other FAISS index (IVF, HNSW, ...): its own search
-            score_np, idx_np = index.search(np.ascontiguousarray(gs.numpy()), 1)
-            idx[i : i + n] = torch.as_tensor(idx_np[:, 0])
-            found = torch.as_tensor(score_np[:, 0])
+            score_np, idx_np = index.search(np.ascontiguousarray(gs.cpu().numpy()), 1)
+            idx[i : i + n] = torch.as_tensor(idx_np[:, 0]).to(dev)
+            found = torch.as_tensor(score_np[:, 0]).to(dev)
             # METRIC_L2 returns squared distances
             nd2[i : i + n] = gg[i : i + n] + vv[idx[i : i + n]] - 2.0 * found if inner else found
-    dist = d2.clamp_min_(0.0).sqrt_().numpy()
+    dist = d2.clamp_min_(0.0).sqrt_().cpu().numpy()
     dist = np.where(valid, dist, np.nan).astype(np.float32)
-    idx = idx.numpy()
-    nd2 = nd2.numpy()
+    idx = idx.cpu().numpy()
+    nd2 = nd2.cpu().numpy()
     if probe is not None:
-        _out_of_fold(probe, features, lab_p, np.arange(B) if rows is None else rows, label_p)
+        label_p = label_p.cpu().numpy()
+        _out_of_fold(probe, features, torch.as_tensor(lab_p_np), np.arange(B) if rows is None else rows, label_p)
         label_p = np.where((labels >= 0) & (labels < Cp), label_p, 0.0).astype(np.float32)
     return BlockScores(
         distance=dist,
@@ -257,7 +272,8 @@ class Probe:
 
 def fit_probe(x: np.ndarray, y: np.ndarray, rows: np.ndarray, num_classes: int, *, folds: int = 5,
               epochs: int = 10, lr: float = 0.05, batch_size: int = 256, seed: int = 0,
-              sample_weight: np.ndarray | None = None, init: Probe | None = None) -> Probe:
+              sample_weight: np.ndarray | None = None, init: Probe | None = None,
+              device: str | torch.device = "cpu") -> Probe:
     """Out-of-fold softmax regression on a sample (``rows`` = its positions, ``x`` its features).
 
     Regularized like scikit-learn's LogisticRegression(C=1): loss = sum_i s_i CE_i / sum_i s_i +
@@ -268,7 +284,10 @@ def fit_probe(x: np.ndarray, y: np.ndarray, rows: np.ndarray, num_classes: int, 
     Args:
         sample_weight: (n,) weights s_i >= 0 of the sample rows (round 2 of :func:`fit_reweighted_probe`).
         init: start each fold's model from this probe's (same folds: same ``rows`` and ``seed``).
+        device: where the sample and the models live. The mini-batch order comes from a seeded
+            generator on the CPU, so every device takes the same steps (equal up to rounding).
     """
+    dev = torch.device(device)
     if folds < 2:
         raise ValueError(f"folds {folds}: need at least 2 for out-of-fold probabilities")
     y = np.asarray(y, dtype=np.int64)
@@ -282,9 +301,9 @@ def fit_probe(x: np.ndarray, y: np.ndarray, rows: np.ndarray, num_classes: int, 
     order = np.argsort(rows, kind="stable")
     if init is not None and (init.W.shape[0] != folds or not np.array_equal(init.sample_fold, fold[order])):
         raise ValueError("init: a probe fitted on other rows or folds")
-    X = torch.as_tensor(np.asarray(x, dtype=np.float32))
+    X = torch.as_tensor(np.asarray(x, dtype=np.float32)).to(dev)
     X = X / torch.linalg.vector_norm(X, dim=1, keepdim=True).clamp_min(1e-12)
-    Y = torch.as_tensor(y)
+    Y = torch.as_tensor(y).to(dev)
     gen = torch.Generator().manual_seed(seed)
     # the K fold models train side by side on shared mini-batches: one product (B x D) x (D x K*C)
     # for all of them, each model masking out its held-out fold's rows (so every model still sees
@@ -296,11 +315,13 @@ def fit_probe(x: np.ndarray, y: np.ndarray, rows: np.ndarray, num_classes: int, 
     sizes = member.sum(0).to(torch.float32)
     train_w = torch.stack([torch.as_tensor(sw / max(float(sw[member[:, k].numpy()].mean()), 1e-12))
                            for k in range(K)], 1) * member  # (n, K): mean 1 over each model's rows, 0 held out
-    lam = (1.0 / sizes).view(1, K, 1)
+    member, train_w = member.to(dev), train_w.to(dev)
+    lam = (1.0 / sizes).view(1, K, 1).to(dev)
     if init is None:
-        W, b = torch.zeros((D, K, num_classes)), torch.zeros((K, num_classes))
+        W, b = torch.zeros((D, K, num_classes), device=dev), torch.zeros((K, num_classes), device=dev)
     else:
-        W, b = torch.tensor(init.W).permute(1, 0, 2).contiguous(), torch.tensor(init.b)
+        W = torch.tensor(init.W).permute(1, 0, 2).contiguous().to(dev)
+        b = torch.tensor(init.b).to(dev)
     flat = W.view(D, K * num_classes)
     # Adam's moments and gradient in buffers allocated once: at C=1,000 each step goes over the
     # 5 x 512 x 1,000 weights several times, and fresh 10 MB temporaries per op had made the update
@@ -309,9 +330,9 @@ def fit_probe(x: np.ndarray, y: np.ndarray, rows: np.ndarray, num_classes: int, 
     mW, vW, mb, vb = torch.zeros_like(W), torch.zeros_like(W), torch.zeros_like(b), torch.zeros_like(b)
     gW, sW, gb, sb = torch.empty_like(W), torch.empty_like(W), torch.empty_like(b), torch.empty_like(b)
     step, total = 0, epochs * -(-n // batch_size)
-    minus_one = torch.full((1, K, 1), -1.0)
+    minus_one = torch.full((1, K, 1), -1.0, device=dev)
     for _ in range(epochs):
-        perm = torch.randperm(n, generator=gen)
+        perm = torch.randperm(n, generator=gen).to(dev)
         for i in range(0, n, batch_size):
             idx = perm[i : i + batch_size]
             xb, yb = X[idx], Y[idx]
@@ -332,7 +353,8 @@ def fit_probe(x: np.ndarray, y: np.ndarray, rows: np.ndarray, num_classes: int, 
                 v_.mul_(0.999).addcmul_(g_, g_, value=0.001)
                 torch.sqrt(v_, out=s_).add_(1e-8 * c2)
                 p_.addcdiv_(m_, s_, value=-rate * c2 / c1)
-    return Probe(W=np.ascontiguousarray(W.permute(1, 0, 2).numpy()), b=b.numpy(), sample_rows=np.asarray(rows)[order],
+    return Probe(W=np.ascontiguousarray(W.permute(1, 0, 2).cpu().numpy()), b=b.cpu().numpy(),
+                 sample_rows=np.asarray(rows)[order],
                  sample_fold=fold[order])
 
 
@@ -405,31 +427,37 @@ def _out_of_fold(probe: Probe, features: np.ndarray, lab: torch.Tensor, rows: np
         out[sel] = _probe_probability(x, _inverse_norms(x), lab[torch.as_tensor(sel)], xW, probe.b[k]).numpy()
 
 
-def probe_label_probability(probe: Probe, features: np.ndarray, labels: np.ndarray, rows: np.ndarray) -> np.ndarray:
+def probe_label_probability(probe: Probe, features: np.ndarray, labels: np.ndarray, rows: np.ndarray,
+                            device: str | torch.device = "cpu") -> np.ndarray:
     """p(label | x) under the probe: a sample row by the model that did not see it (out-of-fold),
     any other row by the K models' average (W = mean_k W_k, b = mean_k b_k: one product per row
     instead of K; for linear models this is the softmax of the mean logits). Labels outside
-    [0, C) get 0. :func:`score_block` computes the same in its own product when given the probe."""
+    [0, C) get 0. :func:`score_block` computes the same in its own product when given the probe.
+    ``device``: where the rows' product runs (the held-out rows' fold models run on the CPU)."""
+    dev = torch.device(device)
     features = np.asarray(features)
     C = probe.W.shape[2]
     labels = np.asarray(labels, dtype=np.int64)
     valid = (labels >= 0) & (labels < C)
     lab = torch.as_tensor(np.where(valid, labels, 0))
-    mean_WT = _padded_columns(torch.as_tensor(probe.W.mean(0)))
-    mean_b = probe.b.mean(0)
+    lab_dev = lab.to(dev)
+    mean_WT = _padded_columns(torch.as_tensor(probe.W.mean(0))).to(dev)
+    mean_b = torch.as_tensor(probe.b.mean(0)).to(dev)
     out = np.empty(len(labels), dtype=np.float32)
-    step = _sub_rows(features.shape[1], mean_WT.shape[1])
-    for i in range(0, len(labels), step):  # float32 in score_block's reused buffer, in cache-sized pieces
-        x = _BUFFER(features[i : i + step])
-        out[i : i + step] = _probe_probability(x, _inverse_norms(x), lab[i : i + step], (x @ mean_WT)[:, :C],
-                                               mean_b).numpy()
+    # float32 in score_block's reused buffer, in cache-sized pieces (on a GPU in pieces of 64k rows)
+    step = _sub_rows(features.shape[1], mean_WT.shape[1]) if dev.type == "cpu" else 65536
+    for i in range(0, len(labels), step):
+        x = _rows_on(features[i : i + step], dev)
+        out[i : i + step] = _probe_probability(x, _inverse_norms(x), lab_dev[i : i + step], (x @ mean_WT)[:, :C],
+                                               mean_b).cpu().numpy()
     _out_of_fold(probe, features, lab, rows, out)
     return np.where(valid, out, 0.0).astype(np.float32)
 
 
 def fit_reweighted_probe(x: np.ndarray, y: np.ndarray, rows: np.ndarray, num_classes: int, distance: np.ndarray,
                          *, alpha: float = 1.2, beta: float = 1.5, folds: int = 5, epochs: int = 10,
-                         quantile: float = 0.99, seed: int = 0) -> tuple[Probe, np.ndarray]:
+                         quantile: float = 0.99, seed: int = 0,
+                         device: str | torch.device = "cpu") -> tuple[Probe, np.ndarray]:
     """The probe of ``--score fused`` and the open-set thresholds, from a sample of rows.
 
     Round 1 fits :func:`fit_probe` on the noisy labels; its out-of-fold p1_i = p(y_i | x_i) says
@@ -442,11 +470,11 @@ def fit_reweighted_probe(x: np.ndarray, y: np.ndarray, rows: np.ndarray, num_cla
     Returns:
         (round-2 probe, (C,) thresholds t_c).
     """
-    first = fit_probe(x, y, rows, num_classes, folds=folds, epochs=epochs, seed=seed)
-    p1 = probe_label_probability(first, x, y, rows)
+    first = fit_probe(x, y, rows, num_classes, folds=folds, epochs=epochs, seed=seed, device=device)
+    p1 = probe_label_probability(first, x, y, rows, device=device)
     thresholds = open_set_thresholds(distance, y, p1 >= 0.5, num_classes, quantile)
     second = fit_probe(x, y, rows, num_classes, folds=folds, epochs=max(1, -(-epochs // 2)), seed=seed,
-                       sample_weight=p1, init=first)
+                       sample_weight=p1, init=first, device=device)
     return second, thresholds
 
 

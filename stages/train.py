@@ -628,38 +628,35 @@ class ImageSource:
             raise ValueError("an image source needs paths or pixels")
         self.paths, self.pixels = paths, pixels
 
-    def load(self, pos: int, short_side: int) -> torch.Tensor:
-        """Image ``pos`` as float (3, H, W) in [0, 1]; files are resized so the shorter side is ``short_side``."""
+    def load_uint8(self, pos: int, short_side: int, interpolation: str = "bicubic") -> torch.Tensor:
+        """Image ``pos`` as uint8 (H, W, C), C = 1 (grayscale pixels) or 3. A file whose shorter side
+        is longer than ``short_side`` is resized (PIL, ``interpolation``) so that side is
+        ``short_side``, the long side truncated as torchvision's Resize does (timm's eval transform)."""
         if self.pixels is not None:
             arr = torch.from_numpy(np.ascontiguousarray(self.pixels[pos]))
         else:
             from PIL import Image
 
             path = self.paths[pos]
+            resample = Image.BILINEAR if interpolation == "bilinear" else Image.BICUBIC
             try:
                 with Image.open(path) as im:
                     im = im.convert("RGB")
-                    scale = short_side / min(im.size)
-                    if scale < 1:
-                        im = im.resize((max(1, round(im.width * scale)), max(1, round(im.height * scale))), Image.BICUBIC)
+                    if min(im.size) > short_side:
+                        if im.width <= im.height:
+                            size = (short_side, int(short_side * im.height / im.width))
+                        else:
+                            size = (int(short_side * im.width / im.height), short_side)
+                        im = im.resize(size, resample)
                     arr = torch.from_numpy(np.asarray(im, dtype=np.uint8).copy())
             except (OSError, ValueError, SyntaxError) as e:
                 raise ValueError(f"{path}: cannot decode image ({type(e).__name__}: {str(e)[:120]})") from None
-        if arr.ndim == 2:
-            arr = arr.unsqueeze(-1)
-        x = arr.permute(2, 0, 1).float().div_(255.0)
-        return x.expand(3, -1, -1) if x.shape[0] == 1 else x
+        return arr.unsqueeze(-1) if arr.ndim == 2 else arr
 
-    def load_square(self, pos: int, side: int) -> torch.Tensor:
-        """uint8 (side, side, 3): shorter side resized to ``side``, center crop (input of an eval transform)."""
-        x = self.load(pos, side)
-        h, w = x.shape[-2:]
-        scale = side / min(h, w)
-        hw = (max(side, round(h * scale)), max(side, round(w * scale)))
-        x = F.interpolate(x[None], size=hw, mode="bilinear", align_corners=False, antialias=True)[0]
-        top, left = (hw[0] - side) // 2, (hw[1] - side) // 2
-        x = x[:, top : top + side, left : left + side]
-        return (x.clamp(0, 1) * 255).round().to(torch.uint8).permute(1, 2, 0)
+    def load(self, pos: int, short_side: int) -> torch.Tensor:
+        """Image ``pos`` as float (3, H, W) in [0, 1]; files are resized so the shorter side is ``short_side``."""
+        x = self.load_uint8(pos, short_side).permute(2, 0, 1).float().div_(255.0)
+        return x.expand(3, -1, -1) if x.shape[0] == 1 else x
 
 
 def random_resized_crop_flip(img: torch.Tensor, size: int, min_scale: float, g: torch.Generator,
@@ -804,11 +801,16 @@ def predict_images_topk(
     *,
     k: int = 5,
     decode_size: int,
+    decode_interpolation: str = "bicubic",
     batch_size: int = 256,
     device: str = "cpu",
     progress: Progress | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Top-k classes and probabilities for the images at ``positions`` (eval transform, no augmentation).
+
+    ``transform`` maps one uint8 image ``(1, H, W, C)`` to the model's input ``(1, 3, s, s)``
+    (extract-features' ``Preprocess``: timm's eval transform); files are decoded with their shorter
+    side at most ``decode_size`` (``decode_interpolation``), in-memory pixels as they are.
 
     Under a process group each rank predicts every world-th image and the results are summed
     across ranks, so every rank returns the full arrays.
@@ -822,8 +824,10 @@ def predict_images_topk(
     val_all = torch.zeros((n, k), dtype=torch.float32, device=device)
     for s in range(0, len(mine), batch_size):
         rows = mine[s : s + batch_size]
-        raw = torch.stack([source.load_square(int(positions[r]), decode_size) for r in rows])
-        logits = model(transform(raw).to(device)).float()
+        # one image at a time: files differ in size (each is resized and cropped by the transform)
+        x = torch.cat([transform(source.load_uint8(int(positions[r]), decode_size, decode_interpolation)[None])
+                       for r in rows])
+        logits = model(x.to(device)).float()
         p = torch.softmax(logits, dim=1)
         kk = min(k, p.shape[1])
         v, i = p.topk(kk, dim=1)

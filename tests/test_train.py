@@ -264,6 +264,35 @@ def test_images_progressive_resolution_and_resume(tmp_path):
     assert idx.shape == (4, 5) and (idx[:, 3:] == -1).all() and np.allclose(p.sum(1), 1, atol=1e-5)
 
 
+def test_eval_input_is_timms_eval_transform(tmp_path):
+    # predict_images_topk feeds the model what extract-features' Preprocess gives: timm's eval
+    # transform (exactly for files larger than the resize, decoded with PIL as timm does)
+    import timm.data
+
+    from stages.extract_features import Preprocess
+
+    rng = np.random.default_rng(2)
+    paths = []
+    for k, (h, w) in enumerate([(90, 123), (99, 70), (80, 80), (57, 100)]):  # long sides 68.3, 70.7, 87.7
+        paths.append(str(tmp_path / f"{k}.png"))
+        Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)).save(paths[-1])
+    model = _tiny_classifier()
+    seen = []
+    model.register_forward_pre_hook(lambda m, inp: seen.append(inp[0].clone()))
+    size = 48
+    pre = Preprocess.for_model(model.backbone, size)
+    cfg = timm.data.resolve_data_config({}, model=model.backbone)
+    reference = timm.data.create_transform(**{**cfg, "input_size": (3, size, size)})
+    stage.predict_images_topk(model, stage.ImageSource(paths=paths), np.arange(4), pre, k=2,
+                              decode_size=pre.resize, decode_interpolation=pre.interpolation)
+    want = torch.stack([reference(Image.open(f).convert("RGB")) for f in paths])
+    torch.testing.assert_close(seen[0], want, rtol=0, atol=1e-5)
+    # in-memory grayscale pixels: the batch extract-features would make of them
+    pixels = rng.integers(0, 256, (3, 28, 28), dtype=np.uint8)
+    stage.predict_images_topk(model, stage.ImageSource(pixels=pixels), np.arange(3), pre, k=2, decode_size=pre.resize)
+    torch.testing.assert_close(seen[1], pre(torch.from_numpy(pixels)), rtol=0, atol=1e-6)
+
+
 # ----------------------------------------------------------------------------------------- CLI
 
 

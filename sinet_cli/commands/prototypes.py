@@ -269,7 +269,8 @@ def make_prototypes(
                     k = known[start : start + len(block)]
                     if k.any():
                         b = scoring.score_block(block[k], labels_all[start : start + len(k)][k],
-                                                result.prototypes, slots, result.prototype_class, index)
+                                                result.prototypes, slots, result.prototype_class, index,
+                                                device=dev)
                         dist[start : start + len(k)][k] = b.distance
                 detection["distance"] = scoring.detection_metrics(labels_all, clean, dist, known)
 

@@ -20,7 +20,7 @@ import typer
 
 from .. import console, store
 from ..app import app
-from ..common import DataOpt, ForceOpt, OutOpt, artifact_dir
+from ..common import DataOpt, DeviceOpt, ForceOpt, OutOpt, artifact_dir, resolve_device
 from ..locks import file_lock
 from ..errors import SinetError
 from ..progress import progress_bar
@@ -30,10 +30,6 @@ SCORE_MODES = ("fused", "paper")  # README "Scoring beyond eq. 6"; checked befor
 THRESHOLD_SAMPLE_ROWS = 20000  # --probe-rows 0: rows sampled for the open-set thresholds
 PANEL_FUSED = "Scoring beyond eq. 6 (--score fused)"
 SUSPECT_COLUMNS = ("id", "path", "label", "suggested_class", "weight", "distance")
-
-
-# -- lock ----------------------------------------------------------------------------------------
-
 
 
 # -- ids -----------------------------------------------------------------------------------------
@@ -215,6 +211,7 @@ def score_noise(
                             rich_help_panel="Artifacts")
     ] = 0.0,
     chunk_rows: Annotated[int, typer.Option(help="Rows per streamed block.", rich_help_panel="Compute")] = 16384,
+    device: DeviceOpt = "auto",
     out: OutOpt = None,
     force: ForceOpt = False,
 ) -> None:
@@ -293,6 +290,7 @@ def score_noise(
             return
         from stages import score_noise as stage
 
+        dev = resolve_device(device)
         index = store.read_faiss_index(index_path, expected_dim=protos.shape[1], expected_rows=len(protos))
         try:
             stored = index.reconstruct_n(0, index.ntotal)
@@ -334,17 +332,17 @@ def score_noise(
             # parallel regions stall on busy cores, so they run on one (measured on 2 shared cores:
             # read + scoring 1M rows 3.6 s -> 2.8-3.4 s, no 13 s spikes). With more threads they keep
             # them all, as make-prototypes does (there, 16 idle cores ran its stage 2x faster so).
-            serial = threads <= 2 and len(protos) < SERIAL_MAX_PROTOTYPES
+            serial = threads <= 2 and len(protos) < SERIAL_MAX_PROTOTYPES and dev == "cpu"
             try:
                 if fused is not None and not append:
                     # the probe's fit runs alone, on every thread (2 shared cores: 1.65 s -> 1.2 s on
                     # 20,000 rows at D=512, C=14)
                     fit_fused(stage, fused, feats, len(classes), probe_rows, probe_folds, probe_epochs, chunk_rows,
-                              protos, slots, proto_class, index, alpha, beta)
+                              protos, slots, proto_class, index, alpha, beta, dev)
                 torch.set_num_threads(1 if serial else threads)
                 faiss.omp_set_num_threads(1 if serial else faiss_threads)
                 run_scoring(stage, feats, features_path, target, suspects_path, protos, proto_class, slots, index,
-                            classes, params, inputs, append, max_suspects, chunk_rows, fused)
+                            classes, params, inputs, append, max_suspects, chunk_rows, fused, dev)
             finally:
                 torch.set_num_threads(threads)
                 faiss.omp_set_num_threads(faiss_threads)
@@ -353,7 +351,7 @@ def score_noise(
 
 
 def run_scoring(stage, feats, features_path, target, suspects_path, protos, proto_class, slots, index, classes,
-                params, inputs, append, max_suspects, chunk_rows, fused=None) -> None:
+                params, inputs, append, max_suspects, chunk_rows, fused=None, device: str = "cpu") -> None:
     n = feats.dims["N"]
     t0 = time.perf_counter()
     big = max(chunk_rows, 65536)
@@ -423,7 +421,7 @@ def run_scoring(stage, feats, features_path, target, suspects_path, protos, prot
                 block_rows = np.arange(start, start + len(labels))
                 probe = fused.get("probe") if fused is not None else None
                 s = stage.score_block(rows["features"], labels, protos, slots, proto_class, index,
-                                      params["alpha"], params["beta"], probe=probe, rows=block_rows)
+                                      params["alpha"], params["beta"], probe=probe, rows=block_rows, device=device)
                 out = {"ids": rows["ids"], "labels": labels, "weight": s.weight, "distance": s.distance,
                        "nearest_class": s.nearest_class, "nearest_distance": s.nearest_distance}
                 if fused is not None:
@@ -457,6 +455,7 @@ def run_scoring(stage, feats, features_path, target, suspects_path, protos, prot
                     detection[name] = m
         writer.set_attr("detection", detection)
         writer.set_attr("scored_last_run", total)
+        writer.set_attr("device", device)
         fp = writer.commit()
     except BaseException:
         writer.abort()
@@ -481,7 +480,7 @@ def run_scoring(stage, feats, features_path, target, suspects_path, protos, prot
 
 
 def fit_fused(stage, fused: dict, feats, num_classes: int, probe_rows: int, folds: int, epochs: int, chunk: int,
-              protos, slots, proto_class, index, alpha: float, beta: float) -> None:
+              protos, slots, proto_class, index, alpha: float, beta: float, device: str = "cpu") -> None:
     """Fit --score fused's state on a seeded sample of at most ``probe_rows`` labeled train rows (one
     streamed read gathers their features): the reweighted out-of-fold probe and the open-set
     thresholds t_c (``fused["probe"]``, ``fused["thresholds"]``). Without a probe (``probe_rows`` 0)
@@ -498,11 +497,11 @@ def fit_fused(stage, fused: dict, feats, num_classes: int, probe_rows: int, fold
                               replace=False))
     x = feats.take("features", rows, max(chunk, 65536)).astype(np.float32)
     y = labels[rows]
-    distance = stage.score_block(x, y, protos, slots, proto_class, index, alpha, beta).distance
+    distance = stage.score_block(x, y, protos, slots, proto_class, index, alpha, beta, device=device).distance
     if probe_rows > 0:
         fused["probe"], fused["thresholds"] = stage.fit_reweighted_probe(
             x, y, rows, num_classes, distance, alpha=alpha, beta=beta, folds=folds, epochs=epochs,
-            quantile=fused["quantile"])
+            quantile=fused["quantile"], device=device)
     else:
         share = stage.labeled_share(stage.class_similarity(x, protos, slots), y, fused["temperature"],
                                     fused["background"])

@@ -575,7 +575,7 @@ def _train_on_images(stage, table, positions, va, y, w, targets, num_classes, cf
                                checkpoint=run_dir / "topk-init.pt", run_key=run_key + "-init", progress=adv)
         eval_init = fx.Preprocess.for_model(net, init_cfg.image_size)
         pi, pv = stage.predict_images_topk(init_model, source, positions, eval_init, k=k, decode_size=eval_init.resize,
-                                           device=dev)
+                                           decode_interpolation=eval_init.interpolation, device=dev)
         targets = stage.topk_smoothed_targets(y, w, ~conf, pi, pv, mix)
     with _bar("train", cfg.total_epochs * len(positions), quiet) as adv:
         result = stage.train_images(model, source, positions, targets, num_classes, cfg, mean=pp.mean, std=pp.std,
@@ -592,5 +592,5 @@ def _train_on_images(stage, table, positions, va, y, w, targets, num_classes, cf
     val_pred = None
     if len(va):
         val_pred, _ = stage.predict_images_topk(result.model, source, va, eval_pp, k=5, decode_size=eval_pp.resize,
-                                                device=dev)
+                                                decode_interpolation=eval_pp.interpolation, device=dev)
     return result, val_pred, ft_result

@@ -54,16 +54,16 @@ step() {  # step NAME SECONDS command...
 }
 STEPS=" ${STEPS:-tests score extract proto} "
 want() { [[ "$STEPS" == *" $1 "* ]]; }
-want tests && step cuda_tests 150 python3 -m pytest -q -p no:cacheprovider tests/test_cuda.py
+want tests && step cuda_tests 120 python3 -m pytest -q -p no:cacheprovider tests/test_cuda.py
 if want score; then
-  step score_cuda 200 python3 bench/bench_score_noise.py --device cuda --with-1000-classes --skip-rss --repeats 2 \
+  step score_cuda 150 python3 bench/bench_score_noise.py --device cuda --with-1000-classes --skip-rss --repeats 2 \
     --json "$OUT/score_cuda.json"
-  step score_cpu 100 python3 bench/bench_score_noise.py --device cpu --c 1000 --skip-rss --repeats 1 \
+  step score_cpu 80 python3 bench/bench_score_noise.py --device cpu --c 1000 --skip-rss --repeats 1 \
     --json "$OUT/score_cpu.json"
 fi
-want extract && step extract_cuda 130 python3 bench/bench_extract_features.py --device cuda --sizes 64,112,224 \
+want extract && step extract_cuda 120 python3 bench/bench_extract_features.py --device cuda --sizes 64,112,224 \
   --images 0,0,0 --repeats 3 --json "$OUT/extract_cuda.json"
-want proto && step proto_cuda 80 python3 bench/bench_make_prototypes.py --device cuda --repeats 2 \
+want proto && step proto_cuda 70 python3 bench/bench_make_prototypes.py --device cuda --repeats 2 \
   --json "$OUT/proto_cuda.json"
 if ! want train; then
   echo "=== done ($(date +%T))"

@@ -25,7 +25,7 @@
 #   5. train: `sinet train --on images` on the demo (40% symmetric noise): modes A, B, C with the
 #      paper's eq. 6 weights and with the default fused weights, and the oracle, side by side on the
 #      GPU (needs artifacts/gpu, see above). Not among the default steps.
-# Usage: OUT=/some/dir [STEPS="tests score extract proto train"] [SEEDS="0 1 2"] [WORKERS=3] \
+# Usage: OUT=/some/dir [STEPS="tests score score_cpu extract proto train"] [SEEDS="0 1 2"] [WORKERS=3] \
 #          bash bench/device_check.sh [EPOCHS] [IMAGE_SIZE]
 set -u
 EPOCHS=${1:-20}
@@ -52,19 +52,16 @@ step() {  # step NAME SECONDS command...
   echo "rc=$?" >> "$OUT/$name.log"
   tail -n 6 "$OUT/$name.log"
 }
-STEPS=" ${STEPS:-tests score extract proto} "
+STEPS=" ${STEPS:-tests score score_cpu extract proto} "
 want() { [[ "$STEPS" == *" $1 "* ]]; }
 want tests && step cuda_tests 120 python3 -m pytest -q -p no:cacheprovider tests/test_cuda.py
-if want score; then
-  step score_cuda 150 python3 bench/bench_score_noise.py --device cuda --with-1000-classes --skip-rss --repeats 2 \
-    --json "$OUT/score_cuda.json"
-  step score_cpu 80 python3 bench/bench_score_noise.py --device cpu --c 1000 --skip-rss --repeats 1 \
-    --json "$OUT/score_cpu.json"
-fi
+# (each step's figures are in its log: at most 8 files come back from the machine)
+want score && step score_cuda 150 python3 bench/bench_score_noise.py --device cuda --with-1000-classes --skip-rss \
+  --repeats 2
+want score_cpu && step score_cpu 80 python3 bench/bench_score_noise.py --device cpu --c 1000 --skip-rss --repeats 1
 want extract && step extract_cuda 120 python3 bench/bench_extract_features.py --device cuda --sizes 64,112,224 \
-  --images 0,0,0 --repeats 3 --json "$OUT/extract_cuda.json"
-want proto && step proto_cuda 70 python3 bench/bench_make_prototypes.py --device cuda --repeats 2 \
-  --json "$OUT/proto_cuda.json"
+  --images 0,0,0 --repeats 3
+want proto && step proto_cuda 70 python3 bench/bench_make_prototypes.py --device cuda --repeats 2
 if ! want train; then
   echo "=== done ($(date +%T))"
   exit 0

@@ -185,44 +185,48 @@ class Preprocess:
         return "bicubic" if self.interpolation == "bicubic" else "bilinear"
 
     def resized(self, batch_uint8: torch.Tensor) -> torch.Tensor:
-        """``(B, H, W)`` or ``(B, H, W, C)`` uint8 on the CPU -> ``(B, H', W', C)`` uint8 with the
-        shorter side at ``resize``, as timm's PIL eval transform resizes: torch's uint8 antialiased
-        kernel rounds and clamps like PIL (within 0.008-0.016 of it in normalized units on the
-        demos at 64 and 224 px, where resizing in float differed by up to 0.13-0.15) and ran 7x
-        faster. Already at the resize (decoded files): returned as it is."""
+        """``(B, H, W)`` or ``(B, H, W, C)`` uint8 -> ``(B, H', W', C)`` uint8 with the shorter side at
+        ``resize``, as timm's PIL eval transform resizes. On the CPU torch's uint8 antialiased kernel
+        rounds and clamps like PIL (within 0.008-0.016 of it in normalized units on the demos at 64
+        and 224 px, where one float resize differed by up to 0.13-0.15) and ran 7x faster. Elsewhere
+        (no uint8 kernel on a GPU) :func:`two_pass_uint8_resize` emulates it, within 2 uint8 levels.
+        Already at the resize (decoded files): returned as it is."""
         x = batch_uint8 if batch_uint8.ndim == 4 else batch_uint8.unsqueeze(-1)
         new_hw = shorter_side_to(*x.shape[1:3], self.resize)
         if new_hw == tuple(x.shape[1:3]):
             return x
-        y = F.interpolate(x.permute(0, 3, 1, 2), size=new_hw, mode=self._mode, align_corners=False, antialias=True)
+        x = x.permute(0, 3, 1, 2)
+        if x.device.type == "cpu":
+            y = F.interpolate(x, size=new_hw, mode=self._mode, align_corners=False, antialias=True)
+        else:
+            y = two_pass_uint8_resize(x, new_hw, self._mode)
         return y.permute(0, 2, 3, 1)
 
     def __call__(self, batch_uint8: torch.Tensor) -> torch.Tensor:
         """``(B, H, W)`` or ``(B, H, W, 3)`` uint8 -> ``(B, 3, size, size)`` normalized float, on the
-        batch's device. On the CPU the pixels are resized as uint8 (:meth:`resized`); :func:`extract`
-        does that before moving a batch to a GPU, so both devices see the same pixels (a batch
-        already on a GPU and not at the resize is resized there in float)."""
-        x = batch_uint8
-        if x.device.type == "cpu":
-            x = self.resized(x)
-        if x.ndim == 3:
-            x = x.unsqueeze(-1)
+        batch's device: resized as uint8 (:meth:`resized`), center-cropped, then converted."""
+        x = self.resized(batch_uint8).permute(0, 3, 1, 2)
         # grayscale stays 1 channel through the resize (3x less work: 3 equal channels resize
         # alike); the normalization below broadcasts it to 3
-        x = x.permute(0, 3, 1, 2)
         h, w = x.shape[-2:]
-        new_hw = shorter_side_to(h, w, self.resize)
-        top, left = center_offset(new_hw[0], self.size), center_offset(new_hw[1], self.size)
-        if new_hw == (h, w):  # resized already (on the CPU, or decoded files: FileImages decodes at
-            # the resize): the crop is taken before the conversion to float
-            x = x[:, :, top : top + self.size, left : left + self.size].float().div_(255.0)
-        else:
-            x = F.interpolate(x.float().div_(255.0), size=new_hw, mode=self._mode, align_corners=False,
-                              antialias=True).clamp_(0, 1)
-            x = x[:, :, top : top + self.size, left : left + self.size]
+        top, left = center_offset(h, self.size), center_offset(w, self.size)
+        x = x[:, :, top : top + self.size, left : left + self.size].float().div_(255.0)
         mean = torch.tensor(self.mean, device=x.device).view(1, 3, 1, 1)
         std = torch.tensor(self.std, device=x.device).view(1, 3, 1, 1)
         return (x - mean).div_(std)
+
+
+def two_pass_uint8_resize(x: torch.Tensor, size: tuple[int, int], mode: str) -> torch.Tensor:
+    """(B, C, H, W) uint8 resized to ``size`` in float as PIL and torch's CPU uint8 kernel resize:
+    the width first, then the height, each pass antialiased and rounded and clamped to uint8 levels
+    (one float resize skips the rounding and clamping between the passes: a bicubic's overshoot
+    then moved pixels by up to 24 levels). Within 2 levels of the CPU kernel (bilinear and bicubic,
+    up- and downscaling, measured on the demo and random RGB)."""
+    y = x.float()
+    for hw in ((y.shape[-2], size[1]), size):
+        if tuple(y.shape[-2:]) != tuple(hw):
+            y = F.interpolate(y, size=hw, mode=mode, align_corners=False, antialias=True).round_().clamp_(0, 255)
+    return y.to(torch.uint8)
 
 
 class FileImages(Dataset):
@@ -561,9 +565,9 @@ def extract(
 
     pending: tuple | None = None
     for raw, pos, ok, reasons in source:
-        # resized as uint8 on the CPU (the identity for decoded files), then moved: the same pixels
-        # on every device
-        x = preprocess(preprocess.resized(raw).to(device, non_blocking=True))
+        # moved as uint8 (decoded files are at the resize already), then resized there: on a GPU
+        # by two_pass_uint8_resize, within 2 uint8 levels of the CPU's kernel
+        x = preprocess(raw.to(device, non_blocking=True))
         if fold_bn or static_padding:  # once, checked on a few rows of the first batch
             model, _ = prepare_for_inference(model, x[:FOLD_CHECK_ROWS], fold_bn=fold_bn, static_padding=static_padding)
             fold_bn = static_padding = False

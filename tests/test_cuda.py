@@ -118,11 +118,43 @@ def test_score_noise_refuses_cuda_without_a_gpu(tmp_path, sinet):
 @cuda
 def test_make_prototypes_on_cuda_matches_the_cpu(rng):
     x, _, noisy, _ = blobs(rng)
-    S = np.eye(4, dtype=np.float32) * 2
+    C = 4
+    S = np.eye(C, dtype=np.float32) * 2
+    # each step from the same inputs: the same up to round-off
+    ca, _ = mp.fit_linear_probe(x, noisy, C, epochs=2)
+    cb, _ = mp.fit_linear_probe(x, noisy, C, epochs=2, device="cuda")
+    np.testing.assert_allclose(cb, ca, atol=1e-3)
+    V0 = np.stack([x[noisy == c].mean(0) for c in range(C)])
+    pa = mp.consistency_scores(source_of(x, 64), noisy, V0, S)  # eq. 4
+    pb = mp.consistency_scores(source_of(x, 64), noisy, V0, S, device="cuda")
+    np.testing.assert_allclose(pb, pa, rtol=2e-3)
+    k = mp.resolve_k(0.5, np.bincount(noisy, minlength=C))
+    va, sa = mp.prototypes_from_consistency(source_of(x, 64), noisy, pa, C, k)  # eq. 5
+    vb, sb = mp.prototypes_from_consistency(source_of(x, 64), noisy, pa, C, k, device="cuda")
+    np.testing.assert_array_equal(sb, sa)
+    np.testing.assert_allclose(vb, va, atol=1e-5)
+    # the whole stage: a near tie at a top-k border may fall either way on each device
     a = mp.make_prototypes(source_of(x, 64), noisy, S)
     b = mp.make_prototypes(source_of(x, 64), noisy, S, device="cuda")
-    np.testing.assert_allclose(b.prototypes, a.prototypes, atol=1e-4)
-    np.testing.assert_allclose(b.consistency, a.consistency, rtol=1e-3, equal_nan=True)
+    assert (a.selected == b.selected).mean() > 0.95
+    assert (np.sum(a.prototypes * b.prototypes, 1) > 0.999).all()
+
+
+@cuda
+def test_preprocess_on_cuda_is_within_two_uint8_levels_of_the_cpu():
+    from sinet_cli.datasets import load_demo
+
+    std = (0.229, 0.224, 0.225)
+    gray = torch.from_numpy(load_demo(noise="none").pixels[:32])
+    rgb = torch.from_numpy(np.random.default_rng(0).integers(0, 256, (4, 100, 131, 3), dtype=np.uint8))
+    for interpolation in ("bilinear", "bicubic"):
+        for size, resize in ((64, 73), (224, 256)):
+            pre = fe.Preprocess(size=size, resize=resize, mean=(0.485, 0.456, 0.406), std=std,
+                                interpolation=interpolation)
+            for batch in (gray, rgb):
+                a, b = pre(batch), pre(batch.cuda()).cpu()
+                assert (a - b).abs().max() <= 2 / 255 / min(std) + 1e-5
+                assert (a - b).abs().mean() < 0.05 / 255 / min(std)
 
 
 def _tf_style_model():
@@ -163,5 +195,6 @@ def test_extraction_on_cuda_matches_the_cpu():
     cpu = np.concatenate([b.features for b in fe.extract(model, pre, **kw)])
     for static in (None, True):  # the GPU default (no static padding) and static padding
         gpu = np.concatenate([b.features for b in fe.extract(model, pre, device="cuda", static_padding=static, **kw)])
-        np.testing.assert_allclose(gpu, cpu, atol=1e-4)
+        # the GPU resizes in float (within 2 uint8 levels of the CPU's uint8 kernel)
+        assert np.abs(gpu - cpu).max() < 5e-3 and (gpu * cpu).sum(1).min() > 0.9999
         model = model.cpu()

@@ -1,6 +1,7 @@
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from PIL import Image
 
 import stages.extract_features as stage
@@ -327,6 +328,24 @@ def test_preprocess_gray_equals_its_rgb_copy():
     assert a.shape == b.shape == (4, 3, 64, 64)
     torch.testing.assert_close(a, b, rtol=0, atol=0)
     assert not torch.equal(a[:, 0], a[:, 1])  # the channels are normalized each with its own mean / std
+
+
+@pytest.mark.parametrize("mode", ["bilinear", "bicubic"])
+def test_two_pass_float_resize_is_within_two_levels_of_the_uint8_kernel(mode):
+    # the GPU's resize (no uint8 kernel there), run here on the CPU against the CPU's uint8 kernel
+    rng = np.random.default_rng(3)
+    gray = torch.from_numpy(load_demo(noise="none").pixels[:16]).unsqueeze(1)
+    rgb = torch.from_numpy(rng.integers(0, 256, (4, 3, 100, 131), dtype=np.uint8))
+    for x, size in ((gray, (73, 73)), (gray, (256, 256)), (rgb, (64, 83)), (rgb, (256, 335))):
+        want = F.interpolate(x, size=size, mode=mode, align_corners=False, antialias=True).int()
+        got = stage.two_pass_uint8_resize(x, size, mode)
+        assert got.dtype == torch.uint8 and got.shape == want.shape
+        assert (got.int() - want).abs().max() <= 2 and (got.int() - want).abs().float().mean() < 0.05
+    # one float resize, unrounded between its passes, is not: a bicubic's overshoot is kept
+    if mode == "bicubic":
+        one = F.interpolate(gray.float(), size=(256, 256), mode=mode, align_corners=False, antialias=True)
+        want = F.interpolate(gray, size=(256, 256), mode=mode, align_corners=False, antialias=True)
+        assert (one.round().clamp(0, 255) - want.float()).abs().max() > 8
 
 
 def test_same_padding_by_hand():

@@ -6,11 +6,11 @@ For each ``--sizes`` (default 64 and 112 px), interleaved, fastest of ``--repeat
   weights) on the same images already decoded *and preprocessed* into float tensors
   (3 x size x size, built before timing), ``forward_features`` + pooled head, batch 64 (the
   command's default ``--batch-size``), ``torch.inference_mode``, as the command runs the model:
-  ``stages.extract_features.prepare_for_inference``: batch norms folded into the convs and, on the
-  CPU, the TF-"SAME" convs' padding made static for the image size, and channels-last memory
+  ``stages.extract_features.prepare_for_inference``: batch norms folded into the convs and the
+  TF-"SAME" convs' padding made static for the image size, and on the CPU channels-last memory
   format (``--memory-format auto``); nothing else;
 * the plain model's bare forward (unfolded, padded per call, contiguous: a second figure, no
-  target: what those inference steps gain); on a GPU, where static padding is off by default,
+  target: what those inference steps gain); on a GPU, where channels-last is off by default,
   also the bare forward with it (a third figure: whether to turn it on there);
 * command: ``sinet extract-features --data demo --image-size SIZE --force`` in-process, end to end:
   building the demo table (noise injection), loading the weights, preprocessing every batch
@@ -72,14 +72,13 @@ def main() -> None:
             pre = stage.Preprocess.for_model(model, size)
             x = torch.cat([pre(torch.from_numpy(table.pixels[i : min(i + batch, n)])) for i in range(0, n, batch)])
             # as stage.extract runs it: channels-last on the CPU, then (on the first batch) batch norms
-            # folded and, on the CPU, the TF-"SAME" convs' padding made static
+            # folded and the TF-"SAME" convs' padding made static
             on_cpu = torch.device(args.device).type == "cpu"
             if on_cpu:
                 plain_cl = copy.deepcopy(plain).to(memory_format=torch.channels_last)
             with torch.inference_mode():
                 model, done = stage.prepare_for_inference(plain_cl if on_cpu else plain,
-                                                          x[: stage.FOLD_CHECK_ROWS].to(args.device),
-                                                          static_padding=on_cpu)
+                                                          x[: stage.FOLD_CHECK_ROWS].to(args.device))
             print(f"  {size}px: model as the command runs it: {done}", flush=True)
 
             @torch.inference_mode()
@@ -96,10 +95,9 @@ def main() -> None:
                 cmd += ["--shard", f"0/{shards}"]
             contenders = {f"bare forward {size}px": bare, f"command {size}px": lambda: bl.sinet(*cmd),
                           f"bare forward, plain model {size}px": lambda: bare(plain)}
-            if not on_cpu:  # static padding is off on a GPU (not measured there): measure it
-                with torch.inference_mode():
-                    padded_static, _ = stage.static_same_padding(model, x[: stage.FOLD_CHECK_ROWS].to(args.device))
-                contenders[f"bare forward, static padding {size}px"] = lambda: bare(padded_static)
+            if not on_cpu:  # channels-last is off on a GPU (the CPU's default): measure it there
+                model_cl = copy.deepcopy(model).to(memory_format=torch.channels_last)
+                contenders[f"bare forward, channels-last {size}px"] = lambda: bare(model_cl)
             best = bl.best_of(contenders, args.repeats)
             ips_bare, ips_cmd = n / best[f"bare forward {size}px"], n / best[f"command {size}px"]
             q = " QUICK" if args.quick else ""
@@ -110,11 +108,11 @@ def main() -> None:
             figures.append(bl.figure(f"extract-features bare forward at {size}px, as the command runs the model",
                                      ips_bare, "img/s", "plain model (BN unfolded, padded, contiguous)", ips_plain,
                                      ips_bare / ips_plain, "-", None))
-            if f"bare forward, static padding {size}px" in best:
-                ips_static = n / best[f"bare forward, static padding {size}px"]
-                figures.append(bl.figure(f"extract-features bare forward at {size}px with static padding "
-                                         f"({args.device}: not the command's default)", ips_static, "img/s",
-                                         "as the command runs the model", ips_bare, ips_static / ips_bare, "-", None))
+            if f"bare forward, channels-last {size}px" in best:
+                ips_cl = n / best[f"bare forward, channels-last {size}px"]
+                figures.append(bl.figure(f"extract-features bare forward at {size}px in channels-last "
+                                         f"({args.device}: not the command's default)", ips_cl, "img/s",
+                                         "as the command runs the model", ips_bare, ips_cl / ips_bare, "-", None))
             del x
         bl.emit(figures, args.json)
 

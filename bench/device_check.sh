@@ -20,7 +20,7 @@
 #   2. bench_score_noise.py --device cuda at C=14 and C=1,000 (N=1M, D=512), and the CPU at C=1,000
 #      on this machine's cores (the same machine's baseline)
 #   3. bench_extract_features.py --device cuda at 64/112/224 px on all 6,000 demo images (and the
-#      bare forward with static padding, off on a GPU by default: whether to turn it on)
+#      bare forward in channels-last, off on a GPU by default: whether to turn it on)
 #   4. bench_make_prototypes.py --device cuda (N=200k, D=1,280, C=1,000)
 #   5. train: `sinet train --on images` on the demo (40% symmetric noise): modes A, B, C with the
 #      paper's eq. 6 weights and with the default fused weights, and the oracle, side by side on the

@@ -517,7 +517,7 @@ def extract(
     with_probs: bool = False,
     channels_last: bool | None = None,
     fold_bn: bool = True,
-    static_padding: bool | None = None,
+    static_padding: bool = True,
     progress: Callable[[int], None] | None = None,
 ) -> Iterator[FeatureBatch]:
     """Yield L2-normalized pooled features for the images at ``positions``, in that order.
@@ -534,16 +534,15 @@ def extract(
         fold_bn: run a copy of the model with its batch norms folded into the convs before them
             (:func:`fold_batchnorm`, checked on the first batch).
         static_padding: run timm's TF-"SAME" convs (the ``tf_`` backbones) without their per-call
-            padding copy (:func:`static_same_padding`, checked on the first batch). None: on the
-            CPU only, where lite0 ran 1.5x faster at 64 px and 1.2x at 112 px (2 cores, batch 64,
-            channels-last, folded; the same features); not on a GPU, where it has not been measured.
+            padding copy (:func:`static_same_padding`, checked on the first batch). lite0 ran 1.5x
+            faster at 64 px and 1.2x at 112 px on the CPU (2 cores, batch 64, channels-last,
+            folded; the same features), 1.09x / 1.03-1.26x / 1.02-1.03x at 64 / 112 / 224 px on an
+            H200 (two runs; features within round-off).
     """
     kind = torch.device(device).type
     on_gpu = kind == "cuda"
     if channels_last is None:
         channels_last = kind == "cpu"
-    if static_padding is None:
-        static_padding = kind == "cpu"
     model = model.to(device).eval()
     model = model.to(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
     if pixels is not None:

@@ -99,10 +99,22 @@ def _extra_readers() -> dict:
 
 
 def resolve_device(device: str) -> str:
+    """``--device`` as a torch device string: cpu, cuda or cuda:N; auto = cuda when there is one.
+    Anything else, or a GPU this machine lacks, is a one-line error before any work starts."""
     import torch
 
     if device == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
-    if device.startswith("cuda") and not torch.cuda.is_available():
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, ValueError):
+        raise SinetError(f"--device {device!r}: not a device (cpu, cuda, cuda:N or auto)") from None
+    if dev.type == "cpu":
+        return "cpu"
+    if dev.type != "cuda":
+        raise SinetError(f"--device {device}: sinet runs on cpu or cuda (cuda:N), not {dev.type}")
+    if not torch.cuda.is_available():
         raise SinetError(f"--device {device}: CUDA is not available on this machine")
-    return device
+    if dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise SinetError(f"--device {device}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    return str(dev)

@@ -204,3 +204,14 @@ def test_cron_scoring_keeps_the_score_mode_scores_h5_was_made_with(tmp_path, sin
     assert len(second["ids"]) == 120 and "probe" not in second
     np.testing.assert_array_equal(second["weight"][:100], first["weight"])
     np.testing.assert_array_equal(second["weight"], sn.noise_weight(second["distance"], 1.2, 1.5))
+
+
+def test_cron_scoring_runs_on_rescores_device(tmp_path, monkeypatch):
+    """rescore's --device reaches score-noise (its own default would pick a GPU on a GPU machine)."""
+    import sinet_cli.commands.score as score_cmd
+    from sinet_cli.commands.rescore import score_new
+
+    seen = {}
+    monkeypatch.setattr(score_cmd, "score_noise", lambda **kw: seen.update(kw))
+    score_new("demo", tmp_path, None, None, 0.0, "cpu")
+    assert seen["device"] == "cpu" and seen["out"] == tmp_path

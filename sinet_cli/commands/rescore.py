@@ -128,7 +128,7 @@ def rescore(
             table = load_table(data, classes, captions=captions)
             append_new(table, data, features_path, folder, weights, retry_skipped, batch_size, workers, chunk_rows,
                        device)
-            score_new(data, folder, alpha, beta, max(0.0, wait - (time.monotonic() - t0)))
+            score_new(data, folder, alpha, beta, max(0.0, wait - (time.monotonic() - t0)), device)
     except (OSError, RuntimeError, ValueError) as e:  # disk full, CUDA, a library's refusal: one line for cron
         raise SinetError(f"rescore {data}: {type(e).__name__}: {e}") from None
 
@@ -274,9 +274,10 @@ def check_prototypes(proto_path: Path, features_path: Path, classes: list[str], 
         raise SinetError(f"{proto_path} holds {p_dim}-d prototypes but {features_path} {dim}-d features")
 
 
-def score_new(data: str, folder: Path, alpha: float | None, beta: float | None, wait: float) -> None:
-    """score-noise, in process, with the options scores.h5 was made with (so that it only appends):
-    it scores the ids scores.h5 lacks, and says so when there are none."""
+def score_new(data: str, folder: Path, alpha: float | None, beta: float | None, wait: float,
+              device: str = "auto") -> None:
+    """score-noise, in process, with the options scores.h5 was made with (so that it only appends)
+    on rescore's ``--device``: it scores the ids scores.h5 lacks, and says so when there are none."""
     import inspect
 
     from .score import score_noise
@@ -284,7 +285,7 @@ def score_new(data: str, folder: Path, alpha: float | None, beta: float | None, 
     prev = store.read_provenance(folder / "scores.h5")
     recorded = prev["params"] if prev is not None and prev.get("kind") == "scores" else {}
     options = set(inspect.signature(score_noise).parameters) - {"data", "features", "prototypes", "wait", "out",
-                                                                  "force"}
+                                                                  "force", "device"}
     kwargs = {k: v for k, v in recorded.items() if k in options}
     if recorded and "score" not in recorded:  # eq. 6 runs record alpha and beta only
         kwargs["score"] = "paper"
@@ -292,4 +293,4 @@ def score_new(data: str, folder: Path, alpha: float | None, beta: float | None, 
         kwargs["alpha"] = alpha
     if beta is not None:
         kwargs["beta"] = beta
-    score_noise(data=data, wait=wait, out=folder, **kwargs)
+    score_noise(data=data, wait=wait, out=folder, device=device, **kwargs)

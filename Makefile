@@ -132,7 +132,7 @@ $(ART)/prototypes.h5: $(ART)/features.h5 $(ART)/graph.h5 FORCE
 		$(if $(filter-out all,$(PROTOTYPES_FROM)),--prototypes-from $(PROTOTYPES_FROM)) $(PROTO_OPTS)
 
 $(ART)/scores.h5: $(ART)/prototypes.h5 FORCE
-	$(SINET) score-noise --out $(ART) --score $(SCORE) --alpha $(ALPHA) --beta $(BETA) $(SCORE_OPTS)
+	$(SINET) score-noise --out $(ART) --score $(SCORE) --alpha $(ALPHA) --beta $(BETA) --device $(DEVICE) $(SCORE_OPTS)
 
 $(ART)/metrics.json: $(ART)/scores.h5 FORCE
 	for seed in $(SEEDS); do for mode in $(MODES); do \

@@ -142,8 +142,10 @@ def test_make_all_command_lines_for_each_dataset_kind(kind, root):
 def test_make_variables_reach_the_commands():
     out = dry("all", "DATASET=manifest", "DATA_ROOT=/d/crawl.tsv", "CLASSES=/d/classes.tsv", "ART=/tmp/a",
               "ALPHA=0.9", "BETA=2", "SCORE=paper", "GAMMA=3", "PER_CLASS=2", "IMAGE_SIZE=96", "SEEDS=0 1", "MODES=C",
-              "LOW_WEIGHT=q0.2", "TAXONOMY=/d/tax.tsv", "GRAPH_OPTS=--show 3")
+              "LOW_WEIGHT=q0.2", "TAXONOMY=/d/tax.tsv", "GRAPH_OPTS=--show 3", "DEVICE=cuda:1")
     assert out.count("--classes /d/classes.tsv") == 3
+    # every command with a device gets it: extract, prototypes, score-noise, train
+    assert "--beta 2 --device cuda:1" in out and out.count("--device cuda:1") >= 4
     for flag in ("--score paper --alpha 0.9 --beta 2", "--gamma 3", "--per-class 2", "--image-size 96", "--low-weight q0.2",
                  "--taxonomy /d/tax.tsv", "--show 3", "--hierarchy auto", "for seed in 0 1", "--suffix seed$seed"):
         assert flag in out, flag

@@ -10,6 +10,7 @@ import torch
 from stages import extract_features as fe
 from stages import make_prototypes as mp
 from stages import score_noise as sn
+from test_extract_features import _tf_style_model
 from test_make_prototypes import blobs, source_of
 from test_score_noise import make_features, make_prototypes_artifact, read_scores
 
@@ -155,18 +156,6 @@ def test_preprocess_on_cuda_is_within_two_uint8_levels_of_the_cpu():
                 a, b = pre(batch), pre(batch.cuda()).cpu()
                 assert (a - b).abs().max() <= 2 / 255 / min(std) + 1e-5
                 assert (a - b).abs().mean() < 0.05 / 255 / min(std)
-
-
-def _tf_style_model():
-    import timm
-
-    model = timm.create_model("test_efficientnet", pretrained=False, pad_type="same", num_classes=0).eval()
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, torch.nn.BatchNorm2d):
-                m.running_mean.uniform_(-0.5, 0.5)
-                m.running_var.uniform_(0.5, 2.0)
-    return model
 
 
 @cuda

@@ -11,7 +11,8 @@
 #   cp artifacts/demo/scores.h5 artifacts/gpu/fused/        # the default --score fused
 #   cp artifacts/demo/{features.h5,graph.h5,prototypes.h5,prototypes.faiss} /tmp/demo-paper/
 #   sinet score-noise --data demo --score paper --out /tmp/demo-paper && cp /tmp/demo-paper/scores.h5 artifacts/gpu/paper/
-# and carry .whl (35 MB), and for TRAIN=1 also artifacts/gpu (2 MB), of the 64 MiB that travel. (faiss-gpu-cu12 needs CUDA 12's cuBLAS, over the 64 MiB that
+# and carry .whl (35 MB), and for STEPS=train also artifacts/gpu (2 MB), of the 64 MiB that travel.
+# (faiss-gpu-cu12 needs CUDA 12's cuBLAS, over the 64 MiB that
 # travels: its index path is not checked here.)
 #
 # Steps, each under its own time limit so that one stuck step leaves the others' figures:

@@ -107,27 +107,35 @@ def cleanlab_scores(x, y, seed=0):
     return get_label_quality_scores(y, probs), time.perf_counter() - t0
 
 
+def weight_detection(folder: Path) -> tuple[float, float, float]:
+    """ROC-AUC and AP of (1 - weight) in ``folder``'s scores.h5 against the train split's true noise
+    mask, and that mask's noise rate."""
+    with store.open_artifact(folder / "scores.h5", "scores") as s:
+        w, lab, clean, sp = s.read("weight"), s.read("labels"), s.read("clean_labels"), s.read("splits")
+    tr = sp == "train"
+    noisy = (lab != clean)[tr]
+    return sn.roc_auc(noisy, -w[tr]), sn.average_precision(noisy, -w[tr]), float(noisy.mean())
+
+
 def run(ds: str, setting: str, work: Path, cache: dict) -> dict:
     folder = prepare(ds, setting, work)
     res = {}
     t_proto = sinet("make-prototypes", "--out", folder, "--force")
     for mode in MODES:
         t = sinet("score-noise", "--out", folder, *MODES[mode], "--force")
-        with store.open_artifact(folder / "scores.h5", "scores") as s:
-            w, lab, clean, sp = s.read("weight"), s.read("labels"), s.read("clean_labels"), s.read("splits")
-        tr = sp == "train"
-        noisy = (lab != clean)[tr]
-        res[mode] = {"roc_auc": sn.roc_auc(noisy, -w[tr]), "ap": sn.average_precision(noisy, -w[tr]),
-                     "seconds": t_proto + t}
+        auc, ap, noise_rate = weight_detection(folder)
+        res[mode] = {"roc_auc": auc, "ap": ap, "seconds": t_proto + t}
     key = f"{ds}-{setting}{'' if NOISE_SEED == 0 else f'-seed{NOISE_SEED}'}"
     if key not in cache:
         with store.open_artifact(folder / "features.h5", "features") as a:
             x, y, sp = a.read("features").astype(np.float32), a.read("labels").astype(int), a.read("splits")
+            clean = a.read("clean_labels")
         tr = sp == "train"
+        noisy = (y != clean)[tr]
         q, t = cleanlab_scores(x[tr], y[tr])
         cache[key] = {"roc_auc": sn.roc_auc(noisy, -q), "ap": sn.average_precision(noisy, -q), "seconds": t}
     res["cleanlab"] = cache[key]
-    res["noise_rate"] = float(noisy.mean())
+    res["noise_rate"] = noise_rate
     return res
 
 

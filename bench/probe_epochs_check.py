@@ -18,8 +18,6 @@ from pathlib import Path
 
 import detection_types as dt
 from benchlib import sinet
-from sinet_cli import store
-from stages import score_noise as sn
 
 
 def main() -> None:
@@ -41,10 +39,7 @@ def main() -> None:
                 seconds = time.perf_counter() - t
                 for mode in ("paper", "fused"):
                     sinet("score-noise", "--out", folder, "--force", "--score", mode)
-                    with store.open_artifact(folder / "scores.h5", "scores") as s:
-                        w, lab, clean, sp = s.read("weight"), s.read("labels"), s.read("clean_labels"), s.read("splits")
-                    tr = sp == "train"
-                    row.append(f"epochs {epochs} {mode} {sn.roc_auc((lab != clean)[tr], -w[tr]):.4f}")
+                    row.append(f"epochs {epochs} {mode} {dt.weight_detection(folder)[0]:.4f}")
                 row.append(f"epochs {epochs} make-prototypes {seconds:.2f} s")
             print(f"{ds:10s} {setting:9s} {'held out' if args.heldout else 'design'} | " + " | ".join(row),
                   flush=True)

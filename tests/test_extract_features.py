@@ -472,7 +472,7 @@ def test_extraction_with_static_padding_gives_the_same_features(monkeypatch):
     kw = dict(pixels=demo.pixels, positions=np.arange(40), batch_size=16)
     padded = np.concatenate([b.features for b in stage.extract(model, pre, static_padding=False, **kw)])
     assert calls == [0]
-    static = np.concatenate([b.features for b in stage.extract(model, pre, **kw)])  # the CPU default
+    static = np.concatenate([b.features for b in stage.extract(model, pre, **kw)])  # the default
     assert calls[1:] == [5]  # once, on the first batch: test_efficientnet's 5 stride-2 convs
     np.testing.assert_allclose(static, padded, atol=1e-5)
     x = pre(torch.from_numpy(demo.pixels[:2]))

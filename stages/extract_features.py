@@ -346,6 +346,27 @@ def _agrees(net: torch.nn.Module, example: torch.Tensor, want: torch.Tensor, rto
     return float((got - want).norm() / want.norm().clamp_min(1e-12)) <= rtol
 
 
+def _checked_copy(model: torch.nn.Module, example: torch.Tensor, *, fold_bn: bool, static_padding: bool,
+                  rtol: float) -> tuple[torch.nn.Module, int, int]:
+    """One inference copy of ``model`` with the asked steps applied (batch norms folded, TF-"SAME"
+    convs made static for the sizes they see on ``example``), kept only when its pooled features of
+    ``example`` are within ``rtol`` relative of the model's. Nothing to change or a failed check:
+    the model itself (not copied). Returns (model to use, batch norms folded, convs made static)."""
+    import copy
+
+    names = _same_conv_names(model) if static_padding else []
+    fold_bn = fold_bn and next(_conv_bn_pairs(model), None) is not None
+    if not fold_bn and not names:  # nothing to change (e.g. a transformer): no copy
+        return model, 0, 0
+    want, sizes = _reference(model, example, names)
+    net = copy.deepcopy(model).eval()
+    folded = _fold_into(net) if fold_bn else 0
+    padded = _static_into(net, sizes)
+    if (folded or padded) and _agrees(net, example, want, rtol):
+        return net, folded, padded
+    return model, 0, 0
+
+
 def fold_batchnorm(model: torch.nn.Module, example: torch.Tensor, rtol: float = 1e-4) -> tuple[torch.nn.Module, int]:
     """An inference copy of ``model`` with each eval-mode batch norm that directly follows a Conv2d
     (next to it among its parent's children) folded into that conv:
@@ -355,17 +376,8 @@ def fold_batchnorm(model: torch.nn.Module, example: torch.Tensor, rtol: float = 
     the model's by more than ``rtol`` relative (a child order that is not the forward order), or
     nothing folds, the model itself is returned. Returns (model to use, batch norms folded).
     """
-    import copy
-
-    if next(_conv_bn_pairs(model), None) is None:  # nothing to fold (e.g. a transformer): no copy
-        return model, 0
-    with torch.no_grad():
-        want = _pooled(model, example)
-    fused = copy.deepcopy(model).eval()
-    count = _fold_into(fused)
-    if not _agrees(fused, example, want, rtol):
-        return model, 0
-    return fused, count
+    model, folded, _ = _checked_copy(model, example, fold_bn=True, static_padding=False, rtol=rtol)
+    return model, folded
 
 
 def same_padding(size: int, kernel: int, stride: int, dilation: int = 1) -> tuple[int, int]:
@@ -463,17 +475,8 @@ def static_same_padding(model: torch.nn.Module, example: torch.Tensor, rtol: flo
     ``rtol`` relative from the model's, or nothing to replace, and the model itself is returned
     (with nothing to replace, not copied). Returns (model to use, convs replaced).
     """
-    import copy
-
-    names = _same_conv_names(model)
-    if not names:
-        return model, 0
-    want, sizes = _reference(model, example, names)
-    static = copy.deepcopy(model).eval()
-    count = _static_into(static, sizes)
-    if count == 0 or not _agrees(static, example, want, rtol):
-        return model, 0
-    return static, count
+    model, _, padded = _checked_copy(model, example, fold_bn=False, static_padding=True, rtol=rtol)
+    return model, padded
 
 
 def prepare_for_inference(model: torch.nn.Module, example: torch.Tensor, *, fold_bn: bool = True,
@@ -483,24 +486,11 @@ def prepare_for_inference(model: torch.nn.Module, example: torch.Tensor, *, fold
     :func:`static_same_padding`), checked once on ``example`` (a few preprocessed rows of the first
     batch). Should the copy disagree with the model, each step is tried on its own, and each kept
     only if its own check passes. Nothing to change: the model itself. Returns (model, counts)."""
-    import copy
-
-    names = _same_conv_names(model) if static_padding else []
-    fold_bn = fold_bn and next(_conv_bn_pairs(model), None) is not None
-    if not fold_bn and not names:
-        return model, {"batch_norms_folded": 0, "same_convs_static": 0}
-    want, sizes = _reference(model, example, names)
-    net = copy.deepcopy(model).eval()
-    folded = _fold_into(net) if fold_bn else 0
-    padded = _static_into(net, sizes)
-    if (folded or padded) and _agrees(net, example, want, rtol):
-        return net, {"batch_norms_folded": folded, "same_convs_static": padded}
-    folded = padded = 0
-    if fold_bn:
-        model, folded = fold_batchnorm(model, example, rtol)
-    if names:
-        model, padded = static_same_padding(model, example, rtol)
-    return model, {"batch_norms_folded": folded, "same_convs_static": padded}
+    net, folded, padded = _checked_copy(model, example, fold_bn=fold_bn, static_padding=static_padding, rtol=rtol)
+    if net is model and fold_bn and static_padding:  # the combined copy disagreed: each step on its own
+        model, folded, _ = _checked_copy(model, example, fold_bn=True, static_padding=False, rtol=rtol)
+        net, _, padded = _checked_copy(model, example, fold_bn=False, static_padding=True, rtol=rtol)
+    return net, {"batch_norms_folded": folded, "same_convs_static": padded}
 
 
 @torch.inference_mode()

@@ -167,8 +167,7 @@ def score_block(
         Cp = probe.W.shape[2]
         VT = _padded_columns(torch.cat([V.t().cpu(), torch.as_tensor(probe.W.mean(0))], 1)).to(dev)
         probe_b = torch.as_tensor(probe.b.mean(0)).to(dev)
-        lab_p_np = np.where((labels >= 0) & (labels < Cp), labels, 0)
-        lab_p = torch.as_tensor(lab_p_np).to(dev)
+        lab_p = torch.as_tensor(np.where((labels >= 0) & (labels < Cp), labels, 0)).to(dev)
         label_p = torch.empty(B, device=dev)
     else:
         VT = _padded_columns(V.t().cpu()).to(dev)  # few prototypes: zero columns, sliced off after the product
@@ -213,7 +212,7 @@ def score_block(
     nd2 = nd2.cpu().numpy()
     if probe is not None:
         label_p = label_p.cpu().numpy()
-        _out_of_fold(probe, features, torch.as_tensor(lab_p_np), np.arange(B) if rows is None else rows, label_p)
+        _out_of_fold(probe, features, lab_p.cpu(), np.arange(B) if rows is None else rows, label_p)
         label_p = np.where((labels >= 0) & (labels < Cp), label_p, 0.0).astype(np.float32)
     return BlockScores(
         distance=dist,

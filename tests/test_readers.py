@@ -5,6 +5,7 @@ from typer.testing import CliRunner
 
 from fixtures_layouts import CLOTHING1M_NAMES, make_clothing1m, make_webvision
 from sinet_cli import store
+from sinet_cli.app import app
 from sinet_cli.common import _extra_readers, dataset_name, load_table
 from sinet_cli.datasets import ClassTable, jsonmeta
 from sinet_cli.datasets.clothing1m import CLEAN_ID_PREFIX, clothing1m_classes, read_clothing1m
@@ -97,6 +98,47 @@ def test_clothing1m_user_classes_must_match_the_category_file(c1m, tmp_path):
         read_clothing1m(c1m["root"], bad)
     mine = ClassTable.from_names([n.lower() for n in CLOTHING1M_NAMES])
     assert read_clothing1m(c1m["root"], mine).classes.names[0] == "t-shirt"
+
+
+@pytest.mark.parametrize("names", [
+    ["T-shirt", "shirts", "knit_wear", "Chiffon", "Sweaters", "Hoodies", "wind breaker", "Jacket", "Down Coat",
+     "Suit", "shawl", "Dresses", "VEST", "Underwear"],
+    ["t_shirt", "Shirt", "Knitwear", "chiffon", "Sweater", "hoodie", "Windbreaker", "jackets", "downcoat", "Suits",
+     "Shawl", "dress", "Vest", "under-wear"],
+])
+def test_clothing1m_category_spellings_match_the_packaged_rows(c1m, capsys, names):
+    path = c1m["ann"] / "category_names_eng.txt"
+    path.write_text("".join(f"{n}\n" for n in names), encoding="utf-8")
+    t = read_clothing1m(c1m["root"]).classes
+    packaged = clothing1m_classes()
+    assert t.names == names  # the file's spelling, in its order
+    assert (t.synsets, t.descriptions, t.parents) == (packaged.synsets, packaged.descriptions, packaged.parents)
+    assert "warning" not in capsys.readouterr().err
+
+
+def test_clothing1m_a_name_outside_the_table_is_looked_up_in_wordnet(c1m, capsys, tmp_path):
+    path = c1m["ann"] / "category_names_eng.txt"
+    names = CLOTHING1M_NAMES.copy()
+    names[6] = "Parka"  # instead of Windbreaker
+    path.write_text("".join(f"{n}\n" for n in names), encoding="utf-8")
+    t = read_clothing1m(c1m["root"]).classes
+    err = capsys.readouterr().err
+    assert (t.synsets[6], t.descriptions[6], t.parents[6]) == (None, None, None)
+    assert t.synsets[0] == "tee_shirt.n.01" and t.parents[8] == "coat.n.01" and t.source == str(path)
+    assert "'Parka'" in err and str(path) in err and err.count("\n") == 1
+    # exactly the packaged names: the packaged table itself
+    path.write_text("".join(f"{n}\n" for n in CLOTHING1M_NAMES), encoding="utf-8")
+    assert read_clothing1m(c1m["root"]).classes.source.endswith("clothing1m_classes.tsv")
+    # build-graph places it by its name, the other rows from the packaged table
+    path.write_text("".join(f"{n}\n" for n in names), encoding="utf-8")
+    done = CliRunner().invoke(app, ["build-graph", "--data", f"clothing1m:{c1m['root']}", "--sources", "wordnet",
+                                    "--out", str(tmp_path / "o")])
+    assert done.exit_code == 0, done.output
+    with store.open_artifact(tmp_path / "o" / "graph.h5", "graph") as art:
+        res = art.json_attr("name_resolution")
+    assert (res[6]["synset"], res[6]["source"]) == ("parka.n.01", "name")
+    assert (res[0]["synset"], res[0]["source"]) == ("jersey.n.03", "table")
+    assert (res[8]["synset"], res[8]["source"], res[8]["rule"]) == ("coat.n.01", "parent", "parent column")
 
 
 def _edit(path, line_no, new):

@@ -10,6 +10,7 @@ from __future__ import annotations
 import functools
 import re
 import warnings
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated, Any, Callable, Optional
 
@@ -162,6 +163,124 @@ def _wordnet() -> Any:
     from ..sideinfo import wordnet
 
     return wordnet()
+
+
+@dataclass
+class Placement:
+    """Where each class sits in WordNet, and why (see :func:`place_classes`)."""
+
+    synsets: list[Any | None]  # the class's own synset
+    placed: list[tuple[str, Any] | None]  # (class name, parent synset): one edge below the parent
+    gloss: list[Any | None]  # the synset whose gloss describes the class (own, else parent)
+    entries: list[dict[str, Any]]  # graph.h5's name_resolution, one per class
+    table_problems: list[str] = field(default_factory=list)  # unknown ids/parents in the class table
+    by_name: list[Any] = field(default_factory=list)  # the NameResolution of each class looked up by name
+
+    @property
+    def unresolved(self) -> list[str]:
+        return [e["class"] for e in self.entries if e["source"] == "none"]
+
+
+def place_classes(wn: Any, table: Any, use_parents: bool, strict: bool) -> Placement:
+    """Place every class: the class table's synset column first (the override), then its parent
+    column (``use_parents``: the column holds WordNet synsets), then the class name
+    (:func:`stages.build_graph.resolve_class_name`). An unknown id or parent in the table is looked
+    up by name instead (``strict``: a one-line error naming the class and the file)."""
+    from stages import build_graph as stage
+
+    C = len(table)
+    out = Placement([None] * C, [None] * C, [None] * C, [])
+    for i, (name, sid, parent) in enumerate(zip(table.names, table.synsets, table.parents)):
+        entry: dict[str, Any] | None = None
+        problem = ""
+        if sid:
+            syn = lookup_synset(wn, sid)
+            if syn is not None:
+                out.synsets[i] = out.gloss[i] = syn
+                entry = {"synset": syn.name(), "source": "table", "lemma": "", "rule": "synset column",
+                         "detail": f"{syn.name()} (synset column)"}
+            else:
+                problem = f"class {name!r} has unknown WordNet synset {sid!r}"
+                if strict:
+                    raise SinetError(f"{table.source}: {problem} (expected a name like dog.n.01 or an offset like "
+                                     "n02084071; without --strict it is looked up by its name)")
+        if entry is None and parent and use_parents:
+            ps = lookup_synset(wn, parent)
+            if ps is not None:
+                out.placed[i] = (name, ps)
+                out.gloss[i] = ps
+                entry = {"synset": ps.name(), "source": "parent", "lemma": "", "rule": "parent column",
+                         "detail": f"below {ps.name()} (parent column)"}
+            else:
+                problem = problem or f"class {name!r} has no synset and its parent {parent!r} is not a WordNet synset"
+                if strict:
+                    raise SinetError(f"{table.source}: {problem} (fix the parent, use --hierarchy taxonomy, or drop "
+                                     "--strict to look the class up by its name)")
+        if entry is None:
+            r = stage.resolve_class_name(name, wn)
+            out.by_name.append(r)
+            if r.synset is None:
+                entry = {"synset": "", "source": "none", "lemma": "", "rule": "", "detail": r.describe()}
+            else:
+                syn = wn.synset(r.synset)
+                out.gloss[i] = syn
+                if r.placed:
+                    out.placed[i] = (name, syn)
+                else:
+                    out.synsets[i] = syn
+                entry = {"synset": r.synset, "source": "parent" if r.placed else "name", "lemma": r.lemma,
+                         "rule": r.rule, "detail": r.describe()}
+            entry.update(senses=r.senses, modifier=r.modifier, alternative=r.part)
+        if problem:
+            out.table_problems.append(problem)
+            entry["detail"] = f"{entry['detail']}; {problem[problem.index(' has ') + 1:]}"
+        out.entries.append({"class": name, **entry})
+    return out
+
+
+def resolution_summary(placement: Placement, limit: int = 5) -> str | None:
+    """One line on the classes looked up by name (None when the class table placed every class):
+    the least obvious choices first (placed below a head noun, alternatives, several senses)."""
+    entries = [e for e in placement.entries if e["source"] in ("name", "parent") and e["rule"] not in
+               ("synset column", "parent column")]
+    if not entries and not placement.unresolved:
+        return None
+    C = len(placement.entries)
+
+    def interest(e: dict[str, Any]) -> int:
+        return 0 if e["source"] == "parent" else 1 if e["alternative"] or e["senses"] > 1 or e["rule"] != "lemma" else 2
+
+    def short(e: dict[str, Any]) -> str:
+        why = [e["rule"]] if e["source"] == "parent" else []
+        if e["alternative"]:
+            why.append(f"from {e['alternative']!r}")
+        if e["senses"] > 1:
+            why.append(f"{e['senses']} senses")
+        where = f"below {e['synset']}" if e["source"] == "parent" else e["synset"]
+        return f"{e['class']} -> {where}" + (f" ({', '.join(why)})" if why else "")
+
+    shown = sorted(entries, key=interest)[:limit]
+    more = f" and {len(entries) - len(shown)} more" if len(entries) > len(shown) else ""
+    unresolved = len(placement.unresolved)
+    line = f"resolved {len(entries)} of {C} class names in WordNet: {', '.join(map(short, shown))}{more}"
+    if unresolved:
+        line += f"; {unresolved} unresolved"
+    return line + " (graph.h5 attribute name_resolution has each choice)"
+
+
+def check_strict(source: str, problems: list[str], unknown: list[str], mode: str, taxonomy: Path | None) -> None:
+    """``--strict``: a one-line error for the first class without a place in the hierarchy."""
+    if problems:
+        more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
+        raise SinetError(f"{source}: {problems[0]}{more} (--strict)")
+    if unknown:
+        more = f" (and {len(unknown) - 1} more)" if len(unknown) > 1 else ""
+        if mode == "wordnet":
+            raise SinetError(f"{source}: class {unknown[0]!r}{more} has no WordNet synset and its name resolves to "
+                             "nothing (fill the synset column of a class table, --classes, or drop --strict to use "
+                             "text similarity only for it)")
+        raise SinetError(f"{taxonomy if taxonomy is not None else source}: class {unknown[0]!r}{more} is not in the "
+                         "taxonomy (add a child<TAB>parent line, or drop --strict to use text similarity only for it)")
 
 
 # -- taxonomy ----------------------------------------------------------------------------------
@@ -345,10 +464,15 @@ def build_graph(
                           rich_help_panel="Hierarchy")
     ] = "path",
     tau: Annotated[float, typer.Option(help="Temperature of --hierarchy-sim exp.", rich_help_panel="Hierarchy")] = 2.0,
-    lenient: Annotated[
+    strict: Annotated[
         bool,
-        typer.Option("--lenient", help="A class with a missing/unknown synset (or not in the taxonomy) gets no S_w "
-                     "relations (0 off-diagonal) instead of an error.", rich_help_panel="Hierarchy"),
+        typer.Option("--strict", help="Stop with an error naming the class and the file when a class has no place in "
+                     "the hierarchy (its name resolves to nothing in WordNet, an unknown synset or parent in the class "
+                     "table, a class missing from the taxonomy). Without it such a class gets a warning and takes part "
+                     "through text similarity only (its S_w row is 0 off-diagonal).", rich_help_panel="Hierarchy"),
+    ] = False,
+    lenient: Annotated[
+        bool, typer.Option("--lenient", hidden=True, help="Deprecated, no effect: lenient is the default (see --strict).")
     ] = False,
     encoder: Annotated[
         Optional[Path],
@@ -375,7 +499,19 @@ def build_graph(
 ) -> None:
     """Build the class relation graphs S_w (hierarchy), S_l (text, eq. 2) and S_t = S_l + S_w (eq. 3).
 
-    Example: sinet build-graph --data demo --show 3
+    Class names find their own place in WordNet. A class without a synset in a class table
+    (--classes; a folder name, a manifest label) is looked up by its name: case, _ - and spaces,
+    and plurals do not matter (ankle_boot, T-shirt, Down Coat, sneakers, tshirt). The whole name
+    is tried as one word first (tee_shirt, t-shirt), then the first of alternatives (T-shirt/top),
+    then its head noun: 'ankle boot' sits one edge below boot.n.01, 'Down Coat' below coat.n.01.
+    Only noun senses count; of several, the first (WordNet's most frequent) is taken. A name ending
+    in a number (class_01), or with verb or adjective senses only (casual), is not looked up.
+    Every choice is printed and stored in graph.h5 (attribute name_resolution); the class table's
+    synset column, or its parent column, overrides it. A name that resolves to nothing (a brand, a
+    word in another language) gets one warning and takes part through text similarity only (its
+    S_w row is 0 off-diagonal); --strict makes it an error.
+
+    Example: sinet build-graph --data imagefolder:photos --show 3
     """
     from stages import build_graph as stage
 
@@ -403,13 +539,20 @@ def build_graph(
     if taxonomy is not None and mode != "taxonomy":
         raise SinetError("--taxonomy given with --hierarchy wordnet: drop one")
     use_h = "hierarchy" in srcs
-    need_wordnet = (use_h and mode == "wordnet") or ("text" in srcs and any(table.synsets))
+    # WordNet places the classes for S_w and gives the glosses the text source describes them by
+    need_wordnet = (use_h and mode == "wordnet") or "text" in srcs
+    if lenient:
+        console.warn("--lenient is deprecated and has no effect: a class without a place in the hierarchy gets a "
+                     "warning by default (--strict makes it an error)")
 
     folder = artifact_dir(out, data)
     target = folder / "graph.h5"
-    params: dict[str, Any] = {"sources": srcs, "lenient": lenient}
+    # --strict is no param: it only decides whether a class without a place stops the command
+    params: dict[str, Any] = {"sources": srcs}
+    if use_h or need_wordnet:
+        params["hierarchy"] = mode  # wordnet mode reads the parent column as WordNet synsets
     if use_h:
-        params.update(hierarchy=mode, hierarchy_sim=hierarchy_sim)
+        params.update(hierarchy_sim=hierarchy_sim)
         if hierarchy_sim == "exp":
             params["tau"] = tau
     if "text" in srcs:
@@ -421,54 +564,48 @@ def build_graph(
     if use_h and mode == "taxonomy" and taxonomy is not None:
         inputs["taxonomy"] = store.fingerprint_file(taxonomy)
     if need_wordnet:
-        import nltk
+        from ..sideinfo import wordnet_fingerprint
 
-        inputs["wordnet"] = f"wordnet-3.0/nltk-{nltk.__version__}"
+        # the WordNet release and the name-resolution rules: the class names are in inputs["classes"]
+        inputs["wordnet"] = f"{wordnet_fingerprint()}/names-{stage.NAME_RULES_VERSION}"
     enc_dir = None
     if "text" in srcs or "name" in srcs:
         enc_dir = encoder_dir(encoder)
         inputs["encoder"] = encoder_fingerprint(enc_dir)
     if not force and store.is_up_to_date(target, "graph", params, inputs):
+        if strict:
+            with store.open_artifact(target, "graph") as art:
+                check_strict(table.source, art.json_attr("table_problems", []), art.json_attr("unknown_hierarchy", []),
+                             mode, taxonomy)
         console.info(f"{target}: up to date, nothing to do (use --force to recompute)")
         return
 
-    # -- WordNet lookups (every class with a synset id, so a bad id is reported whatever the sources)
+    # -- WordNet: every class's place (the class table's synset or parent column, else its name)
     synsets: list[Any | None] = [None] * C
-    bad_ids: list[str] = []
-    if need_wordnet:
-        wn = _wordnet()
-        for i, (name, sid) in enumerate(zip(table.names, table.synsets)):
-            if sid:
-                synsets[i] = lookup_synset(wn, sid)
-                if synsets[i] is None:
-                    bad_ids.append(name)
-                    if not lenient:
-                        raise SinetError(
-                            f"{table.source}: class {name!r} has unknown WordNet synset {sid!r} (expected a name "
-                            "like dog.n.01 or an offset like n02084071; --lenient drops S_w for this class)"
-                        )
-        if bad_ids:
-            console.warn(f"unknown WordNet synset for {_names(bad_ids)}: no hierarchy relations or gloss for them")
+    gloss: list[Any | None] = [None] * C
     placed: list[tuple[str, Any] | None] = [None] * C
-    if need_wordnet and use_h and mode == "wordnet":
-        for i, (name, sid, parent) in enumerate(zip(table.names, table.synsets, table.parents)):
-            if not sid and parent:
-                ps = lookup_synset(wn, parent)
-                if ps is None and not lenient:
-                    raise SinetError(f"{table.source}: class {name!r} has no synset and its parent {parent!r} is not "
-                                     "a WordNet synset (use --hierarchy taxonomy, fix the parent, or --lenient)")
-                placed[i] = None if ps is None else (name, ps)
-        if any(placed):
-            console.info(f"placed one edge below their WordNet parent: {_names([p[0] for p in placed if p])}")
+    placement: Placement | None = None
+    if need_wordnet:
+        placement = place_classes(_wordnet(), table, use_parents=mode == "wordnet", strict=strict)
+        synsets, gloss, placed = placement.synsets, placement.gloss, placement.placed
+        if strict and use_h and mode == "wordnet":
+            check_strict(table.source, [], placement.unresolved, mode, None)
+        if placement.table_problems:
+            console.warn(f"{table.source}: {'; '.join(placement.table_problems[:3])}"
+                         f"{f' and {len(placement.table_problems) - 3} more' if len(placement.table_problems) > 3 else ''}"
+                         ": looked up by name instead")
+        line = resolution_summary(placement)
+        if line:
+            console.info(line)
 
     # -- descriptions (checked before any long computation)
     descriptions: list[str] | None = None
     desc_sources: list[str] | None = None
     if "text" in srcs:
-        descriptions, desc_sources, empty, name_only = choose_descriptions(table, synsets)
+        descriptions, desc_sources, empty, name_only = choose_descriptions(table, gloss)
         if empty:
             console.warn(f"empty description for {_names(empty)}: using the WordNet gloss (or the name)")
-        if name_only:
+        if name_only and not (use_h and mode == "wordnet"):  # else the unresolved warning below names them
             console.warn(f"no description or WordNet gloss for {_names(name_only)}: encoding the class name")
 
     # -- S_w
@@ -476,12 +613,6 @@ def build_graph(
     known = np.zeros(C, dtype=np.int64)
     if use_h:
         if mode == "wordnet":
-            missing = [n for n, sid, p in zip(table.names, table.synsets, placed) if not sid and p is None]
-            if missing and not lenient:
-                raise SinetError(
-                    f"{table.source}: class {missing[0]!r}{f' (and {len(missing) - 1} more)' if len(missing) > 1 else ''}"
-                    " has no WordNet synset (fill the synset column, use --taxonomy, or --lenient to drop S_w for it)"
-                )
             with progress_bar("hypernym paths", C) as advance:
                 maps, wup_info = wordnet_hierarchy(synsets, with_depths=hierarchy_sim == "wup", progress=advance,
                                                    placed=placed)
@@ -499,16 +630,16 @@ def build_graph(
                 wup_info = {"node_depth": depths}
             except ValueError as e:
                 raise SinetError(f"{taxonomy if taxonomy is not None else table.source}: {e}") from None
-            missing = [n for n, m in zip(table.names, maps) if m is None]
-            if missing and not lenient:
-                raise SinetError(
-                    f"{taxonomy if taxonomy is not None else table.source}: class {missing[0]!r}"
-                    f"{f' (and {len(missing) - 1} more)' if len(missing) > 1 else ''} is not in the taxonomy "
-                    "(add a child<TAB>parent line, or --lenient to drop S_w for it)"
-                )
+            if strict:
+                check_strict(table.source, [], [n for n, m in zip(table.names, maps) if m is None], mode, taxonomy)
         unknown = [n for n, m in zip(table.names, maps) if m is None]
         if unknown:
-            console.warn(f"no place in the {mode} hierarchy for {_names(unknown)}: their S_w rows are 0 off-diagonal")
+            why = "their names resolve to nothing in WordNet" if mode == "wordnet" else "not in the taxonomy"
+            fix = ("fill the synset column of a class table (--classes)" if mode == "wordnet"
+                   else "add child<TAB>parent lines")
+            console.warn(f"{len(unknown)} of {C} classes have no place in the {mode} hierarchy ({why}): "
+                         f"{_names(unknown)}; they take part through text similarity only (S_w row 0 off-diagonal; "
+                         f"{fix}, or --strict to stop here)")
         known = np.array([m is not None for m in maps], dtype=np.int64)
         try:
             with progress_bar("S_w", C) as advance:
@@ -527,7 +658,7 @@ def build_graph(
             texts = [description_text(n, d, s) for n, d, s in zip(table.names, descriptions, desc_sources)]
             if text_head == "bilstm":
                 per_class = [class_texts(n, t, d, u, s) for n, t, d, u, s in
-                             zip(table.names, texts, descriptions, table.descriptions, synsets)]
+                             zip(table.names, texts, descriptions, table.descriptions, gloss)]
                 try:
                     with progress_bar("text head", head_steps) as advance:
                         res = stage.train_text_head(
@@ -566,6 +697,9 @@ def build_graph(
         "synsets": [s.name() if s is not None else "" for s in synsets],
         "unknown_hierarchy": [n for n, k in zip(table.names, known) if use_h and not k],
     }
+    if placement is not None:
+        attrs["name_resolution"] = placement.entries
+        attrs["table_problems"] = placement.table_problems
     if head_record:
         attrs["text_head"] = head_record
     fp = store.write_artifact(target, "graph", data_out, params, inputs, attrs)

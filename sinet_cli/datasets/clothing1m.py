@@ -143,13 +143,36 @@ def _class_table(root: Path, classes: ClassTable | None) -> ClassTable:
             )
         return classes
     packaged = clothing1m_classes()
-    if names is None or [n.lower() for n in names] == [n.lower() for n in packaged.names]:
+    if names is None or names == packaged.names:
         return packaged
-    console.warn(
-        f"{category_file}: class names differ from the packaged Clothing1M table; using them without synsets "
-        "or descriptions (pass --classes for a full class table)"
-    )
-    return ClassTable.from_names(names, source=str(category_file))
+    return match_packaged(names, packaged, str(category_file))
+
+
+def match_packaged(names: list[str], packaged: ClassTable, source: str) -> ClassTable:
+    """The class table of a category file's ``names`` (in its order, in its spelling): each name takes
+    the synset, description and parent of the packaged row it is a spelling of (case, ``_`` / ``-`` /
+    spaces and a plural ``-s``/``-es`` do not matter: ``T-shirt``, ``t_shirt``, ``Down Coat``, ``downcoat``,
+    ``Dresses``); a name that matches no row has none, and build-graph looks it up in WordNet by name."""
+    from stages.build_graph import same_name
+
+    synsets: list[str | None] = []
+    descriptions: list[str | None] = []
+    parents: list[str | None] = []
+    unmatched: list[str] = []
+    for name in names:
+        j = next((j for j, p in enumerate(packaged.names) if same_name(name, p)), None)
+        if j is None:
+            unmatched.append(name)
+        synsets.append(None if j is None else packaged.synsets[j])
+        descriptions.append(None if j is None else packaged.descriptions[j])
+        parents.append(None if j is None else packaged.parents[j])
+    if unmatched:
+        shown = ", ".join(repr(n) for n in unmatched[:5]) + (f" and {len(unmatched) - 5} more" if len(unmatched) > 5 else "")
+        console.warn(
+            f"{source}: {shown} {'is' if len(unmatched) == 1 else 'are'} not in the packaged Clothing1M class table; "
+            "build-graph looks them up in WordNet by name (or pass --classes with a synset column)"
+        )
+    return ClassTable(list(names), synsets, descriptions, parents, source)
 
 
 def read_clothing1m(

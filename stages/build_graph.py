@@ -370,6 +370,7 @@ _SYNSET_ID = re.compile(r"^[a-z0-9_.'-]+\.[nvasr]\.\d{1,2}$|^[nvasr]\d{8}$|^\d{8
 _ALTERNATIVES = re.compile(r"\s*[/,|&+;]\s*|\s+(?:and|or)\s+|_(?:and|or)_", re.IGNORECASE)
 _POSSESSIVE = re.compile(r"['\u2019]s\b|['\u2019]", re.IGNORECASE)
 _WORD = re.compile(r"[^\W_]+")
+_OFFSET = re.compile(r"^([nvasr])(\d{8})$|^(\d{8})-([nvasr])$")
 _POS_NAMES = {"n": "noun", "v": "verb", "a": "adjective", "s": "adjective", "r": "adverb"}
 MIN_COMPOUND_PART = 3  # the shortest head and modifier a closed compound ("downcoat") is split into
 
@@ -430,7 +431,8 @@ class NameResolution:
     note: str = ""
 
     def describe(self) -> str:
-        """One short phrase: ``boot.n.01 (head noun 'boot', below it)``, ``unresolved (...)``."""
+        """One short phrase: ``boot.n.01 (head noun 'boot', placed below it, 1st of 7 noun senses)``,
+        ``unresolved (not in WordNet)``."""
         if self.synset is None:
             return f"unresolved ({self.note})" if self.note else "unresolved"
         why = []
@@ -555,8 +557,9 @@ def resolve_class_name(name: str, wn: Any) -> NameResolution:
     4. Head noun of a multiword name: the longest run of last words that is a noun lemma; the
        class is placed one edge *below* it (``ankle boot`` below ``boot.n.01``, ``Down Coat``
        below ``coat.n.01``) and the words before it are kept as the modifier.
-    5. Closed compound: the last word split into a known word and a noun of at least
-       ``MIN_COMPOUND_PART`` letters each (``downcoat`` below ``coat.n.01``, modifier ``down``).
+    5. Closed compound: a last word WordNet does not know at all, split into a known word and a
+       noun of at least ``MIN_COMPOUND_PART`` letters each (``downcoat`` below ``coat.n.01``,
+       modifier ``down``).
 
     Senses: only noun senses count (image classes name things); of several, the first is taken
     (WordNet orders a lemma's senses by frequency) and ``senses`` says how many there were. A name
@@ -575,7 +578,7 @@ def resolve_class_name(name: str, wn: Any) -> NameResolution:
     """
     text = unicodedata.normalize("NFKC", name).strip()
     if _SYNSET_ID.match(text):
-        syn = _synset_by_id(wn, text)
+        syn = synset_by_id(wn, text)
         if syn is not None:
             return NameResolution(name, syn.name(), False, syn.lemmas()[0].name(), "synset id", 1)
     words = name_words(text)
@@ -597,16 +600,16 @@ def resolve_class_name(name: str, wn: Any) -> NameResolution:
     return replace(hit, name=name)
 
 
-def _synset_by_id(wn: Any, ident: str) -> Any | None:
+def synset_by_id(wn: Any, ident: str) -> Any | None:
     """``dog.n.01`` or an offset ``n02084071`` / ``02084071-n``; None if WordNet has no such synset."""
     try:
-        m = re.match(r"^([nvasr])(\d{8})$|^(\d{8})-([nvasr])$", ident)
+        m = _OFFSET.match(ident)
         if m:
             pos, off = (m.group(1), m.group(2)) if m.group(1) else (m.group(4), m.group(3))
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
                 return wn.synset_from_pos_and_offset(pos, int(off))
-        return wn.synset(ident.lower())
+        return wn.synset(ident)
     except Exception:  # nltk raises WordNetError / ValueError for ids it does not know
         return None
 

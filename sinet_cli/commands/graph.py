@@ -1,7 +1,7 @@
 """``sinet build-graph``: the class relation graphs S_w, S_l and S_t (graph.h5), section 3.1.
 
-This module is the loading side: it reads the class table and the taxonomy, looks classes up in
-WordNet, loads the frozen text encoder and chooses each class's description; the computation
+This module is the loading side: it reads the class table and the taxonomy, places classes in
+WordNet (by the table's synset or parent column, else by name: ``stages.build_graph.resolve_class_name``), loads the frozen text encoder and chooses each class's description; the computation
 (eq. 2, eq. 3, the hierarchy distances, the BiLSTM text head) lives in ``stages.build_graph``.
 """
 
@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import functools
 import re
-import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated, Any, Callable, Optional
@@ -50,22 +49,11 @@ def parse_sources(spec: str) -> list[str]:
 
 # -- WordNet -----------------------------------------------------------------------------------
 
-_OFFSET = re.compile(r"^([nvasr])(\d{8})$|^(\d{8})-([nvasr])$")
-
-
 def lookup_synset(wn: Any, ident: str) -> Any | None:
     """A synset from ``dog.n.01`` or an offset id ``n02084071`` / ``02084071-n``; None if unknown."""
-    ident = ident.strip()
-    m = _OFFSET.match(ident)
-    try:
-        if m:
-            pos, off = (m.group(1), m.group(2)) if m.group(1) else (m.group(4), m.group(3))
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")
-                return wn.synset_from_pos_and_offset(pos, int(off))
-        return wn.synset(ident)
-    except Exception:  # nltk raises WordNetError or ValueError for malformed/unknown names
-        return None
+    from stages.build_graph import synset_by_id
+
+    return synset_by_id(wn, ident.strip())
 
 
 def synset_ancestors(synset: Any) -> dict[str, int]:
@@ -174,7 +162,6 @@ class Placement:
     gloss: list[Any | None]  # the synset whose gloss describes the class (own, else parent)
     entries: list[dict[str, Any]]  # graph.h5's name_resolution, one per class
     table_problems: list[str] = field(default_factory=list)  # unknown ids/parents in the class table
-    by_name: list[Any] = field(default_factory=list)  # the NameResolution of each class looked up by name
 
     @property
     def unresolved(self) -> list[str]:
@@ -192,7 +179,7 @@ def place_classes(wn: Any, table: Any, use_parents: bool, strict: bool) -> Place
     out = Placement([None] * C, [None] * C, [None] * C, [])
     for i, (name, sid, parent) in enumerate(zip(table.names, table.synsets, table.parents)):
         entry: dict[str, Any] | None = None
-        problem = ""
+        problem = ""  # what is wrong with the class's row of the table
         if sid:
             syn = lookup_synset(wn, sid)
             if syn is not None:
@@ -200,10 +187,10 @@ def place_classes(wn: Any, table: Any, use_parents: bool, strict: bool) -> Place
                 entry = {"synset": syn.name(), "source": "table", "lemma": "", "rule": "synset column",
                          "detail": f"{syn.name()} (synset column)"}
             else:
-                problem = f"class {name!r} has unknown WordNet synset {sid!r}"
+                problem = f"unknown WordNet synset {sid!r}"
                 if strict:
-                    raise SinetError(f"{table.source}: {problem} (expected a name like dog.n.01 or an offset like "
-                                     "n02084071; without --strict it is looked up by its name)")
+                    raise SinetError(f"{table.source}: class {name!r} has {problem} (expected a name like dog.n.01 or "
+                                     "an offset like n02084071; without --strict it is looked up by its name)")
         if entry is None and parent and use_parents:
             ps = lookup_synset(wn, parent)
             if ps is not None:
@@ -212,13 +199,12 @@ def place_classes(wn: Any, table: Any, use_parents: bool, strict: bool) -> Place
                 entry = {"synset": ps.name(), "source": "parent", "lemma": "", "rule": "parent column",
                          "detail": f"below {ps.name()} (parent column)"}
             else:
-                problem = problem or f"class {name!r} has no synset and its parent {parent!r} is not a WordNet synset"
+                problem = problem or f"a parent {parent!r} that is not a WordNet synset"
                 if strict:
-                    raise SinetError(f"{table.source}: {problem} (fix the parent, use --hierarchy taxonomy, or drop "
-                                     "--strict to look the class up by its name)")
+                    raise SinetError(f"{table.source}: class {name!r} has {problem} (fix the parent, use --hierarchy "
+                                     "taxonomy, or drop --strict to look the class up by its name)")
         if entry is None:
             r = stage.resolve_class_name(name, wn)
-            out.by_name.append(r)
             if r.synset is None:
                 entry = {"synset": "", "source": "none", "lemma": "", "rule": "", "detail": r.describe()}
             else:
@@ -232,8 +218,8 @@ def place_classes(wn: Any, table: Any, use_parents: bool, strict: bool) -> Place
                          "rule": r.rule, "detail": r.describe()}
             entry.update(senses=r.senses, modifier=r.modifier, alternative=r.part)
         if problem:
-            out.table_problems.append(problem)
-            entry["detail"] = f"{entry['detail']}; {problem[problem.index(' has ') + 1:]}"
+            out.table_problems.append(f"class {name!r} has {problem}")
+            entry["detail"] = f"{entry['detail']}; the class table has {problem}"
         out.entries.append({"class": name, **entry})
     return out
 
@@ -505,7 +491,7 @@ def build_graph(
     is tried as one word first (tee_shirt, t-shirt), then the first of alternatives (T-shirt/top),
     then its head noun: 'ankle boot' sits one edge below boot.n.01, 'Down Coat' below coat.n.01.
     Only noun senses count; of several, the first (WordNet's most frequent) is taken. A name ending
-    in a number (class_01), or with verb or adjective senses only (casual), is not looked up.
+    in a number (class_01), or with verb or adjective senses only (casual), stays unresolved.
     Every choice is printed and stored in graph.h5 (attribute name_resolution); the class table's
     synset column, or its parent column, overrides it. A name that resolves to nothing (a brand, a
     word in another language) gets one warning and takes part through text similarity only (its
@@ -549,7 +535,7 @@ def build_graph(
     target = folder / "graph.h5"
     # --strict is no param: it only decides whether a class without a place stops the command
     params: dict[str, Any] = {"sources": srcs}
-    if use_h or need_wordnet:
+    if need_wordnet or use_h:
         params["hierarchy"] = mode  # wordnet mode reads the parent column as WordNet synsets
     if use_h:
         params.update(hierarchy_sim=hierarchy_sim)
@@ -594,6 +580,9 @@ def build_graph(
             console.warn(f"{table.source}: {'; '.join(placement.table_problems[:3])}"
                          f"{f' and {len(placement.table_problems) - 3} more' if len(placement.table_problems) > 3 else ''}"
                          ": looked up by name instead")
+        below_parent = [e["class"] for e in placement.entries if e["rule"] == "parent column"]
+        if below_parent:
+            console.info(f"placed one edge below their WordNet parent: {_names(below_parent)}")
         line = resolution_summary(placement)
         if line:
             console.info(line)

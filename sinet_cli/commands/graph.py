@@ -1,8 +1,10 @@
 """``sinet build-graph``: the class relation graphs S_w, S_l and S_t (graph.h5), section 3.1.
 
-This module is the loading side: it reads the class table and the taxonomy, places classes in
-WordNet (by the table's synset or parent column, else by name: ``stages.build_graph.resolve_class_name``), loads the frozen text encoder and chooses each class's description; the computation
-(eq. 2, eq. 3, the hierarchy distances, the BiLSTM text head) lives in ``stages.build_graph``.
+This module is the loading side: it reads the class table and the taxonomy, places the classes
+in WordNet (the table's synset or parent column, else the class name through
+``stages.build_graph.resolve_class_name``), loads the frozen text encoder and chooses each class's
+description; the computation (eq. 2, eq. 3, the hierarchy distances, the BiLSTM text head, the
+name resolution) lives in ``stages.build_graph``.
 """
 
 from __future__ import annotations

@@ -169,8 +169,13 @@ def test_bad_split_and_bad_label_type_name_shard_and_key(tmp_path):
     with pytest.raises(InputError, match=r"a/00000\.tar: sample '000000000': split 'training' is not one of train"):
         load_table(f"webdataset:{tmp_path}/a/00000.tar")
     write_shard(tmp_path / "b" / "00000.tar", [sample(0, ["boot"])])
-    with pytest.raises(InputError, match=r"b/00000\.tar: sample '000000000': label .* must be a class name or index"):
-        load_table(f"webdataset:{tmp_path}/b/00000.tar", class_table(tmp_path))
+    for classes in (class_table(tmp_path), None):
+        with pytest.raises(InputError, match=r"b/00000\.tar: sample '000000000': label must be a class name or "
+                                             r"index, not list \(JSON field 'label'\)"):
+            load_table(f"webdataset:{tmp_path}/b/00000.tar", classes)
+    write_shard(tmp_path / "c" / "00000.tar", [sample(0, "boot"), sample(1, " ")])
+    with pytest.raises(InputError, match=r"c/00000\.tar: sample '000000001': empty label \(JSON field 'label'\)"):
+        load_table(f"webdataset:{tmp_path}/c/00000.tar")
 
 
 def test_bad_and_oversized_json_are_logged_and_skipped(tmp_path, capsys, monkeypatch):
@@ -225,6 +230,18 @@ def test_patterns_braces_globs_urls_and_missing_shards(tmp_path):
     t = load_table(f"webdataset:file://{base}/*.tar")
     assert len(t) == 12 and t.paths[0] == f"file://{base}/00000.tar#000000000.jpg"
     assert t.ids.tolist() == load_table(f"webdataset:{base}/*.tar").ids.tolist()
+    # an fsspec filesystem other than the local one (opened, globbed and seeked through fsspec)
+    import fsspec
+
+    mem = fsspec.filesystem("memory")
+    try:
+        for k in range(3):
+            mem.pipe(f"/wds-test/boot/{k:05d}.tar", (tmp_path / "crawl" / f"{k:05d}.tar").read_bytes())
+        t = load_table("webdataset:memory://wds-test/boot/*.tar")
+        assert len(t) == 12 and t.paths[5] == "memory:///wds-test/boot/00001.tar#000000005.jpg"
+        assert wdr.read_image_bytes(t.paths[5]) == jpeg_bytes(5)
+    finally:
+        mem.rm("/wds-test", recursive=True)
     with pytest.raises(InputError, match=r"00003\.tar: shard not found"):
         load_table(f"webdataset:{base}/{{00000..00003}}.tar")
     with pytest.raises(SinetError, match=r"no \.tar shard matches .*/nothing/\*\.tar"):

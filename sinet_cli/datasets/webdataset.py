@@ -416,16 +416,13 @@ def _label_index(sample: _Sample, classes: ClassTable, shard: str, label_field: 
         what = f"JSON field {label_field!r}"
     else:
         what = "the shard's folder name" + (f"; the sample's JSON has no {label_field!r} field" if label_field else "")
-    if isinstance(value, bool) or not isinstance(value, (str, int)):
-        raise InputError(shard, f"sample {sample.key!r}: label ({what}) must be a class name or index, not "
-                                f"{type(value).__name__}")
+    if isinstance(value, bool) or not isinstance(value, (str, int)) or not str(value).strip():
+        raise InputError(shard, f"sample {sample.key!r}: {_bad_label(value)} ({what})")
     if isinstance(value, str):
         name = value.strip()
         k = classes.lookup.get(name)
         if k is not None:
             return k
-        if not name:
-            raise InputError(shard, f"sample {sample.key!r}: empty label ({what})")
         if not (source == "json" and name.isdigit()):
             raise InputError(shard, f"sample {sample.key!r}: label {_label_shown(name)} ({what}) is not a class of "
                                     f"{classes.source}")
@@ -434,6 +431,12 @@ def _label_index(sample: _Sample, classes: ClassTable, shard: str, label_field: 
         raise InputError(shard, f"sample {sample.key!r}: label {value} ({what}) is outside the class indices "
                                 f"0..{len(classes) - 1} of {classes.source}")
     return int(value)
+
+
+def _bad_label(value: object) -> str:
+    if isinstance(value, str):
+        return "empty label"
+    return f"label must be a class name or index, not {'true/false' if isinstance(value, bool) else type(value).__name__}"
 
 
 def _label_shown(value: object) -> str:
@@ -492,8 +495,9 @@ def read_webdataset(pattern: str, classes: ClassTable | None = None, label_field
                 raise InputError(shards[s.shard], f"sample {s.key!r}: label {_label_shown(value)} (JSON field "
                                                   f"{label_field!r}) is a class index; indices need a class table "
                                                   "(--classes)")
-            else:  # the reasons of a bad type or an empty name
-                _label_index(s, _Lookup(ClassTable.from_names(["-"])), shards[s.shard], label_field)
+            else:
+                raise InputError(shards[s.shard], f"sample {s.key!r}: {_bad_label(value)} (JSON field "
+                                                  f"{label_field!r})")
         classes = ClassTable.from_names(sorted(names), source=pattern)
         given = False
     else:

@@ -251,6 +251,14 @@ def test_patterns_braces_globs_urls_and_missing_shards(tmp_path):
     assert wdr.expand_pattern(f"{base}/{{00001,00000,00001}}.tar") == [f"{base}/00001.tar", f"{base}/00000.tar"]
 
 
+def test_keys_follow_webdatasets_rule():
+    from webdataset.tariterators import base_plus_ext
+
+    for name in ["000012.jpg", "a/b/000012.JPG", "k.seg.png", "dir.v2/k.json", "noext", ".hidden", "a/.b.txt", "x."]:
+        key, ext = base_plus_ext(name)
+        assert wdr.split_key(name) == (key, None if ext is None else ext.lower()), name
+
+
 def test_read_image_bytes_opens_a_stored_member_path(tmp_path):
     crawl(tmp_path, shards=1, per_shard=6)
     t = load_table(f"webdataset:{tmp_path}/crawl/00000.tar")

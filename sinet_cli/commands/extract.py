@@ -72,7 +72,8 @@ def extract_features(
                      rich_help_panel="Model"),
     ] = False,
     batch_size: Annotated[int, typer.Option(help="Images per forward pass (64 is fastest on CPU here).", rich_help_panel="Compute")] = 64,
-    workers: Annotated[int, typer.Option(help="DataLoader decoding processes (image files).", rich_help_panel="Compute")] = 2,
+    workers: Annotated[int, typer.Option(help="DataLoader decoding processes (image files; for shards each takes "
+                                         "whole shards).", rich_help_panel="Compute")] = 2,
     device: DeviceOpt = "auto",
     memory_format: Annotated[str, typer.Option(help="auto (channels-last on the CPU: 1.2-1.6x faster there; "
                              "contiguous on a GPU), channels-last or contiguous.", rich_help_panel="Compute")] = "auto",

@@ -1,11 +1,12 @@
 """``sinet rescore``: features + scores for the newly crawled images only (run it from cron).
 
-A new crawl (``--data imagefolder:DIR``, ``manifest:FILE.tsv``, usually the same growing folder
-or manifest, or ``webdataset:new/*.tar``, the new shards) is compared with ``features.h5`` by image id. Only ids not in it are decoded and
+A new crawl (``--data imagefolder:DIR`` or ``manifest:FILE.tsv``, usually the same growing folder
+or manifest) is compared with ``features.h5`` by image id. Only ids not in it are decoded and
 encoded, with the backbone, weights and preprocessing recorded in ``features.h5``; their rows are
 appended to it atomically (``features.h5.partial``, then a rename), and score-noise then weights
 them against the existing prototypes (it scores only ids that ``scores.h5`` lacks). Prototypes
-are not rebuilt: ``make all`` / ``sinet make-prototypes`` does that when wanted.
+are not rebuilt: ``make all`` / ``sinet make-prototypes`` does that when wanted. With
+``--data webdataset:new/*.tar`` only the new shards are read.
 
 Safe under cron: one run at a time per artifact folder (``features.h5.lock``; a busy lock is a
 one-line error and exit status 1 unless ``--wait``), no progress output without a terminal, and

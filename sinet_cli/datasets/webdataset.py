@@ -72,6 +72,7 @@ _URL = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
 _GLOB = re.compile(r"[*?\[]")
 _MEMBER_PATH = re.compile(r"^(.+?\.tar)#(.+)$", re.IGNORECASE)
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+_KEY_EXT = re.compile(r"^((?:.*/|)[^.]+)[.]([^/]*)$")  # webdataset.tariterators.base_plus_ext's
 
 
 def is_url(location: str) -> bool:
@@ -268,12 +269,12 @@ def _shown(name: str) -> str:
 
 
 def split_key(name: str) -> tuple[str | None, str | None]:
-    """(key, extension) of a member name by WebDataset's rule (``webdataset.tariterators.base_plus_ext``):
-    the extension is everything after the first dot of the file name, lower-cased."""
-    from webdataset.tariterators import base_plus_ext
-
-    key, ext = base_plus_ext(name)
-    return key, (ext.lower() if ext is not None else None)
+    """(key, extension) of a member name by WebDataset's rule (``webdataset.tariterators.base_plus_ext``,
+    the same regular expression: importing the package would import torch, seconds for an idle cron
+    run): the extension is everything after the first dot of the file name, lower-cased; (None, None)
+    for a name without one."""
+    m = _KEY_EXT.match(name)
+    return (m.group(1), m.group(2).lower()) if m else (None, None)
 
 
 def bad_name(name: str) -> str | None:

@@ -113,7 +113,8 @@ def test_label_as_a_json_index_needs_a_class_table(tmp_path):
     with pytest.raises(InputError, match=r"00000\.tar: sample '000000000': label 2 .* indices need a class table"):
         load_table(f"webdataset:{tmp_path}/s/00000.tar")
     write_shard(tmp_path / "t" / "00000.tar", [sample(0, 3)])
-    with pytest.raises(InputError, match=r"t/00000\.tar: sample '000000000': label 3 .* outside the class indices 0..2"):
+    with pytest.raises(InputError, match=r"t/00000\.tar: sample '000000000': label 3 .* outside the class indices "
+                                         r"0..2"):
         load_table(f"webdataset:{tmp_path}/t/00000.tar", class_table(tmp_path))
 
 

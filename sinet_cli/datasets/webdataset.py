@@ -437,7 +437,8 @@ def _label_index(sample: _Sample, classes: ClassTable, shard: str, label_field: 
 def _bad_label(value: object) -> str:
     if isinstance(value, str):
         return "empty label"
-    return f"label must be a class name or index, not {'true/false' if isinstance(value, bool) else type(value).__name__}"
+    kind = "true/false" if isinstance(value, bool) else type(value).__name__
+    return f"label must be a class name or index, not {kind}"
 
 
 def _label_shown(value: object) -> str:

@@ -14,7 +14,7 @@ baselines (HDF5 reads), so ratios measured under load are pessimistic.
     python bench/run_all.py --only prototypes,score --device cuda
 
 GPU (``--device cuda``) is passed to the benchmarks that have a device (make-prototypes,
-score-noise, extract-features, build-graph); the cleanlab comparison runs on the CPU.
+score-noise, extract-features, build-graph); the cleanlab comparison and the WebDataset reading run on the CPU.
 """
 
 from __future__ import annotations
@@ -34,7 +34,7 @@ sys.path.insert(0, str(HERE))
 
 import benchlib as bl  # noqa: E402
 
-BENCHES = ("prototypes", "score", "extract", "cleanlab", "graph")
+BENCHES = ("prototypes", "score", "extract", "cleanlab", "graph", "webdataset")
 
 
 def run_script(name: str, argv: list[str], json_path: Path, log: list[str]) -> list[dict]:
@@ -130,6 +130,8 @@ def main() -> None:
             figures += run_script("cleanlab", ["bench_cleanlab.py", "--work", str(tmp / "cleanlab")], tmp / "c.json", log)
         if "graph" in only:
             figures += run_build_graph(args.device, args.quick, log)
+        if "webdataset" in only:  # decoding runs on the CPU whatever the device
+            figures += run_script("webdataset", ["bench_webdataset.py", *q, "--repeats", "3"], tmp / "w.json", log)
     total = time.perf_counter() - t_start
     load1 = os.getloadavg()
 

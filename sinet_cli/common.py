@@ -12,7 +12,9 @@ from .errors import SinetError
 
 DATA_HELP = (
     "Dataset: 'demo' (embedded Fashion-MNIST), 'demo-mnist' (embedded MNIST), 'manifest:FILE.tsv', 'imagefolder:DIR',"
-    " 'clothing1m:DIR', 'webvision:DIR' or 'mini-webvision:DIR' (the published layouts)."
+    " 'clothing1m:DIR', 'webvision:DIR' or 'mini-webvision:DIR' (the published layouts), or"
+    " 'webdataset:PATTERN' (WebDataset .tar shards: brace ranges such as crawl/{00000..00099}.tar, globs,"
+    " fsspec URLs; labels from each sample's JSON, else the shard's folder)."
 )
 
 DataOpt = Annotated[str, typer.Option("--data", help=DATA_HELP, rich_help_panel="Dataset")]
@@ -35,6 +37,12 @@ CaptionsOpt = Annotated[
                  "built from their true class, a share W naming a wrong class and E empty (seeded by --noise-seed); "
                  "for testing --image-text. Default: none.", rich_help_panel="Dataset"),
 ]
+LabelFieldOpt = Annotated[
+    Optional[str],
+    typer.Option("--label-field", help="webdataset only: the JSON field holding each sample's label, a class name or "
+                 "an index into --classes (default: label). Samples without it are labelled by their shard's folder "
+                 "name; '' labels every sample by its folder.", rich_help_panel="Dataset"),
+]
 OutOpt = Annotated[
     Optional[Path],
     typer.Option(
@@ -53,6 +61,10 @@ def dataset_name(data: str) -> str:
     kind, _, arg = data.partition(":")
     if kind in ("demo", "demo-mnist") or not arg:
         return kind
+    if kind == "webdataset":
+        from .datasets.webdataset import dataset_name as shards_name
+
+        return shards_name(arg)
     name = Path(arg).stem if Path(arg).suffix else Path(arg).name
     return f"mini-{name}" if kind == "mini-webvision" else name  # not the full WebVision's folder
 
@@ -65,11 +77,14 @@ def artifact_dir(out: Path | None, data: str) -> Path:
 
 
 def load_table(data: str, classes: Path | None = None, noise: str = "symmetric", noise_rate: float = 0.4,
-               noise_seed: int = 0, captions: str | None = None):
-    """Read the dataset named by ``--data`` into a :class:`DatasetTable` (``captions``: demo only, SYNTHETIC)."""
+               noise_seed: int = 0, captions: str | None = None, label_field: str | None = None):
+    """Read the dataset named by ``--data`` into a :class:`DatasetTable` (``captions``: demo only, SYNTHETIC;
+    ``label_field``: webdataset only, default ``label``)."""
     from .datasets import ClassTable, load_demo, read_imagefolder, read_manifest
 
     kind, _, arg = data.partition(":")
+    if label_field is not None and kind != "webdataset":
+        raise SinetError(f"--label-field {label_field}: applies to --data webdataset:PATTERN only, not {kind}")
     class_table = ClassTable.from_tsv(classes) if classes else None
     if kind in ("demo", "demo-mnist"):
         try:
@@ -80,6 +95,10 @@ def load_table(data: str, classes: Path | None = None, noise: str = "symmetric",
         raise SinetError(f"--captions {captions}: synthetic captions exist for the demos only, not --data {data}")
     if not arg:
         raise SinetError(f"--data {data!r}: expected KIND:PATH, e.g. manifest:train.tsv")
+    if kind == "webdataset":  # the pattern is passed as written: Path() would fold a URL's '//'
+        from .datasets.webdataset import read_webdataset
+
+        return read_webdataset(arg, class_table, label_field="label" if label_field is None else label_field)
     if kind == "manifest":
         return read_manifest(Path(arg), class_table)
     if kind == "imagefolder":
@@ -87,7 +106,7 @@ def load_table(data: str, classes: Path | None = None, noise: str = "symmetric",
     readers = _extra_readers()
     if kind in readers:
         return readers[kind](Path(arg), class_table)
-    raise SinetError(f"--data {data!r}: unknown dataset kind {kind!r} (demo, manifest, imagefolder{''.join(', ' + k for k in readers)})")
+    raise SinetError(f"--data {data!r}: unknown dataset kind {kind!r} (demo, manifest, imagefolder, webdataset{''.join(', ' + k for k in readers)})")
 
 
 def _extra_readers() -> dict:

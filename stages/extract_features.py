@@ -7,14 +7,15 @@ order. Writing them is the caller's job, so a run can be resumed from any positi
 
 from __future__ import annotations
 
+import io
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterator, Sequence
+from typing import BinaryIO, Callable, Collection, Iterable, Iterator, Sequence
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, IterableDataset, get_worker_info
 
 
 @dataclass
@@ -244,25 +245,33 @@ class FileImages(Dataset):
         return len(self.positions)
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, int, bool, str]:
-        from PIL import Image, UnidentifiedImageError
+        from PIL import UnidentifiedImageError
 
         pos = self.positions[i]
         try:
-            with Image.open(self.paths[pos]) as im:
-                im = im.convert("RGB")
-                # shorter side to decode_size (as timm's eval transform); Preprocess crops afterwards
-                new_h, new_w = shorter_side_to(im.height, im.width, self.decode_size)
-                im = im.resize((new_w, new_h), Image.BICUBIC)
-                r, c = self.decode_size, self.crop_size
-                left, top = center_offset(new_w, c) - center_offset(r, c), center_offset(new_h, c) - center_offset(r, c)
-                im = im.crop((left, top, left + r, top + r))
-                arr = torch.from_numpy(np.asarray(im, dtype=np.uint8).copy())
-            return arr, pos, True, ""
+            return decode_image(self.paths[pos], self.decode_size, self.crop_size), pos, True, ""
         except FileNotFoundError:
             reason = "file not found"
         except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as e:
             reason = f"cannot decode image ({type(e).__name__}: {str(e)[:120]})"
         return torch.zeros(self.decode_size, self.decode_size, 3, dtype=torch.uint8), pos, False, reason
+
+
+def decode_image(source: str | BinaryIO, decode_size: int, crop_size: int) -> torch.Tensor:
+    """One image (a file path, or a file object holding its bytes) as :class:`FileImages` hands it
+    on: RGB, shorter side ``decode_size`` (bicubic), cut to the ``decode_size`` square around the
+    centered ``crop_size`` crop. Raises what PIL raises for an unreadable image."""
+    from PIL import Image
+
+    with Image.open(source) as im:
+        im = im.convert("RGB")
+        # shorter side to decode_size (as timm's eval transform); Preprocess crops afterwards
+        new_h, new_w = shorter_side_to(im.height, im.width, decode_size)
+        im = im.resize((new_w, new_h), Image.BICUBIC)
+        r, c = decode_size, crop_size
+        left, top = center_offset(new_w, c) - center_offset(r, c), center_offset(new_h, c) - center_offset(r, c)
+        im = im.crop((left, top, left + r, top + r))
+        return torch.from_numpy(np.asarray(im, dtype=np.uint8).copy())
 
 
 def _batches_from_files(
@@ -279,6 +288,120 @@ def _batches_from_files(
     )
     for x, pos, ok, reasons in loader:
         yield x, pos.numpy(), ok.numpy().astype(bool), list(reasons)
+
+
+@dataclass
+class ArchiveImages:
+    """Images stored as members of archive files (WebDataset tar shards): dataset row ``i`` is
+    member ``members[i]`` of ``archives[archive_of[i]]``.
+
+    ``read(archive, names)`` yields ``(member, data, reason)`` for the members of ``names`` it
+    finds, in archive order: the bytes and ``""``, or None and why they cannot be used. It raises
+    OSError when the archive cannot be read (the rows not yet found then fail with that message).
+    It must be a module-level function: DataLoader workers receive it.
+    """
+
+    archives: Sequence[str]
+    archive_of: np.ndarray  # (N,) int
+    members: Sequence[str]  # (N,)
+    read: Callable[[str, Collection[str]], Iterable[tuple[str, bytes | None, str]]]
+
+
+class ArchiveStream(IterableDataset):
+    """Decodes the images at ``positions`` while streaming their archives: one pass over each
+    archive, whole archives per DataLoader worker (worker k takes every W-th of them, in the order
+    of their first position). Items are ``(pixels, rank, ok, reason)``, ``rank`` the item's index in
+    ``positions``; they come in archive order, and with several workers interleaved, so
+    :func:`extract` puts them back in ``positions`` order. Pixels are :func:`decode_image`'s, as
+    :class:`FileImages` gives them for the same image as a file; a reason names archive and member."""
+
+    def __init__(self, source: ArchiveImages, positions: Sequence[int], decode_size: int, crop_size: int | None = None):
+        self.source, self.decode_size = source, decode_size
+        self.crop_size = decode_size if crop_size is None else min(crop_size, decode_size)
+        self.positions = np.asarray(positions, dtype=np.int64)
+        archive = np.asarray(source.archive_of)[self.positions]
+        order = np.argsort(archive, kind="stable")
+        cuts = np.flatnonzero(np.diff(archive[order])) + 1
+        tasks = [(int(archive[g[0]]), g) for g in np.split(order, cuts) if len(g)]
+        self.tasks = sorted(tasks, key=lambda t: int(t[1][0]))  # (archive index, ranks), by first rank
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, int, bool, str]]:
+        info = get_worker_info()
+        worker, workers = (0, 1) if info is None else (info.id, info.num_workers)
+        for a, ranks in self.tasks[worker::workers]:
+            yield from self._archive(self.source.archives[a], ranks)
+
+    def _failed(self, rank: int, reason: str) -> tuple[torch.Tensor, int, bool, str]:
+        return torch.zeros(self.decode_size, self.decode_size, 3, dtype=torch.uint8), rank, False, reason
+
+    def _archive(self, archive: str, ranks: np.ndarray) -> Iterator[tuple[torch.Tensor, int, bool, str]]:
+        from PIL import UnidentifiedImageError
+
+        wanted: dict[str, list[int]] = {}
+        for r in ranks:
+            wanted.setdefault(str(self.source.members[self.positions[r]]), []).append(int(r))
+        missing = "not found in the archive"
+        try:
+            for member, data, reason in self.source.read(archive, frozenset(wanted)):
+                for r in wanted.pop(member, ()):
+                    if data is None:
+                        yield self._failed(r, f"{archive}#{member}: {reason}")
+                        continue
+                    try:
+                        yield decode_image(io.BytesIO(data), self.decode_size, self.crop_size), r, True, ""
+                    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as e:
+                        yield self._failed(r, f"{archive}#{member}: cannot decode image "
+                                              f"({type(e).__name__}: {str(e)[:120]})")
+        except OSError as e:
+            missing = f"cannot read the archive ({str(e)[:200]})"
+        for member, rs in wanted.items():
+            for r in rs:
+                yield self._failed(r, f"{archive}#{member}: {missing}")
+
+
+def _batches_from_archives(
+    source: ArchiveImages, positions: Sequence[int], decode_size: int, batch_size: int, workers: int,
+    pin_memory: bool = False, crop_size: int | None = None,
+) -> Iterator[tuple[torch.Tensor, np.ndarray, np.ndarray, list[str]]]:
+    """Batches of :class:`ArchiveStream`: their second item holds ranks into ``positions``."""
+    stream = ArchiveStream(source, positions, decode_size, crop_size)
+    loader = DataLoader(stream, batch_size=batch_size, num_workers=min(workers, len(stream.tasks)),
+                        persistent_workers=False, pin_memory=pin_memory)
+    for x, rank, ok, reasons in loader:
+        yield x, rank.numpy(), ok.numpy().astype(bool), list(reasons)
+
+
+class _InOrder:
+    """Feature batches whose positions are ranks into ``positions``, arriving in any order, given
+    back as batches in ``positions`` order (positions restored) as soon as each run is complete.
+    Held rows are features (not pixels): with W workers about W - 1 archives' worth at most."""
+
+    def __init__(self, positions: np.ndarray):
+        self.positions, self.next = positions, 0
+        self.held: dict[int, tuple[FeatureBatch, int]] = {}
+
+    def __call__(self, b: FeatureBatch) -> Iterator[FeatureBatch]:
+        ranks = b.positions
+        if not self.held and np.array_equal(ranks, np.arange(self.next, self.next + len(ranks))):
+            self.next += len(ranks)
+            yield FeatureBatch(self.positions[ranks], b.features, b.probs, b.ok, b.reasons)
+            return
+        for j, r in enumerate(ranks):
+            self.held[int(r)] = (b, j)
+        run = []
+        while self.next in self.held:
+            run.append(self.held.pop(self.next))
+            self.next += 1
+        if run:
+            probs = None if run[0][0].probs is None else np.stack([bb.probs[j] for bb, j in run])
+            yield FeatureBatch(self.positions[self.next - len(run) : self.next],
+                               np.stack([bb.features[j] for bb, j in run]), probs,
+                               np.array([bb.ok[j] for bb, j in run], dtype=bool), [bb.reasons[j] for bb, j in run])
+
+    def check_done(self) -> None:
+        if self.held or self.next != len(self.positions):
+            raise RuntimeError(f"archive stream gave {self.next} of {len(self.positions)} rows in order "
+                               f"({len(self.held)} held)")
 
 
 def _batches_from_pixels(
@@ -500,6 +623,7 @@ def extract(
     *,
     paths: Sequence[str] | None = None,
     pixels: np.ndarray | None = None,
+    archives: ArchiveImages | None = None,
     positions: Sequence[int],
     batch_size: int = 128,
     workers: int = 2,
@@ -512,7 +636,9 @@ def extract(
 ) -> Iterator[FeatureBatch]:
     """Yield L2-normalized pooled features for the images at ``positions``, in that order.
 
-    The uint8 batch goes to ``device`` before :class:`Preprocess` (resize and normalize run there).
+    Images come from ``pixels`` (in memory), ``paths`` (image files, decoded by DataLoader workers)
+    or ``archives`` (members of tar shards, each shard streamed once by one worker: batches are
+    put back in ``positions`` order after the model). The uint8 batch goes to ``device`` before :class:`Preprocess` (resize and normalize run there).
     On a GPU the next batch is fetched and launched before the previous one's features are copied
     back, so decoding (or indexing) on the CPU overlaps the GPU's work.
 
@@ -535,14 +661,20 @@ def extract(
         channels_last = kind == "cpu"
     model = model.to(device).eval()
     model = model.to(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+    in_order: _InOrder | None = None  # archives: batches come in archive order
     if pixels is not None:
         source = _batches_from_pixels(pixels, positions, batch_size)
     elif paths is not None:
         # decode a little larger than the crop so that Preprocess's resize stays faithful
         source = _batches_from_files(paths, positions, preprocess.resize, batch_size, workers, pin_memory=on_gpu,
                                      crop_size=preprocess.size)
+    elif archives is not None:
+        positions = np.asarray(positions, dtype=np.int64)
+        source = _batches_from_archives(archives, positions, preprocess.resize, batch_size, workers,
+                                        pin_memory=on_gpu, crop_size=preprocess.size)
+        in_order = _InOrder(positions)
     else:
-        raise ValueError("extract needs paths or pixels")
+        raise ValueError("extract needs paths, pixels or archives")
 
     def finish(pos: np.ndarray, ok: np.ndarray, reasons: list[str], feats: torch.Tensor,
                probs: torch.Tensor | None) -> FeatureBatch:
@@ -564,7 +696,9 @@ def extract(
         feats = F.normalize(pooled.float(), dim=1)
         probs = torch.softmax(model.get_classifier()(pooled).float(), dim=1) if with_probs else None
         if pending is not None:
-            yield finish(*pending)
+            yield from (finish(*pending),) if in_order is None else in_order(finish(*pending))
         pending = (pos, ok, reasons, feats, probs)
     if pending is not None:
-        yield finish(*pending)
+        yield from (finish(*pending),) if in_order is None else in_order(finish(*pending))
+    if in_order is not None:
+        in_order.check_done()

@@ -19,6 +19,7 @@ from ..common import (
     NoiseOpt,
     NoiseRateOpt,
     CaptionsOpt,
+    LabelFieldOpt,
     NoiseSeedOpt,
     OutOpt,
     artifact_dir,
@@ -54,6 +55,7 @@ def extract_features(
     noise_rate: NoiseRateOpt = 0.4,
     noise_seed: NoiseSeedOpt = 0,
     captions: CaptionsOpt = None,
+    label_field: LabelFieldOpt = None,
     backbone: Annotated[str, typer.Option(help="Any timm model name.", rich_help_panel="Model")] = DEFAULT_BACKBONE,
     weights: Annotated[
         Optional[Path],
@@ -70,7 +72,8 @@ def extract_features(
                      rich_help_panel="Model"),
     ] = False,
     batch_size: Annotated[int, typer.Option(help="Images per forward pass (64 is fastest on CPU here).", rich_help_panel="Compute")] = 64,
-    workers: Annotated[int, typer.Option(help="DataLoader decoding processes (image files).", rich_help_panel="Compute")] = 2,
+    workers: Annotated[int, typer.Option(help="DataLoader decoding processes (image files; for shards each takes "
+                                         "whole shards).", rich_help_panel="Compute")] = 2,
     device: DeviceOpt = "auto",
     memory_format: Annotated[str, typer.Option(help="auto (channels-last on the CPU: 1.2-1.6x faster there; "
                              "contiguous on a GPU), channels-last or contiguous.", rich_help_panel="Compute")] = "auto",
@@ -96,7 +99,7 @@ def extract_features(
         raise SinetError(f"--dtype {dtype!r}: choose float16 or float32")
     if memory_format not in MEMORY_FORMATS:
         raise SinetError(f"--memory-format {memory_format!r}: choose one of {', '.join(MEMORY_FORMATS)}")
-    table = load_table(data, classes, noise, noise_rate, noise_seed, captions)
+    table = load_table(data, classes, noise, noise_rate, noise_seed, captions, label_field=label_field)
     shard_i, shard_n = parse_shard(shard)
     folder = artifact_dir(out, data)
     target = folder / "features.h5" if shard_n == 1 else shard_path(folder, shard_i, shard_n)
@@ -164,14 +167,16 @@ def extract_features(
             writer.set_attr("skipped_json", skipped)
         buf.clear()
 
+    archives = archive_images(stage, table)
     try:
         with progress_bar("extract-features", hi - next_pos) as advance:
             pending = 0
             for batch in stage.extract(
                 model,
                 preprocess,
-                paths=None if table.pixels is not None else table.paths,
+                paths=None if table.pixels is not None or archives is not None else table.paths,
                 pixels=table.pixels,
+                archives=archives,
                 positions=range(next_pos, hi),
                 batch_size=batch_size,
                 workers=workers,
@@ -213,6 +218,17 @@ def extract_features(
         f"{target}: {writer.rows_committed} images, {info.feature_dim}-d features"
         f"{f', {len(skipped)} skipped' if skipped else ''} (fingerprint {fp[:12]})"
     )
+
+
+def archive_images(stage, table):
+    """``stage.ArchiveImages`` of a table read from WebDataset shards (paths ``<shard>#<member>``);
+    None for any other table."""
+    if table.provenance.get("reader") != "webdataset" or table.paths is None:
+        return None
+    from ..datasets.webdataset import archive_members, read_members
+
+    archives, archive_of, members = archive_members(table.paths)
+    return stage.ArchiveImages(archives, archive_of, members, read_members)
 
 
 def store_json(raw: object) -> list:

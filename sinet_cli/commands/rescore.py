@@ -5,7 +5,8 @@ or manifest) is compared with ``features.h5`` by image id. Only ids not in it ar
 encoded, with the backbone, weights and preprocessing recorded in ``features.h5``; their rows are
 appended to it atomically (``features.h5.partial``, then a rename), and score-noise then weights
 them against the existing prototypes (it scores only ids that ``scores.h5`` lacks). Prototypes
-are not rebuilt: ``make all`` / ``sinet make-prototypes`` does that when wanted.
+are not rebuilt: ``make all`` / ``sinet make-prototypes`` does that when wanted. With
+``--data webdataset:new/*.tar`` only the new shards are read.
 
 Safe under cron: one run at a time per artifact folder (``features.h5.lock``; a busy lock is a
 one-line error and exit status 1 unless ``--wait``), no progress output without a terminal, and
@@ -25,7 +26,8 @@ import typer
 
 from .. import console, store
 from ..app import app
-from ..common import DATA_HELP, CaptionsOpt, ClassesOpt, DeviceOpt, OutOpt, artifact_dir, load_table, resolve_device
+from ..common import (DATA_HELP, CaptionsOpt, ClassesOpt, DeviceOpt, LabelFieldOpt, OutOpt, artifact_dir, load_table,
+                      resolve_device)
 from ..locks import file_lock
 from ..errors import SinetError
 from ..progress import progress_bar
@@ -81,6 +83,7 @@ def rescore(
     data: Annotated[str, typer.Option("--data", help="The new crawl: " + DATA_HELP, rich_help_panel="Dataset")],
     classes: ClassesOpt = None,
     captions: CaptionsOpt = None,
+    label_field: LabelFieldOpt = None,
     weights: Annotated[
         Optional[Path],
         typer.Option(help="Where the backbone weights are now, if the file recorded in features.h5 moved (its "
@@ -125,7 +128,7 @@ def rescore(
     try:
         with file_lock(features_path, wait, "rescore"):
             t0 = time.monotonic()
-            table = load_table(data, classes, captions=captions)
+            table = load_table(data, classes, captions=captions, label_field=label_field)
             append_new(table, data, features_path, folder, weights, retry_skipped, batch_size, workers, chunk_rows,
                        device)
             score_new(data, folder, alpha, beta, max(0.0, wait - (time.monotonic() - t0)), device)
@@ -163,6 +166,8 @@ def append_new(table, data: str, features_path: Path, folder: Path, weights: Pat
         n_before = art.dims["N"]
 
     from stages import extract_features as stage  # only now: an idle cron run does not load torch for it
+
+    from .extract import archive_images
 
     probs = bool(params.get("probs"))
     try:
@@ -211,10 +216,11 @@ def append_new(table, data: str, features_path: Path, folder: Path, weights: Pat
 
         with progress_bar("rescore: extract", len(positions)) as advance:
             pending = 0
+            archives = archive_images(stage, table)
             for batch in stage.extract(
                 model, preprocess,
-                paths=None if table.pixels is not None else table.paths,
-                pixels=table.pixels,
+                paths=None if table.pixels is not None or archives is not None else table.paths,
+                pixels=table.pixels, archives=archives,
                 positions=positions,
                 batch_size=batch_size, workers=workers, device=dev, with_probs=probs, progress=advance,
             ):

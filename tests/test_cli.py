@@ -124,3 +124,28 @@ def test_no_third_party_progress_bars_off_a_terminal(tmp_path):
     assert "graph.h5: 2 classes" in err  # it did load the encoder and encode
     assert not TQDM_BAR.search(err), err
     assert "\r" not in err and "\x1b[" not in err  # no redrawn lines, no colour codes
+
+
+def test_train_without_a_val_split_skips_in_one_line_and_records_why(tmp_path, sinet):
+    import json
+
+    import numpy as np
+
+    from sinet_cli import store
+
+    art = tmp_path / "art"
+    n = 12
+    store.write_artifact(art / "features.h5", "features", {
+        "ids": [f"i{k}" for k in range(n)], "labels": np.arange(n) % 2, "classes": ["ant", "bee"],
+        "features": np.random.default_rng(0).normal(size=(n, 4)).astype(np.float32), "splits": ["train"] * n}, {}, {})
+    for mode in ("A", "C"):  # C would read scores.h5, which does not exist: skipped before that
+        code, out, err = sinet("train", "--out", art, "--mode", mode, "--epochs", 1, "--device", "cpu")
+        assert code == 0 and out == "", err
+        assert err.count("\n") == 1 and err.startswith(f"{art / ('train-' + mode)}: not trained: "
+                                                       f"{art / 'features.h5'} has no val split to evaluate on; "
+                                                       "add a val split")
+    runs = json.loads((art / "metrics.json").read_text())["train"]
+    assert runs["A"]["skipped"] == runs["C"]["skipped"] == "no val split" and runs["A"]["top1"] is None
+    assert not (art / "train-A").exists()
+    code, out, _ = sinet("summary", "--out", art)
+    assert code == 0 and "not known: not trained (A, C): no val split" in out

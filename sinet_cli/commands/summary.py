@@ -52,9 +52,14 @@ def noise_estimate(scores: store.Artifact, num_classes: int) -> tuple[dict[str, 
     """scores.h5's ``noise_estimate`` attribute ({"overall", "method", "rows"}) and ``class_noise``
     (C,) dataset, each None when absent or unusable (a warning says which)."""
     est = _json_attr(scores, "noise_estimate")
-    if est is not None and not (isinstance(est, dict) and isinstance(est.get("overall"), (int, float))):
-        console.warn(f"{scores.path}: attribute noise_estimate is not {{\"overall\": rate, ...}}; ignored")
-        est = None
+    if est is not None:
+        try:  # numbers a writer stored as strings (numpy scalars through JSON) read as numbers
+            est = {**est, "overall": float(est["overall"])}
+            if "rows" in est:
+                est["rows"] = int(est["rows"])
+        except (TypeError, ValueError, KeyError):
+            console.warn(f"{scores.path}: attribute noise_estimate is not {{\"overall\": rate, ...}}; ignored")
+            est = None
     per_class = None
     if "class_noise" in scores:
         per_class = np.asarray(scores.read("class_noise"), dtype=np.float64)

@@ -1,6 +1,7 @@
 # sinet: the pipeline as make targets with real files under artifacts/$(DATASET)/.
 #
 #   make demo                                   # the whole chain on the embedded demo
+#   make all DATASET=imagefolder DATA_ROOT=/data/crawl   # your own crawl: DIR/<class>/*.jpg
 #   make all DATASET=clothing1m DATA_ROOT=/data/clothing1m
 #   make all DATASET=webvision  DATA_ROOT=/data/webvision
 #   make all DATASET=manifest   DATA_ROOT=/data/crawl.tsv CLASSES=/data/classes.tsv
@@ -94,23 +95,33 @@ REPORT_PER_CLASS ?= 8
 THUMB_SIZE       ?= 48
 REPORT_OPTS      ?=
 
-.PHONY: help install test demo all graph features prototypes scores train summary report cron bench clean-demo \
-	data-check FORCE
+.PHONY: help install install-dev test demo all graph features prototypes scores train summary report export cron \
+	bench clean-demo data-check FORCE
 help:
 	@echo "make demo   - run the whole pipeline on the embedded demo (installs first)"
-	@echo "make test   - run the test suite (installs first)"
-	@echo "make all DATASET=clothing1m|webvision|mini-webvision|manifest|imagefolder DATA_ROOT=PATH - the chain on a real dataset"
+	@echo "make test   - run the test suite (installs first, with the dev extras)"
+	@echo "make all DATASET=imagefolder|manifest|clothing1m|webvision|mini-webvision DATA_ROOT=PATH - the chain on a real dataset"
 	@echo "make report - the HTML report of artifacts/\$$DATASET (after the chain)"
+	@echo "make export - every scored image as CSV/Parquet and a cleaned manifest, in artifacts/\$$DATASET/export"
 	@echo "make cron ART=artifacts/NAME NEW=imagefolder:DIR|manifest:FILE - extract and score only newly crawled images"
 	@echo "make bench  - speed/quality benchmarks against baselines timed in the same run (BENCH_OPTS=--quick: smoke run)"
 
+# Two stamps: .install.stamp = installed with the dev extras (pytest, cleanlab, scikit-learn), what
+# `make test` needs; .install-run.stamp = installed to run the pipeline (`make all`, `make demo`),
+# which a current dev install also satisfies. A run install never satisfies `make test`.
 .install.stamp: pyproject.toml
 	$(PY) -m pip install -q -e '.[dev]'
 	@touch $@
 
-install: .install.stamp
+.install-run.stamp: pyproject.toml
+	@if [ -f .install.stamp ] && [ .install.stamp -nt pyproject.toml ]; then :; \
+	else echo "$(PY) -m pip install -q -e ."; $(PY) -m pip install -q -e . || exit 1; fi
+	@touch $@
 
-test: install
+install: .install-run.stamp
+install-dev: .install.stamp
+
+test: install-dev
 	$(PY) -m pytest -q
 
 data-check:
@@ -158,7 +169,14 @@ $(ART)/report/index.html: $(ART)/metrics.json FORCE
 
 report: $(ART)/report/index.html
 
-all: summary report
+# every scored image as CSV and Parquet, and a cleaned manifest (--data manifest: reads it back)
+$(ART)/export/images.csv: $(ART)/scores.h5 FORCE
+	$(SINET) export --out $(ART)
+
+export: $(ART)/export/images.csv
+
+# summary last: the numbers and the paths of the outputs are what a run ends with
+all: report export summary
 
 # Cron: append the features of images of NEW not yet in $(ART)/features.h5 and score them against
 # the existing prototypes. Deliberately no prerequisites: it never rebuilds the chain.
@@ -172,7 +190,7 @@ demo: all
 
 # BENCH_OPTS: e.g. --quick (small sizes), --only prototypes,score, --device cuda
 BENCH_OPTS ?=
-bench: install
+bench: install-dev
 	$(PY) bench/run_all.py $(BENCH_OPTS)
 
 clean-demo:

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import os
 import sys
+from typing import Annotated
 
 import typer
 
 from . import console
 from .errors import SinetError
+from .locks import EX_TEMPFAIL, BusyError
 from .store import ArtifactError
 
 app = typer.Typer(
@@ -17,6 +20,52 @@ app = typer.Typer(
     add_completion=False,
     pretty_exceptions_enable=False,
 )
+
+
+def package_version() -> str:
+    """The installed distribution's version (pyproject.toml's), else the source tree's pyproject.toml."""
+    from .store import package_version as version
+
+    found = version()
+    if found != "0+unknown":
+        return found
+    try:
+        import tomllib
+        from pathlib import Path
+
+        with open(Path(__file__).resolve().parent.parent / "pyproject.toml", "rb") as f:
+            return str(tomllib.load(f)["project"]["version"])
+    except (OSError, KeyError, ValueError, ImportError):
+        return found
+
+
+def _print_version(value: bool) -> None:
+    if value:
+        print(f"sinet {package_version()}")
+        raise typer.Exit()
+
+
+@app.callback()
+def main_options(
+    version: Annotated[bool, typer.Option("--version", callback=_print_version, is_eager=True,
+                                          help="Print the version and exit.")] = False,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="Warnings and errors only (no progress, no "
+                                        "step lines on stderr); results on stdout still print.")] = False,
+    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Extra detail lines on stderr: what was "
+                                          "read, which rule or threshold was applied.")] = False,
+) -> None:
+    """Find and down-weight mislabeled images in web-crawled datasets using side information (SINet)."""
+    if quiet and verbose:
+        raise SinetError("--quiet and --verbose exclude each other")
+    if quiet:
+        os.environ["SINET_QUIET"] = "1"  # no progress bars either (sinet_cli.progress)
+        console.set_verbosity(console.QUIET)
+    else:
+        console.set_verbosity(console.VERBOSE if verbose else console.NORMAL)
+    from .progress import quiet_libraries
+
+    quiet_libraries()
+
 
 # Each import registers its command(s) on `app`.
 from .commands import extract  # noqa: E402,F401
@@ -30,15 +79,27 @@ from .commands import rescore  # noqa: E402,F401
 
 
 def main(argv: list[str] | None = None) -> None:
-    """Console entry point: one-line errors and exit status 1 for bad input or artifacts."""
+    """Console entry point: one-line errors; exit status 1 for bad input or artifacts, 75
+    (EX_TEMPFAIL) when another run holds a lock, so cron and retry loops try again later."""
+    quiet_env = os.environ.get("SINET_QUIET")
     try:
         app(args=argv)
+    except BusyError as e:
+        console.error(str(e))
+        sys.exit(EX_TEMPFAIL)
     except (SinetError, ArtifactError) as e:
         console.error(str(e))
         sys.exit(1)
     except KeyboardInterrupt:
         console.error("interrupted; written chunks are kept and the next run resumes")
         sys.exit(130)
+    finally:
+        # an in-process caller (tests, a notebook) gets its environment and verbosity back
+        if quiet_env is None:
+            os.environ.pop("SINET_QUIET", None)
+        else:
+            os.environ["SINET_QUIET"] = quiet_env
+        console.set_verbosity(console.NORMAL)
 
 
 if __name__ == "__main__":

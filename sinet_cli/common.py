@@ -6,8 +6,10 @@ import os
 from pathlib import Path
 from typing import Annotated, Optional
 
+import numpy as np
 import typer
 
+from . import console
 from .errors import SinetError
 
 DATA_HELP = (
@@ -17,7 +19,10 @@ DATA_HELP = (
     " fsspec URLs; labels from each sample's JSON, else the shard's folder)."
 )
 
-DataOpt = Annotated[str, typer.Option("--data", help=DATA_HELP, rich_help_panel="Dataset")]
+# No default: a command that reads a dataset says so instead of silently using the demo; a command
+# that reads only artifacts takes --out ART alone (--data then only names the default folder).
+DataOpt = Annotated[Optional[str], typer.Option("--data", help=DATA_HELP, rich_help_panel="Dataset")]
+DATA_REQUIRED = "--data is required, e.g. --data demo or --data imagefolder:DIR"
 ClassesOpt = Annotated[
     Optional[Path],
     typer.Option("--classes", help="Class table TSV (name, synset, description, parent).", rich_help_panel="Dataset"),
@@ -58,6 +63,8 @@ DeviceOpt = Annotated[str, typer.Option("--device", help="cpu, cuda, cuda:N or a
 
 
 def dataset_name(data: str) -> str:
+    if not data:
+        raise SinetError(DATA_REQUIRED)
     kind, _, arg = data.partition(":")
     if kind in ("demo", "demo-mnist") or not arg:
         return kind
@@ -69,17 +76,35 @@ def dataset_name(data: str) -> str:
     return f"mini-{name}" if kind == "mini-webvision" else name  # not the full WebVision's folder
 
 
-def artifact_dir(out: Path | None, data: str) -> Path:
+def artifact_dir(out: Path | None, data: str | None) -> Path:
+    """``--out``, else ``$SINET_ARTIFACTS`` (or ./artifacts) / the dataset's name; neither given is
+    a one-line error."""
     if out is not None:
         return out
+    if not data:
+        raise SinetError("no artifact folder: pass --out ART (or --data, e.g. --data demo, for the default "
+                         "artifacts/NAME)")
     root = Path(os.environ.get("SINET_ARTIFACTS", "artifacts"))
     return root / dataset_name(data)
 
 
-def load_table(data: str, classes: Path | None = None, noise: str = "symmetric", noise_rate: float = 0.4,
+def load_table(data: str | None, classes: Path | None = None, noise: str = "symmetric", noise_rate: float = 0.4,
                noise_seed: int = 0, captions: str | None = None, label_field: str | None = None):
     """Read the dataset named by ``--data`` into a :class:`DatasetTable` (``captions``: demo only, SYNTHETIC;
     ``label_field``: webdataset only, default ``label``)."""
+    if not data:
+        raise SinetError(DATA_REQUIRED)
+    table = _load_table(data, classes, noise, noise_rate, noise_seed, captions, label_field)
+    if console.verbosity() >= console.VERBOSE:
+        splits, counts = np.unique(np.asarray(table.splits), return_counts=True)
+        console.detail(f"--data {data}: {len(table)} images, {len(table.classes)} classes, "
+                       + ", ".join(f"{n} {s}" for s, n in zip(splits, counts))
+                       + ("" if table.clean_labels is None else ", clean labels"))
+    return table
+
+
+def _load_table(data: str, classes: Path | None, noise: str, noise_rate: float, noise_seed: int,
+                captions: str | None, label_field: str | None):
     from .datasets import ClassTable, load_demo, read_imagefolder, read_manifest
 
     kind, _, arg = data.partition(":")
@@ -137,3 +162,30 @@ def resolve_device(device: str) -> str:
     if dev.index is not None and dev.index >= torch.cuda.device_count():
         raise SinetError(f"--device {device}: this machine has {torch.cuda.device_count()} CUDA device(s)")
     return str(dev)
+
+
+# -- train without a val split ------------------------------------------------------------------
+
+NOT_TRAINED = "no val split"
+NO_VAL_HINT = ("add a val split: rows with split 'val' in a manifest, or DIR/train/<class>/ and DIR/val/<class>/ "
+               "folders; with a clean_label column the accuracy is against the truth")
+
+
+def missing_val_split(on: str, features_path: Path, data: str | None = None, classes: Path | None = None,
+                      noise: str = "symmetric", noise_rate: float = 0.4, noise_seed: int = 0,
+                      captions: str | None = None) -> str | None:
+    """What ``sinet train`` would read (features.h5 for ``--on features``, else ``--data``) when it has
+    no row of the val split, else None. Without a val split a trained model cannot be evaluated, so
+    train skips instead of reporting a model nobody can judge. A missing features.h5 is left to the
+    command's own error."""
+    from . import store
+
+    if on == "features":
+        if not Path(features_path).exists():
+            return None
+        with store.open_artifact(features_path, "features") as art:
+            if "splits" in art and (art.read("splits") == "val").any():
+                return None
+        return str(features_path)
+    table = load_table(data, classes, noise, noise_rate, noise_seed, captions)
+    return None if (np.asarray(table.splits) == "val").any() else f"--data {data}"

@@ -1,16 +1,43 @@
-"""Messages to the user: stderr, one line each, no colour codes when not on a terminal."""
+"""Messages to the user: stderr, one line each, no colour codes when not on a terminal.
+
+Verbosity is set once per run by the ``sinet`` callback (``-q/--quiet``, ``-v/--verbose``):
+quiet keeps warnings and errors only, verbose adds :func:`detail` lines. Results a command
+prints on stdout (:func:`table`, :func:`out`) are its output and print at every level.
+"""
 
 from __future__ import annotations
 
+import re
 import sys
+import unicodedata
 
 from rich.console import Console
+
+QUIET, NORMAL, VERBOSE = 0, 1, 2
+_level = NORMAL
 
 _err = Console(stderr=True, highlight=False, soft_wrap=True)
 
 
+def set_verbosity(level: int) -> None:
+    """QUIET: warnings and errors only; NORMAL: one line per step; VERBOSE: also :func:`detail` lines."""
+    global _level
+    _level = int(level)
+
+
+def verbosity() -> int:
+    return _level
+
+
 def info(message: str) -> None:
-    _err.print(message, markup=False)
+    if _level >= NORMAL:
+        _err.print(message, markup=False)
+
+
+def detail(message: str) -> None:
+    """An extra line shown only with ``-v/--verbose``: what was read, which rule was applied."""
+    if _level >= VERBOSE:
+        _err.print(message, markup=False)
 
 
 def warn(message: str) -> None:
@@ -22,13 +49,47 @@ def error(message: str) -> None:
     print(f"sinet: error: {' '.join(str(message).split())}", file=sys.stderr)
 
 
-def table(title: str, header: list[str], rows: list[list[str]]) -> None:
-    """A small aligned table on stdout (rich on a terminal, plain text otherwise)."""
-    from rich.table import Table
+# terminal escape sequences: CSI (colours, cursor moves) and OSC (titles, hyperlinks)
+_ANSI = re.compile(r"\x1b\[[0-?]*[ -/]*[@-~]|\x1b\][^\x07\x1b]*(?:\x07|\x1b\\)?|\x9b[0-?]*[ -/]*[@-~]")
 
-    t = Table(title=title, show_lines=False)
-    for h in header:
-        t.add_column(h, justify="right" if h != header[0] else "left")
+
+def plain(text: object, limit: int | None = None) -> str:
+    """A string from a crawl (a name, a title, a path) made safe for a terminal: ANSI escape
+    sequences are dropped, other control characters (newlines, tabs) become spaces, runs of spaces one, and
+    ``limit`` cuts it with an ellipsis. Rich markup in it stays literal because every writer
+    here prints with markup off."""
+    s = _ANSI.sub("", str(text))
+    s = "".join(" " if unicodedata.category(ch) in ("Cc", "Cf", "Zl", "Zp") else ch for ch in s)
+    s = " ".join(s.split())
+    if limit is not None and len(s) > limit:
+        s = s[: max(0, limit - 1)] + "…"
+    return s
+
+
+_NUMBER = re.compile(r"^[-+]?(\d[\d,]*)?(\.\d+)?( ± [\d.]+)?%?$|^–$")
+
+
+def _stdout() -> Console:
+    # off a terminal (a file, a pipe, make's log) rich would wrap at 80 columns: give tables room
+    return Console(highlight=False, soft_wrap=True, width=None if sys.stdout.isatty() else 200)
+
+
+def out(line: str = "") -> None:
+    """One line of a command's result on stdout (never markup)."""
+    _stdout().print(line, markup=False)
+
+
+def table(title: str, header: list[str], rows: list[list[str]]) -> None:
+    """A small aligned table on stdout (rich on a terminal, plain text otherwise). Every cell is
+    printed as literal text: a class name or title holding ``[bold]`` or escape codes stays text.
+    Columns of numbers are right-aligned, text left-aligned."""
+    from rich.table import Table
+    from rich.text import Text
+
+    t = Table(title=Text(plain(title)), show_lines=False)
+    for j, h in enumerate(header):
+        numeric = j > 0 and all(_NUMBER.match(str(r[j]).strip()) for r in rows if j < len(r))
+        t.add_column(Text(plain(h)), justify="right" if numeric else "left")
     for r in rows:
-        t.add_row(*r)
-    Console(highlight=False, soft_wrap=True).print(t)
+        t.add_row(*(Text(plain(c)) for c in r))
+    _stdout().print(t)

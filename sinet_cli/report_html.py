@@ -69,6 +69,9 @@ figure.plot { margin: 0; } figure.plot figcaption { font-size: 12px; color: #666
 .label { flex: 0 0 64px; color: #666; font-size: 12px; padding-top: 4px; }
 details { margin: 4px 0; } summary { cursor: pointer; }
 input#class-search { font-size: 14px; padding: 3px 6px; width: 260px; margin: 4px 0; }
+ul.unknown { background: #fff8e5; border-left: 3px solid #e0a800; padding: 6px 10px 6px 28px; }
+#suspects td.text { text-align: left; max-width: 420px; overflow-wrap: anywhere; font-size: 12px; }
+#suspects img { width: var(--thumb); height: var(--thumb); object-fit: contain; background: #f0f0f0; }
 pre { background: #f7f7f7; padding: 6px 8px; white-space: pre-wrap; overflow-wrap: anywhere; font-size: 12px; max-height: 240px; }
 """
 
@@ -106,6 +109,22 @@ class ClassRow:
     true: float | None
     nearest: list[tuple[str, float]]
     detailed: bool = False
+    n_flagged: int | None = None  # flagged training images (scores.h5 `flagged`), None when not recorded
+    resolution: dict[str, str] | None = None  # graph.h5 `name_resolution` entry of the class
+
+
+@dataclass
+class Suspect:
+    """One row of the top-suspects table; every string comes from the crawl and is escaped."""
+
+    png: bytes
+    id: str
+    label: str
+    suggested: str
+    confidence: float | None
+    weight: float
+    text: str  # the image's side text (features.h5 side_text), "" when none
+    readable: bool = True
 
 
 @dataclass
@@ -133,6 +152,11 @@ class Page:
     provenance: list[dict[str, Any]] = field(default_factory=list)
     has_truth: bool = False
     notes: list[str] = field(default_factory=list)
+    unknown: list[str] = field(default_factory=list)  # what the page cannot say, and why
+    suspects: list[Suspect] = field(default_factory=list)
+    suspects_note: str = ""
+    resolution: list[dict[str, str]] = field(default_factory=list)  # per class, in class order
+    side_text: bool = False  # the dataset has side text: a column of the suspects table
 
 
 def _anchor(i: int) -> str:
@@ -163,7 +187,8 @@ def _nearest(row: ClassRow) -> str:
 
 
 def _index_table(page: Page) -> str:
-    head = ["#", "class", "train images", "low weight", "estimated noise"]
+    flagged = any(r.n_flagged is not None for r in page.rows)
+    head = ["#", "class", "train images", "low weight"] + (["flagged"] if flagged else []) + ["estimated noise"]
     if page.has_truth:
         head.append("true noise")
     head.append("nearest classes (S_t)")
@@ -172,7 +197,8 @@ def _index_table(page: Page) -> str:
     for rank, r in enumerate(page.rows, 1):
         name = escape(r.name)
         link = f'<a href="#{_anchor(r.index)}">{name}</a>' if r.detailed else name
-        cells = [str(rank), link, str(r.n_train), str(r.n_low), pct(r.estimated)]
+        cells = [str(rank), link, str(r.n_train), str(r.n_low)] + (
+            [num(r.n_flagged, "d")] if flagged else []) + [pct(r.estimated)]
         if page.has_truth:
             cells.append(pct(r.true))
         cells.append(_nearest(r))
@@ -210,6 +236,43 @@ def _detection_table(detection: dict[str, dict[str, Any]]) -> str:
                     f'<td>{escape(pct(m.get("noise_rate")))}</td><td>{escape(num(m.get("rows"), "d"))}</td></tr>')
     return ('<table><thead><tr><th class="l">suspicion score</th><th>ROC-AUC</th><th>AP</th><th>true noise</th>'
             f'<th>rows</th></tr></thead><tbody>{"".join(rows)}</tbody></table>')
+
+
+def _suspects_table(page: Page) -> str:
+    head = ["", "id", "label", "suggested", "confidence", "weight"] + (["side text"] if page.side_text else [])
+    th = "".join(f'<th class="{"" if h in ("confidence", "weight") else "l"}">{escape(h)}</th>' for h in head)
+    body = []
+    for s in page.suspects:
+        alt = escape(f"{s.id}{'' if s.readable else ' (image unreadable)'}")
+        cells = [f'<td><img src="{data_uri(s.png)}" alt="{alt}" title="{alt}"></td>',
+                 f'<td class="l">{escape(s.id)}</td>', f'<td class="l">{escape(s.label)}</td>',
+                 f'<td class="l">{escape(s.suggested)}</td>',
+                 f"<td>{escape(num(s.confidence, '.2f'))}</td>", f"<td>{escape(num(s.weight, '.3f'))}</td>"]
+        if page.side_text:
+            cells.append(f'<td class="text">{escape(_plain(s.text, 300)) or "–"}</td>')
+        body.append('<tr class="suspect">' + "".join(cells) + "</tr>")
+    return (f'<div class="scroll"><table id="suspects"><thead><tr>{th}</tr></thead><tbody>{"".join(body)}'
+            "</tbody></table></div>")
+
+
+def _plain(text: str, limit: int) -> str:
+    from .console import plain
+
+    return plain(text, limit)
+
+
+def _resolution_table(page: Page) -> str:
+    words = {"table": "class table", "name": "looked up by name", "parent": "placed below a parent",
+             "none": "unresolved: text similarity only"}
+    rows = []
+    for r in page.resolution:
+        src = r.get("source") or "none"
+        rows.append(f'<tr><td class="l">{escape(r.get("class", ""))}</td><td class="l">{escape(r.get("synset") or "–")}'
+                    f'</td><td class="l">{escape(words.get(src, src))}</td>'
+                    f'<td class="l">{escape(r.get("lemma") or "–")}</td></tr>')
+    return ('<div class="scroll"><table id="name-resolution"><thead><tr><th class="l">class</th>'
+            '<th class="l">WordNet synset</th><th class="l">how</th><th class="l">matched lemma</th></tr></thead>'
+            f'<tbody>{"".join(rows)}</tbody></table></div>')
 
 
 def _provenance(items: list[dict[str, Any]]) -> str:
@@ -259,10 +322,17 @@ def render(page: Page) -> str:
         f'<p class="rule">{escape(page.rule)}</p>',
         notes,
     ]
+    if page.unknown:
+        parts.append('<ul class="unknown" id="not-known">' + "".join(f"<li>{escape(u)}</li>" for u in page.unknown)
+                     + "</ul>")
+    if page.suspects:
+        parts += ["<h2>Top suspects</h2>", f'<p class="muted">{escape(page.suspects_note)}</p>',
+                  _suspects_table(page)]
     if page.metrics:
-        parts += ["<h2>Accuracy on the clean validation split (metrics.json)</h2>", _metrics_table(page.metrics),
+        parts += ["<h2>Accuracy on the validation split (metrics.json)</h2>", _metrics_table(page.metrics),
                   '<p class="muted">A: all images, unweighted; B: only images with weight above the threshold; '
-                  "C: weighted by w (SINet); oracle: trained on the clean labels.</p>"]
+                  "C: weighted by w (SINet); oracle: trained on the clean labels. eval_labels: clean_labels = "
+                  "against the clean labels, labels = against the given val labels.</p>"]
     if page.detection:
         parts += ["<h2>Noise detection on the training split (scores.h5)</h2>", _detection_table(page.detection)]
     parts += [
@@ -272,6 +342,9 @@ def render(page: Page) -> str:
         _index_table(page),
         "<h2>Weights</h2>",
         '<div class="plots">' + _plot(page, "weights.png") + _plot(page, "weights-by-class.png") + "</div>",
+        *(["<h2>Class names</h2>",
+            '<p class="muted">How each class name was placed in WordNet by build-graph (graph.h5 name_resolution); '
+            "a class table's synset column overrides it.</p>", _resolution_table(page)] if page.resolution else []),
         "<h2>Class relations</h2>",
         f'<p class="muted">{escape(page.heatmap_note)}</p>',
         f'<div class="plots{" three" if page.heatmaps_in_a_row else ""}">'

@@ -55,7 +55,11 @@ def default_text_encoder() -> Path:
 
 
 def load_text_encoder(path: Path | str | None = None, device: str = "cpu"):
-    """A frozen SentenceTransformer from a local folder (never from a hub)."""
+    """A frozen SentenceTransformer from a local folder (never from a hub). Off a terminal the
+    libraries' own progress bars stay off (:func:`sinet_cli.progress.quiet_libraries`)."""
+    from .progress import quiet_libraries
+
+    quiet_libraries()  # before sentence-transformers imports transformers
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
     model_dir = Path(path) if path else default_text_encoder()

@@ -103,6 +103,11 @@ SCHEMAS: dict[str, tuple[Field, ...]] = {
         Field("open_set_threshold", "float", ("C",), required=False),
         Field("probe_W", "float", ("K", "D", "C"), required=False),  # K folds of the probe (cron appends reuse it)
         Field("probe_b", "float", ("K", "C"), required=False),
+        # issue 18 (CONTRACTS.md): the flag, the relabel suggestion and the calibrated noise estimate
+        Field("flagged", "int", ("N",), required=False),
+        Field("suggested_class", "int", ("N",), required=False),
+        Field("suggested_confidence", "float", ("N",), required=False),
+        Field("class_noise", "float", ("C",), required=False),
     ),
 }
 

@@ -32,6 +32,21 @@ class ClassNoise:
     n_low_noisy: np.ndarray  # low-weight images that are truly mislabeled
 
 
+def find_rows(haystack: np.ndarray, needles: np.ndarray) -> np.ndarray:
+    """Position of each needle id in ``haystack`` (-1 when absent): rows of one artifact matched by
+    id to another's. One sort, no Python loop."""
+    haystack = np.asarray(haystack).astype(str)
+    needles = np.asarray(needles).astype(str)
+    if len(haystack) == len(needles) and (haystack == needles).all():
+        return np.arange(len(needles))
+    if len(haystack) == 0:
+        return np.full(len(needles), -1, dtype=np.int64)
+    order = np.argsort(haystack, kind="stable")
+    pos = np.minimum(np.searchsorted(haystack[order], needles), len(haystack) - 1)
+    found = haystack[order][pos] == needles
+    return np.where(found, order[pos], -1)
+
+
 def _check_rows(labels: np.ndarray, num_classes: int, *others: np.ndarray) -> np.ndarray:
     labels = np.asarray(labels)
     if labels.ndim != 1:
@@ -275,3 +290,28 @@ def extremes_per_class(
         b = np.searchsorted(sl, c, side="right")
         out.append(order[a : min(b, a + k)])
     return out
+
+
+def flagged_per_class(labels: np.ndarray, flagged: np.ndarray, num_classes: int,
+                      rows: np.ndarray | None = None) -> np.ndarray:
+    """(C,) number of flagged rows (``flagged`` 0/1, score-noise's is-label-issue column) per
+    given label, over ``rows`` (a boolean mask, e.g. the train split) or every row."""
+    labels = _check_rows(labels, num_classes, flagged, rows)
+    keep = np.ones(len(labels), dtype=bool) if rows is None else np.asarray(rows, dtype=bool)
+    hit = keep & (np.asarray(flagged) != 0)
+    return np.bincount(labels[hit], minlength=num_classes).astype(np.int64)
+
+
+def worst_rows(weight: np.ndarray, distance: np.ndarray, k: int, rows: np.ndarray | None = None) -> np.ndarray:
+    """Indices of the ``k`` most suspect rows among ``rows`` (a boolean mask; default every row):
+    lowest weight first, among equal weights the farthest from its class prototype, then the
+    lowest row index. NaN weights (never scored) come last."""
+    if k < 0:
+        raise ValueError(f"k must be >= 0, got {k}")
+    w = np.nan_to_num(np.asarray(weight, dtype=np.float64), nan=np.inf)
+    d = np.nan_to_num(np.asarray(distance, dtype=np.float64), nan=-np.inf)
+    if len(d) != len(w):
+        raise ValueError(f"distance has {len(d)} rows, weight has {len(w)}")
+    cand = np.arange(len(w)) if rows is None else np.flatnonzero(np.asarray(rows, dtype=bool))
+    order = cand[np.lexsort((cand, -d[cand], w[cand]))]
+    return order[:k]

@@ -24,13 +24,26 @@ STAGE_FILES = ["features.h5", "graph.h5", "prototypes.h5", "scores.h5", "train-C
 
 
 def make(*args: str, env: dict | None = None, check: bool = True) -> subprocess.CompletedProcess:
-    """make in the repository, without the pip install step (offline; the package is installed)."""
+    """make in the repository, without the pip install steps (offline; the package is installed)."""
     full_env = {**os.environ, "CI": "1", **(env or {})}
-    done = subprocess.run(["make", "--no-print-directory", "-C", str(REPO), "-o", ".install.stamp", *args],
+    done = subprocess.run(["make", "--no-print-directory", "-C", str(REPO), "-o", ".install.stamp",
+                           "-o", ".install-run.stamp", *args],
                           env=full_env, capture_output=True, text=True, timeout=900)
     if check:
         assert done.returncode == 0, f"make {' '.join(args)} failed:\n{done.stdout}\n{done.stderr}"
     return done
+
+
+def has_export() -> bool:
+    from sinet_cli.app import app
+
+    return any(c.name == "export" for c in app.registered_commands)
+
+
+def without_export(art: Path) -> list[str]:
+    """Until the branch that adds `sinet export` is merged, keep make from running it (the lead
+    drops this workaround with the merge)."""
+    return [] if has_export() else ["-o", str(art / "export" / "images.csv")]
 
 
 def mtimes(art: Path) -> dict[str, int]:
@@ -56,7 +69,7 @@ def assert_all_up_to_date(done: subprocess.CompletedProcess, art: Path) -> None:
 def test_make_all_clothing1m_then_up_to_date_then_only_stale_stages_then_cron(tmp_path):
     c1m = make_clothing1m(tmp_path / "clothing1m")
     art = tmp_path / "c1m"
-    args = ["all", "DATASET=clothing1m", f"DATA_ROOT={c1m['root']}", f"ART={art}", *TINY]
+    args = ["all", "DATASET=clothing1m", f"DATA_ROOT={c1m['root']}", f"ART={art}", *TINY, *without_export(art)]
     first = make(*args)
     n = len(c1m["noisy_train"]) + len(c1m["clean_train"]) + len(c1m["val"]) + len(c1m["test"])
     check_outputs(art, n)
@@ -107,7 +120,8 @@ def test_make_all_clothing1m_then_up_to_date_then_only_stale_stages_then_cron(tm
 def test_make_all_webvision_then_up_to_date(tmp_path):
     wv = make_webvision(tmp_path / "webvision")
     art = tmp_path / "wv"
-    args = ["all", "DATASET=webvision", f"DATA_ROOT={wv['root']}", f"ART={art}", "SOURCES=wordnet", *TINY]
+    args = ["all", "DATASET=webvision", f"DATA_ROOT={wv['root']}", f"ART={art}", "SOURCES=wordnet", *TINY,
+            *without_export(art)]
     make(*args)
     check_outputs(art, len(wv["train"]) + len(wv["val"]))
     with store.open_artifact(art / "features.h5", "features") as f:
@@ -130,10 +144,13 @@ def dry(*args: str, env: dict | None = None) -> str:
 def test_make_all_command_lines_for_each_dataset_kind(kind, root):
     out = dry("all", f"DATASET={kind}", f"DATA_ROOT={root}", env={"DATA": "/some/unrelated/path"})
     art = f"artifacts/{kind}"
-    for command in ("build-graph", "extract-features", "make-prototypes", "score-noise", "train", "summary", "report"):
+    for command in ("build-graph", "extract-features", "make-prototypes", "score-noise", "train", "summary", "report",
+                    "export"):
         assert f"-m sinet_cli {command} " in out, command
     assert out.count(f"--data {kind}:{root} ") == 3  # graph, features, train (an environment DATA is ignored)
-    assert out.count(f"--out {art}") == 7
+    assert out.count(f"--out {art}") == 8
+    # the summary comes last: what a run ends with
+    assert out.index("sinet_cli report ") < out.index("sinet_cli export ") < out.index("sinet_cli summary ")
     assert "for mode in A B C ;" in out  # no oracle: true labels of the training images are not known
     assert "--hierarchy auto" in out and "--lenient" not in out  # Clothing1M needs no workaround
     assert "--classes" not in out
@@ -174,3 +191,36 @@ def test_build_graph_on_clothing1m_with_the_default_hierarchy(tmp_path, sinet):
         names, S_w = list(g.read("classes")), g.read("S_w")
     # Hoodie sits under sweatshirt.n.01: nearer to Sweater than to Shawl
     assert S_w[names.index("Hoodie"), names.index("Sweater")] > S_w[names.index("Hoodie"), names.index("Shawl")]
+
+
+def test_make_all_installs_without_dev_extras_and_make_test_with_them(tmp_path):
+    """Two install stamps: `make all` needs the package only, `make test` the dev extras too; a run
+    install never satisfies `make test`, a current dev install satisfies `make all`. PY=echo
+    prints the pip command lines instead of running them."""
+    import shutil
+    import time
+
+    def fresh(name: str) -> Path:
+        d = tmp_path / name
+        d.mkdir()
+        for f in ("Makefile", "pyproject.toml"):
+            shutil.copy(REPO / f, d / f)
+        old = time.time() - 100
+        os.utime(d / "pyproject.toml", (old, old))
+        return d
+
+    def run(d: Path, target: str) -> str:
+        done = subprocess.run(["make", "--no-print-directory", "-C", str(d), target, "PY=echo"],
+                              capture_output=True, text=True, timeout=60)
+        assert done.returncode == 0, done.stderr
+        return done.stdout
+
+    d = fresh("run-first")
+    out = run(d, "install")
+    assert "-m pip install -q -e ." in out and "[dev]" not in out
+    assert "pip" not in run(d, "install")  # stamped
+    out = run(d, "test")
+    assert "-m pip install -q -e .[dev]" in out and "-m pytest -q" in out  # the run install is not enough
+    d = fresh("dev-first")
+    assert "[dev]" in run(d, "install-dev")
+    assert "pip" not in run(d, "install")  # the dev install already holds everything `make all` needs

@@ -113,9 +113,15 @@ def test_extremes_quantiles_histogram_focus():
 
 def write_synthetic(folder: Path, C: int, per_class: int, *, paths: list[str] | None = None, names=None,
                     provenance: dict | None = None, ids=None, seed: int = 0, metrics: bool = True,
-                    graph_dtype=np.float32) -> dict:
+                    graph_dtype=np.float32, truth: bool = True, side_text: list[str] | None = None,
+                    scores_extra: dict | None = None, scores_attrs: dict | None = None,
+                    graph_attrs: dict | None = None) -> dict:
     """graph/features/prototypes/scores artifacts of C classes with per_class train rows each
-    plus one val row per class; class c has a true noise share growing with c."""
+    plus one val row per class; class c has a true noise share growing with c.
+
+    ``truth=False``: a crawl without clean labels (no clean_labels, no detection attribute).
+    ``scores_extra``: more scores.h5 datasets, per-row ones given in features.h5 row order.
+    ``side_text`` and ``scores_extra`` may be functions of the returned truth."""
     rng = np.random.default_rng(seed)
     names = names or [f"class {c:04d}" for c in range(C)]
     n_tr = C * per_class
@@ -129,6 +135,8 @@ def write_synthetic(folder: Path, C: int, per_class: int, *, paths: list[str] | 
     weight = np.maximum(0, 1.2 - distance) ** 1.5
     nearest = np.where(distance > 1.2, (labels + 1) % C, labels)
     ids = ids if ids is not None else np.array([f"img-{i:06d}" for i in range(n)])
+    result = {"labels": labels, "weight": weight, "distance": distance, "clean": clean, "split": split, "ids": ids,
+              "names": names, "nearest": nearest}
     D = 4
     feats = rng.normal(size=(n, D)).astype(np.float16)
     S_w = rng.random((C, C)).astype(graph_dtype)
@@ -137,9 +145,12 @@ def write_synthetic(folder: Path, C: int, per_class: int, *, paths: list[str] | 
     S_l = (S_l + S_l.T) / 2
     graph_fp = store.write_artifact(folder / "graph.h5", "graph",
                                     {"classes": names, "S_w": S_w, "S_l": S_l, "S_t": S_w + S_l},
-                                    {"sources": ["synthetic"]}, {"classes": "x"})
-    fdata = {"ids": ids, "labels": labels, "features": feats, "classes": names, "splits": split,
-             "clean_labels": clean}
+                                    {"sources": ["synthetic"]}, {"classes": "x"}, graph_attrs)
+    fdata = {"ids": ids, "labels": labels, "features": feats, "classes": names, "splits": split}
+    if truth:
+        fdata["clean_labels"] = clean
+    if side_text is not None:
+        fdata["side_text"] = side_text(result) if callable(side_text) else side_text
     if paths is not None:
         fdata["paths"] = paths
     attrs = {"dataset_provenance": provenance} if provenance else None
@@ -152,20 +163,27 @@ def write_synthetic(folder: Path, C: int, per_class: int, *, paths: list[str] | 
         {"topk": 0.5}, {"features": feat_fp, "graph": graph_fp})
     # scores.h5 without splits/clean labels/paths: the report takes them from features.h5 by id
     order = rng.permutation(n)  # and in another row order than features.h5
-    store.write_artifact(folder / "scores.h5", "scores", {
-        "ids": ids[order], "labels": labels[order], "weight": weight[order].astype(np.float32),
-        "distance": distance[order].astype(np.float32), "nearest_class": nearest[order],
-        "nearest_distance": distance[order].astype(np.float32), "classes": names},
-        {"alpha": 1.2, "beta": 1.5}, {"features": feat_fp, "prototypes": proto_fp},
-        {"detection": {"weight": {"roc_auc": 0.9, "average_precision": 0.8, "noise_rate": 0.2, "rows": n_tr}}})
+    result["order"] = order
+    if callable(scores_extra):
+        scores_extra = scores_extra(result)
+    sdata = {"ids": ids[order], "labels": labels[order], "weight": weight[order].astype(np.float32),
+             "distance": distance[order].astype(np.float32), "nearest_class": nearest[order],
+             "nearest_distance": distance[order].astype(np.float32), "classes": names}
+    for key, value in (scores_extra or {}).items():
+        value = np.asarray(value)
+        sdata[key] = value[order] if len(value) == n else value
+    attrs = dict(scores_attrs or {})
+    if truth:
+        attrs["detection"] = {"weight": {"roc_auc": 0.9, "average_precision": 0.8, "noise_rate": 0.2, "rows": n_tr}}
+    store.write_artifact(folder / "scores.h5", "scores", sdata, {"alpha": 1.2, "beta": 1.5},
+                         {"features": feat_fp, "prototypes": proto_fp}, attrs)
     if metrics:
         store.write_json(folder / "metrics.json", {"train": {
             "C": {"mode": "C", "on": "features", "seed": 0, "top1": 81.0, "top5": 97.25, "n_train": n_tr,
                   "eval_labels": "clean_labels"},
             "A": {"mode": "A", "on": "features", "seed": 0, "top1": 74.5, "top5": 95.0, "n_train": n_tr,
                   "eval_labels": "clean_labels"}}})
-    return {"labels": labels, "weight": weight, "distance": distance, "clean": clean, "split": split, "ids": ids,
-            "names": names, "nearest": nearest}
+    return result
 
 
 def image_tags(text: str) -> list[str]:
@@ -197,7 +215,8 @@ def test_report_small(tmp_path, sinet):
     names = ["cat", "dog <b>&", "fox", "owl"]  # markup in a name must be escaped
     art = tmp_path / "art"
     truth = write_synthetic(art, C, per, paths=paths, names=names)
-    code, out, err = sinet("report", "--out", art, "--per-class", 3, "--max-classes", 2, "--low-weight", "0")
+    code, out, err = sinet("report", "--out", art, "--per-class", 3, "--max-classes", 2, "--low-weight", "0",
+                           "--top-suspects", 5)
     assert code == 0, err
     page = art / "report" / "index.html"
     text = page.read_text()
@@ -206,8 +225,9 @@ def test_report_small(tmp_path, sinet):
     assert "dog &lt;b&gt;&amp;" in text and "dog <b>" not in text
     assert not re.search(r'(src|href)="(https?:)?//', text)  # nothing external
     imgs = decode_images(text)
-    assert len(imgs) == len(image_tags(text)) == 6 + 2 * (2 * 3)  # 6 plots + 2 classes x (3 suspect + 3 typical)
-    assert all(im.size[0] <= 48 and im.size[1] <= 48 for im in imgs[-12:])
+    # 6 plots + 5 top suspects + 2 classes x (3 suspect + 3 typical)
+    assert len(imgs) == len(image_tags(text)) == 6 + 5 + 2 * (2 * 3)
+    assert sum(im.size[0] <= 48 and im.size[1] <= 48 for im in imgs) == 5 + 12  # the thumbnails
     # the per-class numbers against the truth written above
     train = truth["split"] == "train"
     lab, w = truth["labels"][train], truth["weight"][train]
@@ -231,7 +251,8 @@ def test_report_small(tmp_path, sinet):
     assert "1 thumbnail(s) could not be read" in text or 3 not in expect
     assert "w ≤ 0 (weight 0" in text
     # up to date: the second run does nothing; another option rebuilds
-    code, out, err = sinet("report", "--out", art, "--per-class", 3, "--max-classes", 2, "--low-weight", "0.0")
+    code, out, err = sinet("report", "--out", art, "--per-class", 3, "--max-classes", 2, "--low-weight", "0.0",
+                           "--top-suspects", 5)
     assert code == 0 and "up to date" in err
     code, out, err = sinet("report", "--out", art, "--per-class", 2, "--max-classes", 2, "--low-weight", "q0.5")
     assert code == 0 and "up to date" not in err
@@ -244,6 +265,169 @@ def test_report_small(tmp_path, sinet):
     code, out, err = sinet("report", "--out", art, "--low-weight", "often")
     assert code == 1 and "--low-weight 'often'" in err
     assert not list((art / "report").glob("*.partial"))
+
+
+def test_flagged_per_class_and_worst_rows_by_hand():
+    labels = np.array([0, 0, 1, 1, 1, 2])
+    flagged = np.array([1, 0, 1, 1, 0, 1])
+    train = np.array([True, True, True, False, True, True])
+    assert stage.flagged_per_class(labels, flagged, 4, train).tolist() == [1, 1, 1, 0]
+    assert stage.flagged_per_class(labels, flagged, 3).tolist() == [1, 2, 1]
+    weight = np.array([0.5, 0.0, 0.0, np.nan, 0.2, 0.0])
+    distance = np.array([0.1, 1.5, 1.9, 0.0, 0.3, 1.5])
+    # w 0 first, the farthest (1.9) before the two at 1.5 (row order), then 0.2, 0.5; NaN (unscored) last
+    assert stage.worst_rows(weight, distance, 10).tolist() == [2, 1, 5, 4, 0, 3]
+    assert stage.worst_rows(weight, distance, 2, flagged.astype(bool)).tolist() == [2, 5]
+    assert stage.worst_rows(weight, distance, 0).tolist() == []
+    assert stage.find_rows(np.array(["b", "a", "c"]), np.array(["c", "x", "b"])).tolist() == [2, -1, 0]
+
+
+HOSTILE = "<img src=x onerror=alert(1)>\nsecond\tline \x1b[31mred[/red]"  # side text from a crawl
+
+
+def crawl_artifacts(art: Path, *, estimate: bool = True, skipped: bool = True) -> dict:
+    """Artifacts of a crawl without clean labels, with score-noise's flag, suggestion and noise
+    estimate and build-graph's name resolution; crawl strings that try to inject markup."""
+    C, per = 4, 6
+    names = ["cat", "dog <b>&", "[bold]fox[/bold]", "owl"]
+    n = C * per + C
+
+    def flag(t: dict) -> np.ndarray:
+        return ((t["split"] == "train") & (t["distance"] > 1.2)).astype(np.int64)
+
+    def side_text(t: dict) -> list[str]:
+        text = [f"title {i}" for i in range(n)]
+        worst = np.flatnonzero(flag(t))
+        text[worst[0]] = HOSTILE  # on flagged rows: shown among the top suspects
+        text[worst[1]] = ""
+        return text
+
+    def extra(t: dict) -> dict:
+        flagged = flag(t)
+        out = {"flagged": flagged, "suggested_class": np.where(flagged == 1, (t["labels"] + 2) % C, t["labels"]),
+               "suggested_confidence": (0.5 + 0.01 * np.arange(n)).astype(np.float32)}
+        if estimate:
+            out["class_noise"] = np.array([0.05, 0.25, 0.15, 0.4])
+        return out
+
+    resolution = [{"class": "cat", "synset": "cat.n.01", "source": "name", "lemma": "cat"},
+                  {"class": "dog <b>&", "synset": "dog.n.01", "source": "table", "lemma": ""},
+                  {"class": "[bold]fox[/bold]", "synset": "", "source": "none", "lemma": ""},
+                  {"class": "owl", "synset": "owl.n.01", "source": "name", "lemma": "owl"}]
+    attrs = {"noise_estimate": {"overall": 0.2125, "method": "confident joint <i>", "rows": C * per}} if estimate else None
+    truth = write_synthetic(art, C, per, names=names, truth=False, metrics=False, side_text=side_text,
+                            scores_extra=extra, scores_attrs=attrs, graph_attrs={"name_resolution": resolution})
+    if skipped:
+        store.write_json(art / "metrics.json", {"train": {m: {
+            "mode": m, "on": "features", "seed": 0, "top1": None, "top5": None, "skipped": "no val split",
+            "hint": "add a val split"} for m in ("A", "C")}})
+    truth["text"] = np.array(side_text(truth))
+    truth["flagged"] = extra(truth)["flagged"]
+    truth["suggested"] = extra(truth)["suggested_class"]
+    return truth
+
+
+def test_report_without_clean_labels_shows_what_is_known_and_escapes_the_crawl(tmp_path, sinet):
+    art = tmp_path / "art"
+    t = crawl_artifacts(art)
+    code, _, err = sinet("report", "--out", art, "--per-class", 2, "--max-classes", 4)
+    assert code == 0, err
+    assert "estimated noise 21.2%" in err
+    text = (art / "report" / "index.html").read_text()
+    # nothing from the crawl injects markup or escape codes
+    assert "<img src=x" not in text and "&lt;img src=x onerror=alert(1)&gt;" in text
+    assert "<b>&" not in text and "dog &lt;b&gt;&amp;" in text and "\x1b" not in text
+    assert "confident joint &lt;i&gt;" in text
+    # what is not known, and why
+    unknown = text[text.index('id="not-known"'):text.index("</ul>", text.index('id="not-known"'))]
+    assert "No clean labels" in unknown and "Not trained (A, C): no val split" in unknown
+    assert "no noise estimate" not in unknown and "ROC-AUC" not in text.replace(unknown, "")
+    # the top suspects: every flagged training image, worst first, suggestion and side text beside it
+    train = t["split"] == "train"
+    pool = np.flatnonzero(train & (t["flagged"] == 1))
+    expect = pool[np.lexsort((-t["distance"][pool], t["weight"][pool]))]
+    table = text[text.index('<table id="suspects">'):text.index("</table>", text.index('<table id="suspects">'))]
+    rows = re.findall(r'<tr class="suspect">(.*?)</tr>', table)
+    assert [re.findall(r'<td class="l">([^<]*)</td>', r)[0] for r in rows] == [t["ids"][i] for i in expect]
+    first = re.findall(r"<td[^>]*>([^<]*)</td>", rows[0])
+    i = expect[0]
+    assert first[1:3] == [html_escape(t["names"][t["labels"][i]]), html_escape(t["names"][t["suggested"][i]])]
+    assert first[3] == f"{0.5 + 0.01 * i:.2f}" and first[4] == f"{t['weight'][i]:.3f}"
+    cells = {re.findall(r'<td class="l">([^<]*)</td>', r)[0]: re.findall(r'<td class="text">([^<]*)</td>', r)[0]
+             for r in rows}
+    hostile = t["ids"][np.flatnonzero(t["text"] == HOSTILE)[0]]
+    assert cells[hostile] == "&lt;img src=x onerror=alert(1)&gt; second line red[/red]"  # escaped, one line
+    assert cells[t["ids"][np.flatnonzero((t["text"] == "") & (t["flagged"] == 1))[0]]] == "–"
+    assert f"{int(len(pool))} of {int(train.sum())} training images" in text
+    # per class: the calibrated estimate, the flagged count and the name resolution
+    tsv = {r.split("\t")[0]: r.split("\t") for r in (art / "report" / "classes.tsv").read_text().splitlines()[1:]}
+    for c, name in enumerate(t["names"]):
+        assert float(tsv[name][3]) == pytest.approx([0.05, 0.25, 0.15, 0.4][c])
+        assert int(tsv[name][6]) == int(((t["labels"] == c) & train & (t["flagged"] == 1)).sum())
+    assert tsv["cat"][7:] == ["cat.n.01", "name"] and tsv["[bold]fox[/bold]"][7:] == ["", "none"]
+    assert 'id="name-resolution"' in text and "unresolved: text similarity only" in text
+
+
+def html_escape(s: str) -> str:
+    from html import escape
+
+    return escape(s)
+
+
+def test_summary_without_clean_labels_prints_the_estimate_flags_suspects_and_what_is_unknown(tmp_path, sinet):
+    art = tmp_path / "art"
+    t = crawl_artifacts(art)
+    code, out, err = sinet("summary", "--out", art)
+    assert code == 0, err
+    train = t["split"] == "train"
+    n_flagged = int((train & (t["flagged"] == 1)).sum())
+    assert "estimated noise 21.2% (confident joint <i>, over 24 training images); " f"flagged {n_flagged} of 24" in out
+    assert ("class names: 4 classes: 2 looked up by name, 1 from the class table, 1 unresolved "
+            "('[bold]fox[/bold]': text similarity only)") in out
+    assert "\x1b" not in out and "[bold]fox[/bold]" in out  # no escape codes, no markup interpreted
+    # the top suspects, worst first, with suggestion, confidence and side text
+    pool = np.flatnonzero(train & (t["flagged"] == 1))
+    expect = pool[np.lexsort((-t["distance"][pool], t["weight"][pool]))][:10]
+    shown = re.findall(r"(img-\d{6})", out[out.index("Top suspects"):])
+    assert shown == [t["ids"][i] for i in expect]
+    i = expect[0]
+    line = next(x for x in out.splitlines() if t["ids"][i] in x)
+    assert t["names"][t["suggested"][i]] in line and f"{0.5 + 0.01 * i:.2f}" in line
+    hostile = int(np.flatnonzero(t["text"] == HOSTILE)[0])
+    assert hostile in expect
+    hostile_line = next(x for x in out.splitlines() if t["ids"][hostile] in x)
+    assert "<img src=x onerror=alert(1)> second line red[/red]" in hostile_line
+    # per class: the calibrated estimate, noisiest first
+    per_class = out[out.index("Per class"):out.index("Top suspects")]
+    assert [n for n in ("owl", "dog <b>&", "[bold]fox[/bold]", "cat")] == sorted(
+        ["owl", "dog <b>&", "[bold]fox[/bold]", "cat"], key=per_class.index)
+    assert "40.0%" in per_class and "cat.n.01 (name)" in per_class
+    assert "not known: no clean labels" in out and "not known: not trained (A, C): no val split" in out
+    assert "Noise detection" not in out and "accuracy (%)" not in out  # no tables against a truth
+
+
+def test_summary_says_when_the_noise_estimate_is_missing(tmp_path, sinet):
+    art = tmp_path / "art"
+    crawl_artifacts(art, estimate=False, skipped=False)
+    code, out, err = sinet("summary", "--out", art)
+    assert code == 0, err
+    assert "no noise estimate in scores.h5 (rerun score-noise)" in out
+    assert "not known: no accuracy: no model trained" in out
+    code, _, err = sinet("report", "--out", art)
+    assert code == 0, err
+    text = (art / "report" / "index.html").read_text()
+    assert "No noise estimate in scores.h5 (rerun score-noise)" in text
+
+
+def test_summary_with_clean_labels_keeps_detection_and_accuracy_tables(tmp_path, sinet):
+    art = tmp_path / "art"
+    write_synthetic(art, 4, 6)
+    code, out, err = sinet("summary", "--out", art)
+    assert code == 0, err
+    assert "Noise detection against the clean labels" in out and "0.9000" in out and "0.8000" in out
+    assert "Clean validation accuracy (%)" in out and "81.00" in out and "74.50" in out
+    assert out.index("74.50") < out.index("81.00")  # A before C
+    assert "not known: no clean labels" not in out and "no noise estimate in scores.h5" in out
 
 
 def test_report_demo_thumbnails_come_from_the_recorded_demo(tmp_path, sinet):
@@ -290,8 +474,9 @@ def test_report_2000_classes_stays_under_the_bound(tmp_path, sinet):
     size = len(text.encode())
     assert text.count("<tr><td>") == C  # every class in the searchable index
     assert text.count('class="class-block"') == 50
-    # per=3 train rows per class: up to 3 suspects + 3 typical per shown class, all real images
-    assert len(image_tags(text)) == 6 + 50 * 6
+    # per=3 train rows per class: up to 3 suspects + 3 typical per shown class, all real images, and
+    # the 50 rows of the top-suspects table
+    assert len(image_tags(text)) == 6 + 50 * 6 + 50
     # the bound for 5,000 classes with the defaults: the per-class index row grows linearly, the
     # rest (thumbnails of 50 classes x 16 at worst, plots of <= 60 classes) does not grow with C
     rows = sum(len(r.encode()) for r in re.findall(r"<tr><td>.*?</tr>", text))

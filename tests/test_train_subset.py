@@ -148,7 +148,8 @@ def test_subset_errors_name_the_file(sinet, subset_artifacts, tmp_path):
     x, y = _features(20)
     bare = tmp_path / "bare"
     store.write_artifact(bare / "features.h5", "features", {"ids": np.array([f"i{i}" for i in range(20)]),
-                         "labels": y, "features": x, "classes": ["a", "b", "c"]}, {}, {})
+                         "labels": y, "features": x, "classes": ["a", "b", "c"],
+                         "splits": ["train"] * 16 + ["val"] * 4}, {}, {})  # a val split: not skipped
     code, _, err = sinet("train", "--mode", "A", "--train-subset", "noisy", "--out", bare, *FAST)
     assert code == 1 and str(bare / "features.h5") in err and "no subsets are recorded" in err
 

@@ -49,7 +49,7 @@ MEMORY_FORMATS = {"auto": None, "channels-last": True, "contiguous": False}  # -
 
 @app.command("extract-features")
 def extract_features(
-    data: DataOpt = "demo",
+    data: DataOpt = None,
     classes: ClassesOpt = None,
     noise: NoiseOpt = "symmetric",
     noise_rate: NoiseRateOpt = 0.4,
@@ -240,7 +240,7 @@ def store_json(raw: object) -> list:
 @app.command("merge-features")
 def merge_features(
     shards: Annotated[int, typer.Option(help="Number of shards n written with --shard i/n.")],
-    data: DataOpt = "demo",
+    data: DataOpt = None,
     out: OutOpt = None,
     force: ForceOpt = False,
 ) -> None:

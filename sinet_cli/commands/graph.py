@@ -428,7 +428,7 @@ def load_classes(data: str, classes: Path | None) -> Any:
 
 @app.command("build-graph")
 def build_graph(
-    data: DataOpt = "demo",
+    data: DataOpt = None,
     classes: ClassesOpt = None,
     sources: Annotated[
         str,

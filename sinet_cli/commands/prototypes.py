@@ -121,7 +121,7 @@ def format_detection(name: str, m: dict | None) -> str:
 
 @app.command("make-prototypes")
 def make_prototypes(
-    data: DataOpt = "demo",
+    data: DataOpt = None,
     features: Annotated[
         Optional[Path], typer.Option(help="features.h5 (default: <artifact folder>/features.h5).", rich_help_panel="Artifacts")
     ] = None,

@@ -8,6 +8,7 @@ PIL; the numbers come from ``stages.report`` and the page from ``sinet_cli.repor
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import json
 import os
@@ -16,11 +17,13 @@ from typing import Annotated, Any, Optional
 
 import numpy as np
 import typer
+from stages.report import find_rows
 
 from .. import console, store
 from ..app import app
 from ..common import DataOpt, ForceOpt, OutOpt, artifact_dir
 from ..errors import SinetError
+from .summary import NO_ESTIMATE, name_resolution, noise_estimate, read_runs, resolution_line, side_text_for, skipped_line
 
 P_PAGE = "Page"
 HEATMAP_LABELED = 60  # at most this many classes per heat map: with names on both axes
@@ -29,20 +32,6 @@ MODE_ORDER = {"A": 0, "B": 1, "C": 2, "oracle": 3}
 
 
 # -- loading -----------------------------------------------------------------------------------
-
-
-def find_rows(haystack: np.ndarray, needles: np.ndarray) -> np.ndarray:
-    """Position of each needle id in ``haystack`` (-1 when absent); one sort, no Python loop."""
-    haystack = np.asarray(haystack).astype(str)
-    needles = np.asarray(needles).astype(str)
-    if len(haystack) == len(needles) and (haystack == needles).all():
-        return np.arange(len(needles))
-    if len(haystack) == 0:
-        return np.full(len(needles), -1, dtype=np.int64)
-    order = np.argsort(haystack, kind="stable")
-    pos = np.minimum(np.searchsorted(haystack[order], needles), len(haystack) - 1)
-    found = haystack[order][pos] == needles
-    return np.where(found, order[pos], -1)
 
 
 def provenance_of(name: str, art: store.Artifact) -> dict[str, Any]:
@@ -62,7 +51,7 @@ def read_metrics(path: Path) -> list[dict[str, Any]]:
     for run, m in runs.items() if isinstance(runs, dict) else []:
         if isinstance(m, dict):
             out.append({"run": run, **{k: m.get(k) for k in ("mode", "on", "seed", "top1", "top5", "n_train",
-                                                               "eval_labels")}})
+                                                               "eval_labels", "skipped")}})
     return sorted(out, key=lambda m: (MODE_ORDER.get(str(m.get("mode")), 9), str(m["run"])))
 
 
@@ -173,7 +162,8 @@ def _short(name: str, n: int = 22) -> str:
     return name if len(name) <= n else name[: n - 1] + "…"
 
 
-def plot_noise_rates(stage, noise, order: np.ndarray, names: np.ndarray, has_truth: bool) -> bytes:
+def plot_noise_rates(stage, noise, order: np.ndarray, names: np.ndarray, has_truth: bool,
+                     estimate_label: str = "estimated (low weight)") -> bytes:
     import matplotlib.pyplot as plt
 
     top = order[: min(BOX_CLASSES, len(order))]
@@ -183,7 +173,7 @@ def plot_noise_rates(stage, noise, order: np.ndarray, names: np.ndarray, has_tru
                              squeeze=False)
     ax = axes[0, 0]
     y = np.arange(len(top))[::-1]
-    ax.barh(y, 100 * np.nan_to_num(noise.estimated[top]), color="#4c72b0", height=0.7, label="estimated (low weight)")
+    ax.barh(y, 100 * np.nan_to_num(noise.estimated[top]), color="#4c72b0", height=0.7, label=estimate_label)
     if has_truth:
         ax.plot(100 * noise.true[top], y, "o", color="#d62728", ms=4, label="true (clean labels)")
     ax.set_yticks(y, [_short(str(names[c])) for c in top], fontsize=8)
@@ -286,16 +276,23 @@ def write_bytes(path: Path, data: bytes) -> None:
     os.replace(tmp, path)
 
 
-def classes_tsv(names: np.ndarray, noise, order: np.ndarray, near_idx: np.ndarray) -> str:
+def classes_tsv(names: np.ndarray, noise, order: np.ndarray, near_idx: np.ndarray,
+                flagged: np.ndarray | None = None, resolution: list[dict[str, str]] | None = None) -> str:
+    """The per-class numbers as TSV; ``flagged``, ``synset`` and ``name_source`` are empty when
+    scores.h5 / graph.h5 do not record them."""
     def clean(s: str) -> str:
-        return str(s).replace("\t", " ").replace("\n", " ")
+        return str(s).replace("\t", " ").replace("\n", " ").replace("\r", " ")
 
-    lines = ["class\ttrain_images\tlow_weight\testimated_noise\ttrue_noise\tnearest_classes"]
+    lines = ["class\ttrain_images\tlow_weight\testimated_noise\ttrue_noise\tnearest_classes\tflagged\tsynset\t"
+             "name_source"]
     for c in order:
         true = "" if np.isnan(noise.true[c]) else f"{noise.true[c]:.4f}"
         est = "" if np.isnan(noise.estimated[c]) else f"{noise.estimated[c]:.4f}"
+        res = resolution[c] if resolution is not None else {}
         lines.append(f"{clean(names[c])}\t{noise.n_train[c]}\t{noise.n_low[c]}\t{est}\t{true}\t"
-                     + ",".join(clean(names[n]) for n in near_idx[c]))
+                     + ",".join(clean(names[n]) for n in near_idx[c])
+                     + f"\t{'' if flagged is None else flagged[c]}\t{clean(res.get('synset', ''))}\t"
+                       f"{clean(res.get('source', ''))}")
     return "\n".join(lines) + "\n"
 
 
@@ -304,7 +301,7 @@ def classes_tsv(names: np.ndarray, noise, order: np.ndarray, near_idx: np.ndarra
 
 @app.command("report")
 def report(
-    data: DataOpt = "demo",
+    data: DataOpt = None,
     report_dir: Annotated[
         Optional[Path], typer.Option("--report-dir", help="Folder of the page (default: <artifact folder>/report).",
                                      rich_help_panel="Artifacts")
@@ -323,15 +320,20 @@ def report(
         int, typer.Option(help="Suspect images and typical images shown per class.", rich_help_panel=P_PAGE)
     ] = 8,
     thumb_size: Annotated[int, typer.Option(help="Thumbnail size in pixels.", rich_help_panel=P_PAGE)] = 48,
+    top_suspects: Annotated[
+        int, typer.Option(help="Rows of the top-suspects table (flagged images, worst first, with their suggested "
+                          "class and side text).", rich_help_panel=P_PAGE)
+    ] = 50,
     out: OutOpt = None,
     force: ForceOpt = False,
 ) -> None:
-    """Write an HTML report of the noise found: per-class noise rates, weight distributions, the
-    class relation graphs, the most suspect and the most typical images of the noisiest classes,
-    accuracies of the trained models and the provenance of every artifact. One self-contained
-    file that opens offline.
+    """Write an HTML report of the noise found: the estimated noise overall and per class, the top
+    suspects with their suggested class and side text, weight distributions, how the class names
+    were resolved, the class relation graphs, the most suspect and the most typical images of the
+    noisiest classes, accuracies of the trained models (or why there are none) and the provenance
+    of every artifact. One self-contained file that opens offline.
 
-    Example: sinet report --data demo
+    Example: sinet report --out artifacts/shop
     """
     import matplotlib
 
@@ -341,8 +343,8 @@ def report(
     from .. import report_html as html
 
     low_rule = parse_low_weight(low_weight)
-    if max_classes < 0 or per_class < 0:
-        raise SinetError("--max-classes and --per-class must be >= 0")
+    if max_classes < 0 or per_class < 0 or top_suspects < 0:
+        raise SinetError("--max-classes, --per-class and --top-suspects must be >= 0")
     if not 8 <= thumb_size <= 256:
         raise SinetError(f"--thumb-size {thumb_size}: choose 8..256 pixels")
     folder = artifact_dir(out, data)
@@ -356,7 +358,7 @@ def report(
     feats = store.open_artifact(features_path, "features") if features_path.exists() else None
     try:
         params = {"low_weight": low_rule, "max_classes": max_classes, "per_class": per_class,
-                  "thumb_size": thumb_size}
+                  "thumb_size": thumb_size, "top_suspects": top_suspects}
         inputs = {"graph": graph.fingerprint, "prototypes": protos.fingerprint, "scores": scores.fingerprint}
         if feats is not None:
             inputs["features"] = feats.fingerprint
@@ -404,12 +406,34 @@ def report(
             if not (clean[train] != stage.UNKNOWN).any():
                 clean = None
         has_truth = clean is not None
+        # score-noise's calibrated estimate, flag and suggestion (absent in scores.h5 from older runs)
+        estimate, class_est = noise_estimate(scores, C)
+        flagged = scores.read("flagged").astype(np.int64) if "flagged" in scores else None
+        suggested = scores.read("suggested_class").astype(np.int64) if "suggested_class" in scores else None
+        confidence = (scores.read("suggested_confidence").astype(np.float64) if "suggested_confidence" in scores
+                      else None)
+        side_text = side_text_for(feats, ids)
+        resolution = name_resolution(graph, names)
+        suggest = suggested if suggested is not None else nearest
 
         threshold, rule_text = resolve_low_weight(stage, low_rule, weight[train])
         noise = stage.class_noise(labels, weight, C, threshold, clean, train)
+        est_all, true_all = stage.overall_rates(noise)
+        if class_est is not None:  # the per-class rates shown are the calibrated ones
+            noise = dataclasses.replace(noise, estimated=np.where(noise.n_train > 0, class_est, np.nan))
+            n = noise.n_train
+            known = ~np.isnan(noise.estimated)
+            est_all = float((noise.estimated[known] * n[known]).sum() / n[known].sum()) if n[known].sum() else est_all
+        if estimate is not None:
+            est_all = float(estimate["overall"])
+        flagged_per_class = None if flagged is None else stage.flagged_per_class(labels, flagged, C, train)
+        console.detail(f"{scores_path}: low weight w <= {threshold:.4g}; noise estimate "
+                       f"{'from scores.h5' if estimate is not None else 'absent'}; class_noise "
+                       f"{'present' if class_est is not None else 'absent'}; flagged "
+                       f"{'present' if flagged is not None else 'absent'}; side text "
+                       f"{'present' if side_text is not None else 'absent'}")
         order = stage.noise_order(noise)
         order = order[noise.n_train[order] > 0] if (noise.n_train > 0).any() else order
-        est_all, true_all = stage.overall_rates(noise)
         S = {k: graph.read(k) for k in ("S_t", "S_w", "S_l")}
         near_idx, near_sim = stage.nearest_classes(S["S_t"], 3)
 
@@ -423,6 +447,13 @@ def report(
         suspect_rows = stage.extremes_per_class(labels, weight, detailed, per_class, secondary=-distance, rows=train)
         typical_rows = stage.extremes_per_class(labels, distance, detailed, per_class, rows=train)
 
+        def suggestion(r: int, long: bool = False, bare: bool = False) -> str:
+            s = int(suggest[r])
+            name = str(names[s]) if 0 <= s < C else "none"
+            if confidence is None or bare:
+                return name
+            return f"{name} ({confidence[r]:.0%}{' confidence' if long else ''})"
+
         def thumb_list(rows: np.ndarray, kind: str) -> list[html.Thumb]:
             out = []
             for r, (png, ok) in zip(rows, thumbs.get(rows, ids[rows])):
@@ -432,11 +463,13 @@ def report(
                     status = "noisy" if clean[r] != labels[r] else "clean"
                     truth = "; true: " + (str(names[clean[r]]) if 0 <= clean[r] < C else "none (open-set)")
                 if kind == "suspect":
-                    caption, sub = f"→{names[nearest[r]]}", f"w {weight[r]:.2f}"
+                    caption = f"→{suggestion(r)}"
+                    sub = f"w {weight[r]:.2f}" + (" ⚑" if flagged is not None and flagged[r] else "")
                 else:
                     caption, sub = f"d {distance[r]:.2f}", ""
-                title = (f"{ids[r]}: label {names[labels[r]]}, suggested {names[nearest[r]]}, "
-                         f"w {weight[r]:.3f}, d {distance[r]:.3f}{truth}{'' if ok else ' (image unreadable)'}")
+                text = f"; text: {console.plain(side_text[r], 200)}" if side_text is not None and side_text[r] else ""
+                title = (f"{ids[r]}: label {names[labels[r]]}, suggested {suggestion(r, True)}, "
+                         f"w {weight[r]:.3f}, d {distance[r]:.3f}{truth}{text}{'' if ok else ' (image unreadable)'}")
                 out.append(html.Thumb(png, caption, title, status, sub))
             return out
 
@@ -445,7 +478,9 @@ def report(
                 index=int(c), name=str(names[c]), n_train=int(noise.n_train[c]), n_low=int(noise.n_low[c]),
                 estimated=float(noise.estimated[c]), true=None if np.isnan(noise.true[c]) else float(noise.true[c]),
                 nearest=[(str(names[n]), float(s)) for n, s in zip(near_idx[c], near_sim[c])],
-                detailed=int(c) in shown)
+                detailed=int(c) in shown,
+                n_flagged=None if flagged_per_class is None else int(flagged_per_class[c]),
+                resolution=None if resolution is None else resolution[c])
 
         full_order = stage.noise_order(noise)
         shown = set(int(c) for c in detailed)
@@ -473,14 +508,24 @@ def report(
             heat_note = (f"{C} classes are too many to read: the heat maps show {len(subset)} of them, the noisiest "
                          "classes each followed by its nearest classes (S_t).")
         quality = stage.rule_quality(noise)
-        rule = (f"Estimated noise rate of a class = share of its training images with a low weight: w ≤ "
-                f"{threshold:.4g} ({rule_text})."
+        if class_est is not None or estimate is not None:
+            method = str((estimate or {}).get("method", "score-noise's estimate"))
+            rows_est = (estimate or {}).get("rows")
+            lead = (f"Estimated noise rate = {method} (scores.h5 "
+                    f"{' and '.join(n for n, x in (('noise_estimate', estimate), ('class_noise', class_est)) if x is not None)}"
+                    f"{f', over {rows_est} training images' if isinstance(rows_est, int) else ''})"
+                    + ("" if class_est is not None else "; per class: the share of its training images with a low "
+                       "weight") + ". Low weight: w ≤ ")
+        else:
+            lead = "Estimated noise rate of a class = share of its training images with a low weight: w ≤ "
+        rule = (f"{lead}{threshold:.4g} ({rule_text})."
                 + (f" On the images with a known clean label, {html.pct(quality[0])} of the low-weight images are "
                    f"mislabeled and they hold {html.pct(quality[1])} of the mislabeled ones." if quality else "")
                 + (" True noise rate = share of its training images (with a known clean label) whose clean "
                          "label differs from the given one; open-set images count as noise." if has_truth else ""))
         plots = {
-            "noise-rate.png": (plot_noise_rates(stage, noise, order, names, has_truth),
+            "noise-rate.png": (plot_noise_rates(stage, noise, order, names, has_truth,
+                                                "estimated" if class_est is not None else "estimated (low weight)"),
                                "Estimated noise rate per class" + (" beside the true rate" if has_truth else "")),
             "weights.png": (plot_weights(stage, w_hist, noisy_train, threshold),
                             "Distribution of the weights of the training images"
@@ -491,22 +536,54 @@ def report(
         for k, desc in (("S_t", "S_t = S_l + S_w (eq. 3)"), ("S_w", "S_w: hierarchy"), ("S_l", "S_l: label text (eq. 2)")):
             plots[f"{k}.png"] = (plot_heatmap(S[k], subset, names, desc), f"Class relation graph {desc}")
 
-        metrics = read_metrics(metrics_path) if metrics_path.exists() else []
+        all_runs = read_metrics(metrics_path) if metrics_path.exists() else []
+        metrics = [m for m in all_runs if not m.get("skipped")]
+        skipped = skipped_line(read_runs(metrics_path)) if metrics_path.exists() else None
         provenance = [provenance_of("graph.h5", graph), provenance_of("prototypes.h5", protos),
                       provenance_of("scores.h5", scores)]
         if feats is not None:
             provenance.append(provenance_of("features.h5", feats))
         if metrics_path.exists():
             provenance.append({"name": "metrics.json", "path": str(metrics_path), "fingerprint": inputs["metrics"],
-                               "params": {"runs": [m["run"] for m in metrics]}, "inputs": {}})
+                               "params": {"runs": [m["run"] for m in all_runs]}, "inputs": {}})
         provenance.append({"name": "report", "path": str(target_dir / "index.html"), "params": params,
                            "inputs": inputs})
         detection = scores.json_attr("detection", {}) or {}
         summary = [("artifacts", str(folder)), ("classes", str(C)),
                    ("training images", f"{int(noise.n_train.sum())} scored"),
-                   ("estimated noise (all classes)", html.pct(est_all))]
+                   ("estimated noise (all classes)", html.pct(est_all)
+                    + ("" if estimate is None else f" ({console.plain(estimate.get('method', '?'), 80)})"))]
+        if flagged is not None:
+            summary.append(("flagged (suspected mislabeled)",
+                            f"{int((train & (flagged != 0)).sum())} of {int(train.sum())} training images"))
         if has_truth:
             summary.append(("true noise (all classes)", html.pct(true_all)))
+        if resolution is not None:
+            summary.append(("class names", resolution_line(resolution)))
+        # what this page cannot say, and why
+        unknown = []
+        if estimate is None and class_est is None:
+            unknown.append(f"{NO_ESTIMATE[0].upper()}{NO_ESTIMATE[1:]}: the estimated rates here are the share of "
+                           "low-weight images.")
+        if not has_truth:
+            unknown.append("No clean labels: no ROC-AUC/AP of the detection against the truth, no true noise rate.")
+        if skipped:
+            unknown.append(skipped[0].upper() + skipped[1:] + ".")
+        elif not metrics:
+            unknown.append("No accuracy: no model was trained and evaluated (metrics.json has no evaluated run).")
+        pool = train & (flagged != 0) if flagged is not None else train
+        top_rows = stage.worst_rows(weight, distance, top_suspects, pool)
+        suspects = [html.Suspect(png, str(ids[r]), str(names[labels[r]]), suggestion(r, bare=True),
+                                 None if confidence is None else float(confidence[r]), float(weight[r]),
+                                 "" if side_text is None else str(side_text[r]), ok)
+                    for r, (png, ok) in zip(top_rows, thumbs.get(top_rows, ids[top_rows]))]
+        suspects_note = (f"The {len(top_rows)} most suspect of the {int(pool.sum())} flagged training images "
+                         "(score-noise's is-label-issue flag; all of them in suspects.tsv), lowest weight first."
+                         if flagged is not None else
+                         f"The {len(top_rows)} lowest-weight training images (scores.h5 has no flagged column: "
+                         "rerun score-noise).")
+        suspects_note += (" Suggested: score-noise's suggested class and its confidence." if suggested is not None
+                          else " Suggested: the class of the nearest prototype.")
         notes = []
         if splits is None:
             notes.append("No split information (no splits in scores.h5 or features.h5): every scored image is "
@@ -519,12 +596,14 @@ def report(
             title=f"sinet report: {folder.name}", summary=summary, rule=rule, thumb_size=thumb_size, plots=plots,
             rows=rows, sections=sections, heatmap_note=heat_note, heatmaps_in_a_row=len(subset) <= 25, metrics=metrics,
             detection={k: v for k, v in detection.items() if isinstance(v, dict)}, provenance=provenance,
-            has_truth=has_truth, notes=notes)
+            has_truth=has_truth, notes=notes, unknown=unknown, suspects=suspects, suspects_note=suspects_note,
+            resolution=resolution or [], side_text=side_text is not None)
         text = html.render(page)
         target_dir.mkdir(parents=True, exist_ok=True)
         for name, (png, _) in plots.items():
             write_bytes(target_dir / name, png)
-        store.write_text(target_dir / "classes.tsv", classes_tsv(names, noise, full_order, near_idx))
+        store.write_text(target_dir / "classes.tsv", classes_tsv(names, noise, full_order, near_idx,
+                                                                 flagged_per_class, resolution))
         store.write_text(target_dir / "index.html", text)
         store.write_json(manifest, {"params": params, "inputs": inputs, "bytes": len(text.encode())})
     finally:

@@ -157,7 +157,7 @@ def write_suspects(
 
 @app.command("score-noise")
 def score_noise(
-    data: DataOpt = "demo",
+    data: DataOpt = None,
     features: Annotated[
         Optional[Path], typer.Option(help="features.h5 to score (default: <artifact folder>/features.h5).",
                                      rich_help_panel="Artifacts")

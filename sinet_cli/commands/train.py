@@ -212,7 +212,7 @@ def train(
                            "--epochs).", rich_help_panel=P_MODE)] = None,
     suffix: Annotated[str, typer.Option(help="Run name suffix: output in train-<mode>-<suffix>/ and that key "
                       "in metrics.json (e.g. seed1, topk).", rich_help_panel=P_MODE)] = "",
-    data: DataOpt = "demo",
+    data: DataOpt = None,
     classes: ClassesOpt = None,
     noise: NoiseOpt = "symmetric",
     noise_rate: NoiseRateOpt = 0.4,
@@ -318,6 +318,17 @@ def train(
     needs_scores = mode in ("B", "C") or topk_smoothing > 0
     run = mode + (f"-{suffix}" if suffix else "")
     run_dir = folder / f"train-{run}"
+
+    # no val split: nothing to evaluate a model on; one line, and metrics.json records the skip
+    # so that make's target exists and summary/report say why there is no accuracy
+    from ..common import NO_VAL_HINT, NOT_TRAINED, missing_val_split
+
+    no_val = missing_val_split(on, features_path, data, classes, noise, noise_rate, noise_seed, captions)
+    if no_val is not None:
+        merge_shared_metrics(folder / "metrics.json", run, {"mode": mode, "on": on, "seed": seed, "top1": None,
+                                                            "top5": None, "skipped": NOT_TRAINED, "hint": NO_VAL_HINT})
+        console.info(f"{run_dir}: not trained: {no_val} has {NOT_TRAINED} to evaluate on; {NO_VAL_HINT}")
+        return
 
     # ---- the training / validation rows
     if on == "features":

@@ -34,6 +34,7 @@ from __future__ import annotations
 import re
 import unicodedata
 import warnings
+import weakref
 from collections import Counter, deque
 from dataclasses import dataclass, field, replace
 from typing import Any, Callable, Hashable, Mapping, Sequence
@@ -364,7 +365,7 @@ def taxonomy_ancestors(
 
 #: Version of the rules of :func:`resolve_class_name`; part of graph.h5's provenance, so a graph
 #: built under older rules is stale.
-NAME_RULES_VERSION = 1
+NAME_RULES_VERSION = 2
 
 _SYNSET_ID = re.compile(r"^[a-z0-9_.'-]+\.[nvasr]\.\d{1,2}$|^[nvasr]\d{8}$|^\d{8}-[nvasr]$", re.IGNORECASE)
 _ALTERNATIVES = re.compile(r"\s*[/,|&+;]\s*|\s+(?:and|or)\s+|_(?:and|or)_", re.IGNORECASE)
@@ -400,9 +401,18 @@ def same_name(a: str, b: str) -> bool:
     return ka == kb or ka in (kb + "s", kb + "es") or kb in (ka + "s", ka + "es")
 
 
+SENSE_RULES = ("first", "frequency", "context")
+# the context rule's settings, chosen on ImageNet-1k's names (singular and plural) and 45 crawl
+# names, and checked on held-out draws of ImageNet-21k (bench/name_resolution.py)
+CONTEXT_NEIGHBOURS = 10  # k: a sense is judged by the k other classes it sits closest to
+CONTEXT_MARGIN = 0.05  # Wu-Palmer: how much closer another sense must sit to override frequency
+CONTEXT_FLOOR = 0.6  # the least context that may override frequency (sharing "organism" is no context)
+CONTEXT_ROUNDS = 2  # passes: the second judges each sense against the first pass's choices
+
+
 @dataclass(frozen=True)
 class NameResolution:
-    """How one class name was placed in WordNet (see :func:`resolve_class_name`).
+    """How one class name was placed in WordNet (see :func:`resolve_class_names`).
 
     Attributes:
         name: the class name as given.
@@ -410,14 +420,23 @@ class NameResolution:
             synset it sits one edge *below*; ``None`` when the name resolved to nothing.
         placed: True when the class is a kind of ``synset`` rather than ``synset`` itself (the
             head-noun fallbacks: ``ankle boot`` sits below ``boot.n.01``).
-        lemma: the WordNet lemma that matched (``sneaker`` for ``sneakers``), ``""`` if none.
+        lemma: the WordNet lemma of ``synset`` that matched (``sneaker`` for ``sneakers``), ``""``
+            if none.
         rule: which rule matched: ``synset id``, ``lemma``, ``compound``, ``head noun`` or
             ``closed compound`` (``""`` when unresolved).
-        senses: how many noun senses the matched lemma has (the first one is taken).
+        senses: how many noun senses the matched word has (pooled over its forms: ``shoes`` has the
+            senses of the lemma ``shoes`` and of ``shoe``).
         modifier: the words left of the head for the head-noun rules (``ankle``), else ``""``.
         part: the alternative that matched when the name lists several (``T-shirt`` of
             ``T-shirt/top``), else ``""``.
         note: why a name is unresolved (``no noun sense; adjective casual.s.01``), else ``""``.
+        choice: how the sense was chosen among several: ``most frequent`` (highest SemCor count),
+            ``first listed`` (equal counts: WordNet's order; or the ``first`` rule), ``context``
+            (closest to the other classes, see :func:`resolve_class_names`); ``""`` for one sense.
+        runner_up: the sense that came second by the same rule, ``""`` for one sense.
+        evidence: the figures behind the choice, chosen sense first (``SemCor 27 vs 1``; ``context
+            0.77 vs 0.35, SemCor 0 vs 14``: Wu-Palmer context and SemCor counts), ``""`` for one
+            sense.
     """
 
     name: str
@@ -429,10 +448,13 @@ class NameResolution:
     modifier: str = ""
     part: str = ""
     note: str = ""
+    choice: str = ""
+    runner_up: str = ""
+    evidence: str = ""
 
     def describe(self) -> str:
-        """One short phrase: ``boot.n.01 (head noun 'boot', placed below it, 1st of 7 noun senses)``,
-        ``unresolved (not in WordNet)``."""
+        """One short phrase: ``boot.n.01 (head noun 'boot', placed below it, most frequent of 7 noun
+        senses: SemCor 13 vs 1, runner-up boot.n.02)``, ``unresolved (not in WordNet)``."""
         if self.synset is None:
             return f"unresolved ({self.note})" if self.note else "unresolved"
         why = []
@@ -447,28 +469,95 @@ class NameResolution:
         elif self.rule == "synset id":
             why.append("synset id")
         if self.senses > 1:
-            why.append(f"1st of {self.senses} noun senses")
+            sense = f"{self.choice or 'first listed'} of {self.senses} noun senses"
+            if self.evidence:
+                sense += f": {self.evidence}"
+            if self.runner_up:
+                sense += f", runner-up {self.runner_up}"
+            why.append(sense)
         return f"{self.synset} ({', '.join(why)})" if why else self.synset
 
 
-def _noun_lookup(wn: Any, candidate: str) -> tuple[str, str, int] | None:
-    """(first noun synset, matched lemma, number of noun senses) of one lemma candidate, through
-    nltk's morphy (inflections: ``sneakers`` -> ``sneaker``, ``ankle_boots`` -> ``ankle_boot``)."""
+@dataclass(frozen=True)
+class _Senses:
+    """The noun senses one lemma candidate can mean, pooled over its forms (``shoes``: the senses
+    of the lemma ``shoes``, then those of its base form ``shoe``), in nltk's order."""
+
+    synsets: tuple[Any, ...]
+    lemmas: tuple[str, ...]  # per sense: its lemma that matched a form (the most frequent one)
+    counts: tuple[int, ...]  # per sense: that lemma's SemCor tag count (WordNet's cntlist)
+    ranks: tuple[int, ...]  # per sense: its place among that lemma's senses (0: WordNet's first)
+
+    def by_frequency(self) -> list[int]:
+        """Sense indices, most frequent first; equal counts in WordNet's order (sense number, then
+        the literal form before its base forms)."""
+        return sorted(range(len(self.synsets)), key=lambda i: (-self.counts[i], self.ranks[i], i))
+
+
+_COUNTS: "weakref.WeakKeyDictionary[Any, dict[str, int]]" = weakref.WeakKeyDictionary()
+
+
+def _lemma_count(wn: Any, lemma: Any) -> int:
+    """SemCor tag count of a lemma, as nltk's ``Lemma.count()``: WordNet's cntlist read once per
+    reader (nltk searches the file on every call)."""
+    try:
+        counts = _COUNTS.get(wn)
+    except TypeError:  # a reader that takes no weak references
+        return int(lemma.count())
+    if counts is None:
+        counts = {}
+        try:
+            with wn.open("cntlist.rev") as f:
+                for line in f:
+                    parts = line.split()
+                    if len(parts) == 3:
+                        counts[parts[0]] = int(parts[2])
+        except Exception:  # no cntlist file in this WordNet: nltk's own lookup, one lemma at a time
+            _COUNTS[wn] = {}
+            return int(lemma.count())
+        _COUNTS[wn] = counts
+    if not counts:
+        return int(lemma.count())
+    return counts.get(lemma.key(), 0)
+
+
+def _noun_lookup(wn: Any, candidate: str) -> _Senses | None:
+    """The noun senses of one lemma candidate, through nltk's morphology (inflections:
+    ``sneakers`` -> ``sneaker``, ``ankle_boots`` -> ``ankle_boot``)."""
     if not candidate:
         return None
     senses = wn.synsets(candidate, pos="n")
     if not senses:
         return None
-    first = senses[0]
-    forms = {candidate.lower()}
-    base = wn.morphy(candidate, "n")
-    if base:
-        forms.add(base.lower())
-    lemma = next((lm.name() for lm in first.lemmas() if lm.name().lower() in forms), base or candidate)
-    return first.name(), lemma, len(senses)
+    morph = getattr(wn, "_morphy", None)
+    forms = [candidate.lower()]
+    bases = morph(candidate.lower(), "n") if morph is not None else [wn.morphy(candidate, "n")]
+    forms += [b.lower() for b in bases if b and b.lower() not in forms]
+    rank_of: dict[tuple[str, str], int] = {}  # (form, synset) -> sense number of that form
+    for f in forms:
+        r = 0
+        for s in wn.synsets(f, pos="n") if f != candidate.lower() else senses:
+            if any(lm.name().lower() == f for lm in s.lemmas()):
+                rank_of[(f, s.name())] = r
+                r += 1
+    lemmas, counts, ranks = [], [], []
+    for s in senses:
+        best = None  # (count, -form order, lemma name, rank)
+        for lm in s.lemmas():
+            f = lm.name().lower()
+            if f in forms:
+                key = (_lemma_count(wn, lm), -forms.index(f), lm.name(), rank_of.get((f, s.name()), len(senses)))
+                if best is None or key[:2] > best[:2]:
+                    best = key
+        if best is None:  # nltk matched it through a form not listed above
+            best = (0, -len(forms), s.lemmas()[0].name(), len(senses))
+        counts.append(best[0])
+        lemmas.append(best[2])
+        ranks.append(best[3])
+    return _Senses(tuple(senses), tuple(lemmas), tuple(counts), tuple(ranks))
 
 
-def _compound(wn: Any, words: Sequence[str]) -> tuple[tuple[str, str, int], str] | None:
+def _compound(wn: Any, words: Sequence[str]) -> tuple[_Senses, str] | None:
     """The words as one WordNet lemma: joined by ``_`` / ``-`` / nothing (``ankle_boot``,
     ``t-shirt``, ``tshirt``); one closed word is also tried split in two at every place
     (``tshirt`` -> ``t-shirt``). Returns the lookup and the rule (``lemma`` or ``compound``)."""
@@ -492,16 +581,26 @@ def _compound(wn: Any, words: Sequence[str]) -> tuple[tuple[str, str, int], str]
     return None
 
 
-def _whole(wn: Any, words: list[str]) -> NameResolution | None:
+# a located name: the resolution without its sense, and the senses it may mean
+_Located = tuple[NameResolution, "_Senses | None"]
+
+
+def _whole(wn: Any, words: list[str], text: str = "") -> _Located | None:
+    # the name as written, spaces as "_": WordNet lemmas that mix separators or keep an apostrophe
+    # ("sulphur-crested_cockatoo", "carpenter's_kit") are not any one join of the bare words
+    if text and len(words) > 1:
+        hit = _noun_lookup(wn, "_".join(text.split()))
+        if hit:
+            return NameResolution("", None, False, "", "compound"), hit
     found = _compound(wn, words)
     if found:
-        (syn, lemma, n), rule = found
-        return NameResolution("", syn, False, lemma, rule, n)
+        hit, rule = found
+        return NameResolution("", None, False, "", rule), hit
     return None
 
 
-def _head(wn: Any, words: list[str]) -> NameResolution | None:
-    """Rules 4 and 5 of :func:`resolve_class_name` (the class placed below its head noun)."""
+def _head(wn: Any, words: list[str]) -> _Located | None:
+    """Rules 4 and 5 of :func:`resolve_class_names` (the class placed below its head noun)."""
     # a trailing number (a size, model or index: "class 01", "iphone 12") names a specific item
     # WordNet does not list; its head would put every numbered class on one node
     if not words or words[-1].isdigit():
@@ -511,8 +610,7 @@ def _head(wn: Any, words: list[str]) -> NameResolution | None:
     for i in range(1, len(words)):
         found = _compound(wn, words[i:])
         if found:
-            (syn, lemma, n), _ = found
-            return NameResolution("", syn, True, lemma, "head noun", n, " ".join(words[:i]))
+            return NameResolution("", None, True, "", "head noun", 0, " ".join(words[:i])), found[0]
     # a closed compound: a known word, then a noun, run together in the last word ("downcoat"); a
     # word WordNet knows in any part of speech ("knitted") is not split
     last = words[-1]
@@ -522,14 +620,13 @@ def _head(wn: Any, words: list[str]) -> NameResolution | None:
         mod, head = last[:i], last[i:]
         hit = _noun_lookup(wn, head)
         if hit and wn.synsets(mod):
-            syn, lemma, n = hit
-            return NameResolution("", syn, True, lemma, "closed compound", n, " ".join(words[:-1] + [mod]))
+            return NameResolution("", None, True, "", "closed compound", 0, " ".join(words[:-1] + [mod])), hit
     return None
 
 
-def _resolve_part(wn: Any, words: list[str]) -> NameResolution | None:
-    """Rules 2, 4 and 5 of :func:`resolve_class_name` for one alternative's words."""
-    return _whole(wn, words) or _head(wn, words)
+def _resolve_part(wn: Any, words: list[str], text: str) -> _Located | None:
+    """Rules 2, 4 and 5 of :func:`resolve_class_names` for one alternative's words."""
+    return _whole(wn, words, text) or _head(wn, words)
 
 
 def _unresolved_note(wn: Any, words: list[str]) -> str:
@@ -541,17 +638,219 @@ def _unresolved_note(wn: Any, words: list[str]) -> str:
     return "not in WordNet"
 
 
-def resolve_class_name(name: str, wn: Any) -> NameResolution:
-    """Place a class in WordNet from its name alone.
+def _locate(name: str, wn: Any) -> _Located:
+    """Rules 1-5 of :func:`resolve_class_names`: which word of the name WordNet knows, and its
+    senses (``None`` for a synset id, whose synset is given; an unresolved name has no synset)."""
+    text = unicodedata.normalize("NFKC", name).strip()
+    if _SYNSET_ID.match(text):
+        syn = synset_by_id(wn, text)
+        if syn is not None:
+            return NameResolution(name, syn.name(), False, syn.lemmas()[0].name(), "synset id", 1), None
+    words = name_words(text)
+    if not words:
+        return NameResolution(name, None, note="no letters or digits"), None
+    hit = _whole(wn, words, text)
+    if hit is None:
+        parts = [p for p in _ALTERNATIVES.split(text) if name_words(p)]
+        if len(parts) > 1:
+            for p in parts:
+                sub = _resolve_part(wn, name_words(p), p)
+                if sub is not None:
+                    hit = replace(sub[0], part=p.strip()), sub[1]
+                    break
+        else:
+            hit = _head(wn, words)
+    if hit is None:
+        return NameResolution(name, None, note=_unresolved_note(wn, words)), None
+    return replace(hit[0], name=name), hit[1]
 
-    The rules, in order (the first that matches wins):
+
+#: How close a candidate sense is to another class: ``(senses, anchors, names) -> (len(senses) x
+#: len(anchors))`` float, larger is closer, NaN where an anchor is ``None`` (a class without a
+#: synset); ``anchors[j]`` is class j's synset, ``names[j]`` its name.
+SenseSimilarity = Callable[[Sequence[Any], Sequence[Any], Sequence[str]], np.ndarray]
+
+
+class WuPalmer:
+    """nltk's ``wup_similarity`` of each sense with each anchor synset (no simulated root), as a
+    :data:`SenseSimilarity`, vectorized as :func:`wup_similarities` computes S_w: the lowest common
+    subsumer l is the common ancestor of greatest ``min_depth`` (ties: the sense itself, then the
+    smallest name), and wup = 2 h / (len_s(l) + len_t(l) + 2 h) with h = ``max_depth(l)`` + 1 and
+    len nltk's ``shortest_path_distance``. A broad sense is shallow, so its h is small against
+    anything. An instance keeps each synset's hypernym distances and depths between calls.
+    """
+
+    def __init__(self) -> None:
+        self._up: dict[Any, dict[Any, int]] = {}
+        self._lengths: dict[Any, dict[Any, int]] = {}
+        self._depth: dict[Any, tuple[int, int]] = {}
+
+    def up(self, syn: Any) -> dict[Any, int]:
+        """``{synset: edges}`` up hypernyms and instance hypernyms, breadth first (nltk's
+        ``_shortest_hypernym_paths`` without its simulated root)."""
+        got = self._up.get(syn)
+        if got is None:
+            got = {}
+            frontier, d = [syn], 0
+            while frontier:
+                nxt = []
+                for s in frontier:
+                    if s not in got:
+                        got[s] = d
+                        nxt.extend(s.hypernyms() + s.instance_hypernyms())
+                frontier, d = nxt, d + 1
+            self._up[syn] = got
+        return got
+
+    def lengths(self, syn: Any) -> dict[Any, int]:
+        """nltk's ``shortest_path_distance`` from ``syn`` to each of its ancestors k: up to a common
+        ancestor of both (under multiple inheritance that can beat the way up to k itself)."""
+        got = self._lengths.get(syn)
+        if got is None:
+            up = self.up(syn)
+            got = self._lengths[syn] = {k: min(up[j] + dj for j, dj in self.up(k).items()) for k in up}
+        return got
+
+    def depth(self, syn: Any) -> tuple[int, int]:
+        got = self._depth.get(syn)
+        if got is None:
+            got = self._depth[syn] = (syn.min_depth(), syn.max_depth())
+        return got
+
+    def __call__(self, senses: Sequence[Any], anchors: Sequence[Any | None], names: Sequence[str] = ()) -> np.ndarray:
+        """(len(senses) x len(anchors)) float32 in [0, 1]; NaN for an anchor that is ``None``, 0
+        without a common ancestor. ``names`` is not used."""
+        inf = np.iinfo(np.int32).max // 4
+        index: dict[Any, int] = {}
+        ri: list[int] = []
+        ci: list[int] = []
+        vi: list[int] = []
+        for j, a in enumerate(anchors):
+            if a is not None:
+                for k, ln in self.lengths(a).items():
+                    ri.append(index.setdefault(k, len(index)))
+                    ci.append(j)
+                    vi.append(ln)
+        L = np.full((len(index), len(anchors)), inf, dtype=np.int32)
+        if ri:
+            L[np.asarray(ri), np.asarray(ci)] = np.asarray(vi)
+        cols = np.arange(len(anchors))
+        out = np.zeros((len(senses), len(anchors)), dtype=np.float32)
+        for r, syn in enumerate(senses):
+            ls = self.lengths(syn)
+            items = sorted((k for k in ls if k in index), key=lambda k: (-self.depth(k)[0], ls[k] != 0, k.name()))
+            if not items:
+                continue
+            idx = np.asarray([index[k] for k in items])
+            la = np.asarray([ls[k] for k in items], dtype=np.float64)
+            h = np.asarray([self.depth(k)[1] + 1 for k in items], dtype=np.float64)
+            common = L[idx] < inf
+            first = common.argmax(axis=0)  # the LCS with each anchor: the first common one in LCS order
+            lb = L[idx[first], cols].astype(np.float64)
+            w = 2.0 * h[first] / (la[first] + lb + 2.0 * h[first])
+            out[r] = np.where(common.any(axis=0), w, 0.0)
+        out[:, [a is None for a in anchors]] = np.nan
+        return out
+
+
+def _choose_senses(
+    located: Sequence[_Located],
+    fixed: Sequence[Any | None],
+    names: Sequence[str],
+    rule: str,
+    neighbours: int,
+    margin: float,
+    floor: float,
+    rounds: int,
+    similarity: SenseSimilarity,
+) -> list[tuple[int, int, str, str]]:
+    """Per name: (chosen sense index, runner-up index or -1, choice, evidence); (-1, -1, "", "")
+    for a name without senses to choose from (see :func:`resolve_class_names`)."""
+    C = len(located)
+    out: list[tuple[int, int, str, str]] = [(-1, -1, "", "")] * C
+    freq: list[list[int]] = [[] for _ in range(C)]
+    for i, (_, senses) in enumerate(located):
+        if senses is None:
+            continue
+        order = freq[i] = senses.by_frequency()
+        if len(order) == 1:
+            out[i] = (0, -1, "", "")
+        elif rule == "first":
+            out[i] = (0, 1, "first listed", "")
+        else:
+            a, b = order[0], order[1]
+            ca, cb = senses.counts[a], senses.counts[b]
+            out[i] = (a, b, "most frequent" if ca > cb else "first listed", f"SemCor {ca} vs {cb}")
+    ambiguous = [i for i, (_, s) in enumerate(located) if s is not None and len(s.synsets) > 1]
+    if rule != "context" or not ambiguous or C < 2:
+        return out
+    rows: list[Any] = []  # every sense of every ambiguous name
+    row_of: dict[int, list[int]] = {}
+    for i in ambiguous:
+        row_of[i] = list(range(len(rows), len(rows) + len(located[i][1].synsets)))
+        rows.extend(located[i][1].synsets)
+    # names with the same senses (two classes "crane") are not each other's context
+    group = {i: tuple(s.name() for s in located[i][1].synsets) for i in ambiguous}
+    same: dict[tuple[str, ...], list[int]] = {}
+    for i in ambiguous:
+        same.setdefault(group[i], []).append(i)
+    k_max = max(1, neighbours)
+    for _ in range(max(1, rounds)):
+        anchors = [fixed[i] if fixed[i] is not None else
+                   senses.synsets[out[i][0]] if senses is not None and out[i][0] >= 0 else None
+                   for i, (_, senses) in enumerate(located)]
+        sims = np.asarray(similarity(rows, anchors, names), dtype=np.float64)
+        new = list(out)
+        for i in ambiguous:
+            senses = located[i][1]
+            block = sims[row_of[i]]
+            others = ~np.isnan(block[0])
+            others[same[group[i]]] = False  # itself included
+            n_other = int(others.sum())
+            if n_other == 0:
+                continue
+            k = min(k_max, n_other)
+            ctx = -np.partition(-block[:, others], k - 1, axis=1)[:, :k].mean(axis=1)  # mean of the k largest
+            prior = freq[i][0]
+            rank = {s: r for r, s in enumerate(freq[i])}
+            ranked = sorted(range(len(ctx)), key=lambda s: (-ctx[s], rank[s]))  # context ties: frequency order
+            best = ranked[0]
+            if best != prior and ctx[best] - ctx[prior] >= margin and ctx[best] >= floor:
+                new[i] = (best, prior, "context", f"context {ctx[best]:.2f} vs {ctx[prior]:.2f}, SemCor "
+                          f"{senses.counts[best]} vs {senses.counts[prior]}")
+            else:
+                other = ranked[0] if ranked[0] != prior else ranked[1]
+                choice = "most frequent" if senses.counts[prior] > senses.counts[other] else "first listed"
+                new[i] = (prior, other, choice, f"SemCor {senses.counts[prior]} vs {senses.counts[other]}, context "
+                          f"{ctx[prior]:.2f} vs {ctx[other]:.2f}")
+        out = new
+    return out
+
+
+def resolve_class_names(
+    names: Sequence[str],
+    wn: Any,
+    known: Sequence[str | None] | None = None,
+    *,
+    rule: str = "context",
+    neighbours: int = CONTEXT_NEIGHBOURS,
+    margin: float = CONTEXT_MARGIN,
+    floor: float = CONTEXT_FLOOR,
+    rounds: int = CONTEXT_ROUNDS,
+    similarity: SenseSimilarity | None = None,
+) -> list[NameResolution]:
+    """Place classes in WordNet from their names alone, each sense chosen in view of the others.
+
+    Which word of a name WordNet knows (the first rule that matches wins):
 
     1. A name that is a synset id (``dog.n.01``, or an ImageNet-style offset ``n02084071``) is that
        synset.
-    2. The whole name as one noun lemma: words normalized by :func:`name_words` (case; ``_``, ``-``
-       and spaces are one separator), joined as WordNet writes compounds (``ankle_boot``,
-       ``t-shirt``, ``downcoat``), a closed word also split in two (``tshirt`` -> ``t-shirt``);
-       plurals and other inflections through nltk's ``morphy`` (``sneakers`` -> ``sneaker``).
+    2. The whole name as one noun lemma: as written with spaces as ``_`` (``sulphur-crested
+       cockatoo``, ``carpenter's kit``), then its words normalized by :func:`name_words` (case;
+       ``_``, ``-`` and spaces are one separator) and joined as WordNet writes compounds
+       (``ankle_boot``, ``t-shirt``, ``downcoat``), a closed word also split in two (``tshirt`` ->
+       ``t-shirt``); plurals and other inflections through nltk's morphology (``sneakers`` ->
+       ``sneaker``).
     3. A name listing alternatives (``T-shirt/top``, ``Tops & Tees``, ``shirts or blouses``): the
        first alternative that resolves by rules 2, 4, 5.
     4. Head noun of a multiword name: the longest run of last words that is a noun lemma; the
@@ -561,43 +860,78 @@ def resolve_class_name(name: str, wn: Any) -> NameResolution:
        noun of at least ``MIN_COMPOUND_PART`` letters each (``downcoat`` below ``coat.n.01``,
        modifier ``down``).
 
-    Senses: only noun senses count (image classes name things); of several, the first is taken
-    (WordNet orders a lemma's senses by frequency) and ``senses`` says how many there were. A name
-    with only verb or adjective senses (``casual``, ``knitted``) is left unresolved, with a note:
-    such synsets have no place in the noun hierarchy S_w is built from, and their gloss describes
-    a property or an action, not the class. A name ending in a number (``class 01``,
-    ``iphone 12``) resolves only as a whole lemma (digits ``0``-``9`` do); otherwise it is left
-    unresolved, so numbered classes do not all collapse onto one node.
+    Only noun senses count (image classes name things). A name with only verb or adjective senses
+    (``casual``, ``knitted``) is left unresolved, with a note: such synsets have no place in the
+    noun hierarchy S_w is built from. A name ending in a number (``class 01``, ``iphone 12``)
+    resolves only as a whole lemma (digits ``0``-``9`` do); otherwise it is left unresolved, so
+    numbered classes do not all collapse onto one node.
+
+    Which sense, when the word has several (``rule``):
+
+    * ``frequency``: the senses of every form of the word pooled (``shoes``: the lemma ``shoes``
+      and its base ``shoe``), the one whose matching lemma has the highest SemCor count first;
+      equal counts keep WordNet's order (sense number, then the literal form first).
+    * ``context`` (default): the frequency choice, unless another sense sits clearly closer to the
+      other classes of the list (``mouse`` among ``laptop`` and ``keyboard`` is the device). A
+      sense's context is the mean of its ``neighbours`` largest similarities to the other classes'
+      senses, by ``similarity`` (default :class:`WuPalmer`: the depth of the lowest common
+      subsumer against the two senses' own depths, so a broad sense such as ``attire`` for
+      ``dress`` or ``coating`` for ``coat`` gains little by being near everything). Another sense
+      replaces the frequency choice when its context is larger by at least ``margin``. The other
+      classes' senses are their frequency choices (or ``known``), then, for ``rounds`` > 1, the
+      previous round's choices. Classes with the same senses (two classes ``crane``) are not each
+      other's context. With one class it is the frequency rule.
+    * ``first``: the first noun sense of the literal word in nltk's order (the rule of
+      ``NAME_RULES_VERSION`` 1, kept for comparison).
 
     Args:
-        name: the class name.
+        names: the class names.
         wn: nltk's WordNet corpus reader (``synsets``, ``synset``, ``morphy``).
+        known: per class, a synset name that already places it (a class table's synset or parent
+            column), or ``None``: such classes are not looked up (their result has rule
+            ``given``) but are context for the others.
+        rule: ``context``, ``frequency`` or ``first`` (see above).
+        neighbours: k of the context rule.
+        margin: by how much the context must favour another sense over the frequency choice.
+        floor: the least context a sense needs to replace the frequency choice.
+        rounds: passes of the context rule.
+        similarity: the context rule's closeness of senses to classes (default :class:`WuPalmer`).
 
     Returns:
-        The resolution; ``synset`` is ``None`` when nothing matched (``note`` says why).
+        One resolution per name; ``synset`` is ``None`` when nothing matched (``note`` says why).
     """
-    text = unicodedata.normalize("NFKC", name).strip()
-    if _SYNSET_ID.match(text):
-        syn = synset_by_id(wn, text)
+    if rule not in SENSE_RULES:
+        raise ValueError(f"unknown sense rule {rule!r}; choose one of {', '.join(SENSE_RULES)}")
+    if known is not None and len(known) != len(names):
+        raise ValueError(f"known has {len(known)} entries for {len(names)} names")
+    located: list[_Located] = []
+    fixed: list[Any | None] = []
+    for i, name in enumerate(names):
+        given = known[i] if known is not None else None
+        syn = synset_by_id(wn, given) if given else None
         if syn is not None:
-            return NameResolution(name, syn.name(), False, syn.lemmas()[0].name(), "synset id", 1)
-    words = name_words(text)
-    if not words:
-        return NameResolution(name, None, note="no letters or digits")
-    hit = _whole(wn, words)
-    if hit is None:
-        parts = [p for p in _ALTERNATIVES.split(text) if name_words(p)]
-        if len(parts) > 1:
-            for p in parts:
-                sub = _resolve_part(wn, name_words(p))
-                if sub is not None:
-                    hit = replace(sub, part=p.strip())
-                    break
+            located.append((NameResolution(name, syn.name(), False, "", "given"), None))
         else:
-            hit = _head(wn, words)
-    if hit is None:
-        return NameResolution(name, None, note=_unresolved_note(wn, words))
-    return replace(hit, name=name)
+            located.append(_locate(name, wn))
+            res = located[-1][0]
+            syn = wn.synset(res.synset) if res.rule == "synset id" else None
+        fixed.append(syn)
+    choices = _choose_senses(located, fixed, list(names), rule, neighbours, margin, floor, rounds,
+                             similarity or WuPalmer())
+    out = []
+    for (res, senses), (ci, ri, choice, evidence) in zip(located, choices):
+        if senses is None:
+            out.append(res)
+            continue
+        out.append(replace(res, synset=senses.synsets[ci].name(), lemma=senses.lemmas[ci], senses=len(senses.synsets),
+                           choice=choice, runner_up=senses.synsets[ri].name() if ri >= 0 else "", evidence=evidence))
+    return out
+
+
+def resolve_class_name(name: str, wn: Any, rule: str = "frequency") -> NameResolution:
+    """Place one class in WordNet from its name alone: :func:`resolve_class_names` for a list of
+    one (no other classes, so no context: the most frequent sense)."""
+    return resolve_class_names([name], wn, rule=rule)[0]
 
 
 def synset_by_id(wn: Any, ident: str) -> Any | None:

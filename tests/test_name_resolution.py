@@ -1,12 +1,13 @@
-"""Class names resolved in WordNet by themselves (stages.build_graph.resolve_class_name), on real WordNet."""
+"""Class names resolved in WordNet by themselves (stages.build_graph.resolve_class_names), on real WordNet."""
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 
 from sinet_cli.commands import graph as cmd
 from stages import build_graph as stage
-from stages.build_graph import name_key, name_words, resolve_class_name, same_name
+from stages.build_graph import name_key, name_words, resolve_class_name, resolve_class_names, same_name
 
 
 @pytest.fixture(scope="module")
@@ -100,16 +101,120 @@ def test_synset_ids_as_names(wn):
     assert resolve_class_name("n99999999", wn).synset is None
 
 
-def test_ambiguous_name_takes_the_first_noun_sense_and_counts_them(wn):
+def test_ambiguous_name_alone_takes_the_most_frequent_noun_sense_and_counts_them(wn):
     nouns = wn.synsets("bag", pos="n")
     assert len(nouns) > 1
     r = resolve_class_name("bag", wn)
-    assert r.synset == nouns[0].name() == "bag.n.01"
-    assert r.senses == len(nouns) and f"1st of {len(nouns)} noun senses" in r.describe()
+    assert r.synset == "bag.n.01" and r.choice == "most frequent" and r.runner_up
+    assert r.senses == len(nouns) and f"most frequent of {len(nouns)} noun senses: SemCor" in r.describe()
     # a noun sense wins over a more frequent verb sense
     r = resolve_class_name("dress", wn)
     assert r.synset == "dress.n.01" and r.senses == len(wn.synsets("dress", pos="n"))
-    assert resolve_class_name("Pullover", wn).senses == 1 and "senses" not in resolve_class_name("Pullover", wn).describe()
+    r = resolve_class_name("Pullover", wn)
+    assert r.senses == 1 and r.choice == r.runner_up == "" and "senses" not in r.describe()
+
+
+def test_senses_of_every_form_are_pooled_by_frequency(wn):
+    # nltk lists the senses of the literal lemma "shoes" (place.n.06, "in someone's shoes") before
+    # those of its base form "shoe"; SemCor counts shoe.n.01 27 times, place.n.06 once
+    assert wn.synsets("shoes", pos="n")[0].name() == "place.n.06"
+    r = resolve_class_name("shoes", wn)
+    assert (r.synset, r.lemma, r.choice, r.runner_up) == ("shoe.n.01", "shoe", "most frequent", "place.n.06"), r
+    assert "SemCor 27 vs 1" in r.describe()
+    assert resolve_class_name("shoes", wn, rule="first").synset == "place.n.06"  # version 1's rule
+    assert resolve_class_name("shoe", wn).synset == "shoe.n.01"
+
+
+def test_semcor_counts_are_nltks(wn):
+    lemmas = [lm for w in ("shoe", "shoes", "bag", "glass", "glasses", "mouse", "tiger", "zero", "T-shirt")
+              for s in wn.synsets(w, pos="n") for lm in s.lemmas()]
+    assert [stage._lemma_count(wn, lm) for lm in lemmas] == [lm.count() for lm in lemmas]
+    assert stage._lemma_count(wn, wn.synset("shoe.n.01").lemmas()[0]) == 27
+
+
+def test_equal_counts_keep_wordnets_order(wn):
+    # bikini: the atoll (bikini.n.01) and the swimsuit (bikini.n.02), neither tagged in SemCor
+    r = resolve_class_name("bikini", wn)
+    assert (r.synset, r.choice, r.runner_up) == ("bikini.n.01", "first listed", "bikini.n.02")
+
+
+@pytest.mark.parametrize("names, name, synset", [
+    (["gloves", "scarf", "socks", "hat"], "gloves", "glove.n.02"),  # alone: baseball_glove.n.01
+    (["bikini", "swimsuit", "sarong"], "bikini", "bikini.n.02"),  # alone: the atoll
+    (["mouse", "laptop", "keyboard", "monitor"], "mouse", "mouse.n.04"),  # the device
+    (["tiger", "lion", "leopard", "cheetah"], "tiger", "tiger.n.02"),  # alone: tiger.n.01, a person
+    (["glasses", "sunglasses", "watch", "necklace"], "glasses", "spectacles.n.01"),  # alone: glass.n.01
+])
+def test_context_chooses_the_sense_closest_to_the_other_classes(wn, names, name, synset):
+    alone = resolve_class_name(name, wn)
+    assert alone.synset != synset  # the case is one the context decides
+    r = resolve_class_names(names, wn)[names.index(name)]
+    assert (r.synset, r.choice, r.runner_up) == (synset, "context", alone.synset), r
+    assert r.describe().startswith(f"{synset} (") and "context of" in r.describe() and "runner-up" in r.describe()
+
+
+def test_context_keeps_the_frequent_sense_where_it_fits(wn):
+    r = resolve_class_names(["mouse", "hamster", "rat", "squirrel"], wn)[0]
+    assert (r.synset, r.choice) == ("mouse.n.01", "most frequent")  # the rodent
+
+
+def test_context_does_not_take_a_broad_sense(wn):
+    # attire.n.01 ("dress" as clothing in general) and coating.n.01 are near every garment
+    res = {r.name: r for r in resolve_class_names(["Dress", "Coat", "Shirt", "Skirt", "Sweater"], wn)}
+    assert res["Dress"].synset == "dress.n.01" and res["Coat"].synset == "coat.n.01"
+    assert res["Dress"].choice == res["Coat"].choice == "most frequent"
+
+
+def test_weak_context_does_not_override_frequency(wn):
+    # among dog and cat, bag.n.07 ("an ugly or ill-tempered woman") is the closest sense, but only by
+    # sharing organism.n.01 (Wu-Palmer 0.54, under the floor): bag.n.01 stays
+    names, known = ["dog", "cat", "bag"], ["dog.n.01", "cat.n.01", None]
+    r = resolve_class_names(names, wn, known)[2]
+    assert (r.synset, r.choice, r.runner_up) == ("bag.n.01", "most frequent", "bag.n.07"), r
+    assert resolve_class_names(names, wn, known, floor=0.0)[2].synset == "bag.n.07"
+
+
+def test_classes_placed_by_the_table_are_context_and_not_looked_up(wn):
+    res = resolve_class_names(["mouse", "Notebook PC", "Tastatur"], wn, ["", "laptop.n.01", "n03614007"])
+    assert res[0].synset == "mouse.n.04" and res[0].choice == "context"
+    assert [(r.synset, r.rule) for r in res[1:]] == [("laptop.n.01", "given"), ("keyboard.n.01", "given")]
+    assert resolve_class_names(["mouse", "hamster"], wn, [None, None])[0].synset == "mouse.n.01"
+    with pytest.raises(ValueError, match="known has 1 entries for 2 names"):
+        resolve_class_names(["mouse", "hamster"], wn, [None])
+    with pytest.raises(ValueError, match="unknown sense rule"):
+        resolve_class_names(["mouse"], wn, rule="gloss")
+
+
+def test_classes_with_the_same_word_are_not_each_others_context(wn):
+    # each "mouse" sees only the laptop; as each other's context both would keep the rodent
+    res = resolve_class_names(["mouse", "Mouse", "laptop"], wn)
+    assert res[0].synset == res[1].synset == "mouse.n.04"
+
+
+def test_rules_first_and_frequency_ignore_the_other_classes(wn):
+    names = ["mouse", "laptop", "keyboard"]
+    assert resolve_class_names(names, wn, rule="frequency")[0].synset == "mouse.n.01"
+    assert resolve_class_names(names, wn, rule="first")[0].synset == "mouse.n.01"
+
+
+def test_wu_palmer_is_nltks(wn):
+    syns = [wn.synset(n) for n in ("dog.n.01", "cat.n.01", "shoe.n.01", "attire.n.01", "mouse.n.04", "mouse.n.01",
+                                    "tiger.n.01", "coating.n.01", "bikini.n.01", "entity.n.01", "jersey.n.03")]
+    W = stage.WuPalmer()(syns, syns + [None])
+    expected = np.array([[a.wup_similarity(b) for b in syns] for a in syns])
+    np.testing.assert_allclose(W[:, :-1], expected, atol=1e-6)
+    assert np.isnan(W[:, -1]).all()
+    # by hand: dog.n.01 and cat.n.01 meet at carnivore.n.01 (max_depth 11, so h = 12), 2 edges from
+    # dog (dog > canine > carnivore) and 2 from cat (cat > feline > carnivore): 2 h / (2 + 2 + 2 h)
+    assert W[0, 1] == pytest.approx(24 / 28)
+
+
+def test_names_written_with_mixed_separators_or_apostrophes(wn):
+    for name, synset in [("sulphur-crested cockatoo", "sulphur-crested_cockatoo.n.01"),
+                         ("carpenter's kit", "carpenter's_kit.n.01"),
+                         ("German short-haired pointer", "german_short-haired_pointer.n.01")]:
+        r = resolve_class_name(name, wn)
+        assert (r.synset, r.placed, r.rule) == (synset, False, "compound"), r
 
 
 @pytest.mark.parametrize("name, note", [
@@ -128,3 +233,16 @@ def test_unknown_names_resolve_to_nothing_and_say_why(wn, name, note):
     assert r.synset is None and not r.placed and r.lemma == "", r
     assert note in r.note and r.describe().startswith("unresolved")
 
+
+
+def test_build_graph_places_every_class_in_view_of_the_others(wn):
+    from sinet_cli.datasets import ClassTable
+
+    table = ClassTable(["mouse", "Notebook PC", "keyboard", "monitors"], ["", "laptop.n.01", "", ""], [None] * 4,
+                       [None] * 4, "<test>")
+    placement = cmd.place_classes(wn, table, use_parents=True, strict=False)
+    e = {x["class"]: x for x in placement.entries}
+    assert e["mouse"]["synset"] == "mouse.n.04" and e["mouse"]["choice"] == "context"
+    assert e["mouse"]["runner_up"] == "mouse.n.01" and e["mouse"]["evidence"].startswith("context ")
+    assert e["Notebook PC"]["source"] == "table" and e["monitors"]["synset"] == "monitor.n.04"
+    assert "context of 4 senses" in cmd.resolution_summary(placement)

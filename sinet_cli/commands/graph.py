@@ -2,7 +2,7 @@
 
 This module is the loading side: it reads the class table and the taxonomy, places the classes
 in WordNet (the table's synset or parent column, else the class name through
-``stages.build_graph.resolve_class_name``), loads the frozen text encoder and chooses each class's
+``stages.build_graph.resolve_class_names``), loads the frozen text encoder and chooses each class's
 description; the computation (eq. 2, eq. 3, the hierarchy distances, the BiLSTM text head, the
 name resolution) lives in ``stages.build_graph``.
 """
@@ -173,12 +173,20 @@ class Placement:
 def place_classes(wn: Any, table: Any, use_parents: bool, strict: bool) -> Placement:
     """Place every class: the class table's synset column first (the override), then its parent
     column (``use_parents``: the column holds WordNet synsets), then the class name
-    (:func:`stages.build_graph.resolve_class_name`). An unknown id or parent in the table is looked
-    up by name instead (``strict``: a one-line error naming the class and the file)."""
+    (:func:`stages.build_graph.resolve_class_names`, all names at once: a sense is chosen in view
+    of the other classes, those the table places included). An unknown id or parent in the table
+    is looked up by name instead (``strict``: a one-line error naming the class and the file)."""
     from stages import build_graph as stage
 
     C = len(table)
     out = Placement([None] * C, [None] * C, [None] * C, [])
+    known = []  # the classes the table places: context for the names, not looked up
+    for sid, parent in zip(table.synsets, table.parents):
+        syn = lookup_synset(wn, sid) if sid else None
+        if syn is None and parent and use_parents:
+            syn = lookup_synset(wn, parent)
+        known.append(syn.name() if syn is not None else None)
+    by_name = stage.resolve_class_names(table.names, wn, known)
     for i, (name, sid, parent) in enumerate(zip(table.names, table.synsets, table.parents)):
         entry: dict[str, Any] | None = None
         problem = ""  # what is wrong with the class's row of the table
@@ -206,7 +214,7 @@ def place_classes(wn: Any, table: Any, use_parents: bool, strict: bool) -> Place
                     raise SinetError(f"{table.source}: class {name!r} has {problem} (fix the parent, use --hierarchy "
                                      "taxonomy, or drop --strict to look the class up by its name)")
         if entry is None:
-            r = stage.resolve_class_name(name, wn)
+            r = by_name[i]
             if r.synset is None:
                 entry = {"synset": "", "source": "none", "lemma": "", "rule": "", "detail": r.describe()}
             else:
@@ -218,7 +226,8 @@ def place_classes(wn: Any, table: Any, use_parents: bool, strict: bool) -> Place
                     out.synsets[i] = syn
                 entry = {"synset": r.synset, "source": "parent" if r.placed else "name", "lemma": r.lemma,
                          "rule": r.rule, "detail": r.describe()}
-            entry.update(senses=r.senses, modifier=r.modifier, alternative=r.part)
+            entry.update(senses=r.senses, modifier=r.modifier, alternative=r.part, choice=r.choice,
+                         runner_up=r.runner_up, evidence=r.evidence)
         if problem:
             out.table_problems.append(f"class {name!r} has {problem}")
             entry["detail"] = f"{entry['detail']}; the class table has {problem}"
@@ -243,7 +252,7 @@ def resolution_summary(placement: Placement, limit: int = 5) -> str | None:
         if e["alternative"]:
             why.append(f"from {e['alternative']!r}")
         if e["senses"] > 1:
-            why.append(f"{e['senses']} senses")
+            why.append(f"{e.get('choice') or 'first'} of {e['senses']} senses")
         where = f"below {e['synset']}" if e["source"] == "parent" else e["synset"]
         return f"{e['class']} -> {where}" + (f" ({', '.join(why)})" if why else "")
 
@@ -492,8 +501,10 @@ def build_graph(
     and plurals do not matter (ankle_boot, T-shirt, Down Coat, sneakers, tshirt). The whole name
     is tried as one word first (tee_shirt, t-shirt), then the first of alternatives (T-shirt/top),
     then its head noun: 'ankle boot' sits one edge below boot.n.01, 'Down Coat' below coat.n.01.
-    Only noun senses count; of several, the first (WordNet's most frequent) is taken. A name ending
-    in a number (class_01), or with verb or adjective senses only (casual), stays unresolved.
+    Only noun senses count; of several, the most frequent (SemCor's count, over all forms: shoes
+    is a shoe), unless another sits clearly closer to the other classes (mouse among laptop and
+    keyboard is the device, among hamster and rat the rodent). A name ending in a number
+    (class_01), or with verb or adjective senses only (casual), stays unresolved.
     Every choice is printed and stored in graph.h5 (attribute name_resolution); the class table's
     synset column, or its parent column, overrides it. A name that resolves to nothing (a brand, a
     word in another language) gets one warning and takes part through text similarity only (its

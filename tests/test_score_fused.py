@@ -192,7 +192,9 @@ def test_cli_fused_is_default_probe_times_open_set(tmp_path, sinet):
     assert code == 0, err
     p, _, _ = read_scores(tmp_path)
     np.testing.assert_array_equal(p["weight"], sn.noise_weight(p["distance"], 1.2, 1.5))
-    assert "share" not in p and "probe_W" not in p
+    # eq. 6 alone is the weight; a probe is fitted only for the noise estimate, flag and suggestion
+    assert "share" not in p and "probe" not in p and "open_set" not in p and p["probe_W"].shape[1:] == (8, 3)
+    assert {"flagged", "suggested_class", "suggested_confidence", "class_noise"} <= set(p)
 
 
 def test_cli_fused_appends_new_rows_with_the_stored_probe(tmp_path, sinet):

@@ -478,8 +478,8 @@ def run_scoring(stage, feats, features_path, target, suspects_path, protos, prot
                 out = {"ids": rows["ids"], "labels": labels, "weight": s.weight, "distance": s.distance,
                        "nearest_class": s.nearest_class, "nearest_distance": s.nearest_distance}
                 if fused["mode"] == "fused":
-                    out.update(fused_components(stage, fused, rows, block_rows, labels, slots, protos,
-                                                s.label_probability))
+                    out.update(fused_components(stage, fused, rows, labels, slots, protos, s.label_probability,
+                                                block_rows))
                     out["open_set"] = stage.open_set_factor(s.distance, labels, fused["thresholds"],
                                                             params["alpha"], params["beta"])
                     caption = (stage.caption_factor(out["text_share"], fused["text_floor"])
@@ -686,11 +686,11 @@ def load_fused_state(target: Path, fused: dict, with_probe: bool) -> bool:
     return True
 
 
-def fused_components(stage, fused: dict, rows: dict, block_rows: np.ndarray, labels: np.ndarray, slots, protos,
-                     label_probability: Optional[np.ndarray]) -> dict:
+def fused_components(stage, fused: dict, rows: dict, labels: np.ndarray, slots, protos,
+                     label_probability: Optional[np.ndarray], block_rows: Optional[np.ndarray] = None) -> dict:
     """The per-row label-quality components of --score fused for one block (``label_probability``:
-    the probe's, which score_block computed in its product; the sample rows' caption shares were
-    computed with the estimate and are not encoded again)."""
+    the probe's, which score_block computed in its product; the caption shares of the sample rows,
+    ``block_rows`` among them, were computed with the estimate and are not encoded again)."""
     out = {}
     if "probe" not in fused:  # the prototype share stands in for the probe (--probe-rows 0)
         sim = stage.class_similarity(rows["features"], protos, slots)
@@ -700,7 +700,7 @@ def fused_components(stage, fused: dict, rows: dict, block_rows: np.ndarray, lab
     if "encoder" in fused:
         ts = np.full(len(labels), np.nan, dtype=np.float32)
         todo = np.ones(len(labels), dtype=bool)
-        if "sample_text" in fused:
+        if "sample_text" in fused and block_rows is not None:
             srows, sshare = fused["sample_text"]
             pos = np.minimum(np.searchsorted(srows, block_rows), max(len(srows) - 1, 0))
             hit = (srows[pos] == block_rows) if len(srows) else np.zeros(len(labels), dtype=bool)

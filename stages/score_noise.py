@@ -731,20 +731,17 @@ def flag_rows(weight: np.ndarray, labels: np.ndarray, cutoffs: np.ndarray) -> np
     return np.where(valid, np.nan_to_num(w < fc, nan=False), True).astype(np.int8)
 
 
-def suggest_relabel(other_class: np.ndarray, other_probability: np.ndarray, label_probability: np.ndarray,
+def suggest_relabel(other_class: np.ndarray, other_probability: np.ndarray,
                     outside: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """The relabel suggestion s_i and its confidence: s_i = argmax_{k != y_i} p_k(x_i), the likeliest
-    class other than the label (where a flagged row's label is taken to be wrong), and
+    class other than the label (what a flagged row's label should be, its label taken to be wrong), and
 
-        confidence_i = (1 - u_i) p_{s_i}(x_i) / (1 - p_{y_i}(x_i))
+        confidence_i = (1 - u_i) p_{s_i}(x_i)
 
-    the probe's share of s_i among the classes other than the label, times the chance that the image
-    belongs to some class at all (u_i: :func:`outside_rows`). 0 when the probe gives the label
-    everything."""
-    po = np.asarray(other_probability, dtype=np.float64)
-    rest = 1.0 - np.asarray(label_probability, dtype=np.float64)
-    share = np.where(rest > 1e-12, po / np.maximum(rest, 1e-12), 0.0)
-    conf = (1.0 - np.asarray(outside, dtype=np.float64)) * np.clip(share, 0.0, 1.0)
+    the probe's probability of that class, 0 for an image counted outside every class (u_i = 1,
+    :func:`outside_rows`): low for a row whose label the probe believes, high where it believes s_i."""
+    conf = (1.0 - np.asarray(outside, dtype=np.float64)) * np.clip(np.asarray(other_probability, dtype=np.float64),
+                                                                   0.0, 1.0)
     return np.asarray(other_class, dtype=np.int64), conf.astype(np.float32)
 
 

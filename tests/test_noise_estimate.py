@@ -93,12 +93,11 @@ def test_flag_counts_follow_the_estimate(rng):
 
 
 def test_suggestion_and_confidence_by_hand():
-    # row 0: the probe gives the label 0.6, class 2 is the likeliest other with 0.3 of the rest 0.4;
-    # row 1: outside every class (u = 1): confidence 0; row 2: the label has it all: 0
-    cls, conf = sn.suggest_relabel(np.array([2, 1, 0]), np.array([0.3, 0.1, 0.0]), np.array([0.6, 0.8, 1.0]),
-                                   np.array([0.0, 1.0, 0.0]))
+    # row 0: class 2 is the likeliest other than the label, with p = 0.3; row 1: outside every class
+    # (u = 1): confidence 0; row 2: the label has it all, the other class 0
+    cls, conf = sn.suggest_relabel(np.array([2, 1, 0]), np.array([0.3, 0.1, 0.0]), np.array([0.0, 1.0, 0.0]))
     assert cls.tolist() == [2, 1, 0]
-    np.testing.assert_allclose(conf, [0.75, 0.0, 0.0])
+    np.testing.assert_allclose(conf, [0.3, 0.0, 0.0])
 
 
 def test_score_block_gives_the_likeliest_other_class_of_both_probes():

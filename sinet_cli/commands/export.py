@@ -152,8 +152,8 @@ def _remove(path: Path) -> None:
 
 def _write_rows(sc, fe, fe_cols, has_text, classes, class_noise, relabel_at, chunk_rows, n, tmp, pixels, images_tmp,
                 root, counts) -> None:
-    import pandas as pd
     import pyarrow as pa
+    import pyarrow.csv as pcsv
     import pyarrow.parquet as pq
 
     sc_cols = ["ids", "labels", "weight", "flagged", "suggested_class", "suggested_confidence"]
@@ -161,9 +161,9 @@ def _write_rows(sc, fe, fe_cols, has_text, classes, class_noise, relabel_at, chu
     kinds = {"weight": pa.float64(), "flagged": pa.bool_(), "suggested_confidence": pa.float64(),
              "class_noise": pa.float64()}
     schema = pa.schema([(c, kinds.get(c, pa.string())) for c in COLUMNS + (("side_text",) if has_text else ())])
-    writer = None
     header = ["id", "path", "label", "split"] + (["text"] if has_text else [])
-    with open(tmp["images.csv"], "w", newline="") as csv_file, open(tmp["cleaned.tsv"], "w") as tsv, \
+    with pq.ParquetWriter(tmp["images.parquet"], schema) as parquet, \
+            pcsv.CSVWriter(str(tmp["images.csv"]), schema) as csv_out, open(tmp["cleaned.tsv"], "w") as tsv, \
             progress_bar("export", n) as advance:
         tsv.write("\t".join(header) + "\n")
         for (start, s), (_, f) in zip(sc.iter_rows(sc_cols, chunk_rows), fe.iter_rows(fe_cols, chunk_rows)):
@@ -179,23 +179,21 @@ def _write_rows(sc, fe, fe_cols, has_text, classes, class_noise, relabel_at, chu
             counts += np.bincount(decision, minlength=3)
             splits = np.asarray(f["splits"]).astype(str) if "splits" in f else np.full(len(ids), "train")
             paths = np.asarray(f["paths"]).astype(str) if "paths" in f else np.full(len(ids), "")
-            frame = pd.DataFrame({
-                "id": ids, "path": paths, "split": splits,
-                "label": np.where(valid, names[np.clip(lab, 0, len(names) - 1)], None),
+            columns = {
+                "id": ids.tolist(), "path": paths.tolist(), "split": splits.tolist(),
+                "label": np.where(valid, names[np.clip(lab, 0, len(names) - 1)], None).tolist(),
                 "weight": np.asarray(s["weight"], dtype=np.float64),
                 "flagged": np.asarray(s["flagged"]).astype(bool),
-                "suggested_class": np.where(sug_ok, names[np.clip(sug, 0, len(names) - 1)], None),
+                "suggested_class": np.where(sug_ok, names[np.clip(sug, 0, len(names) - 1)], None).tolist(),
                 "suggested_confidence": np.asarray(s["suggested_confidence"], dtype=np.float64),
                 "class_noise": np.where(valid, class_noise[np.clip(lab, 0, len(names) - 1)], np.nan),
-                "decision": np.asarray(DECISIONS, dtype=object)[decision],
-            })
+                "decision": np.asarray(DECISIONS, dtype=object)[decision].tolist(),
+            }
             if has_text:
-                frame["side_text"] = np.asarray(f["side_text"]).astype(str)
-            frame.to_csv(csv_file, index=False, header=start == 0)
-            table = pa.Table.from_pandas(frame, schema=schema, preserve_index=False)
-            if writer is None:
-                writer = pq.ParquetWriter(tmp["images.parquet"], schema)
-            writer.write_table(table)
+                columns["side_text"] = np.asarray(f["side_text"]).astype(str).tolist()
+            table = pa.Table.from_pydict(columns, schema=schema)
+            parquet.write_table(table)
+            csv_out.write_table(table)
             # the cleaned manifest: kept rows, relabeled ones with the suggestion
             keep = (decision < 2) & valid & np.where(decision == 1, sug_ok, True)
             new_label = np.where(decision == 1, sug, lab)
@@ -205,11 +203,6 @@ def _write_rows(sc, fe, fe_cols, has_text, classes, class_noise, relabel_at, chu
                 cols.append(_tsv_field(np.asarray(f["side_text"]).astype(str)[keep]))
             tsv.write("".join("\t".join(r) + "\n" for r in zip(*cols)))
             advance(len(ids))
-        if writer is None:  # no rows: the columns only
-            pq.write_table(schema.empty_table(), tmp["images.parquet"])
-            csv_file.write(",".join(schema.names) + "\n")
-        else:
-            writer.close()
 
 
 def _manifest_paths(ids: np.ndarray, paths: np.ndarray, keep: np.ndarray, pixels, images_tmp: Path,

@@ -558,8 +558,8 @@ def row_estimate(stage, estimate, s, labels: np.ndarray, weight: np.ndarray) -> 
     p_label, p_other = s.label_probability, s.other_probability
     top_class = np.where(p_label >= p_other, labels, s.other_class)
     u = stage.outside_rows(np.maximum(p_label, p_other), top_class, estimate.outside_level)
-    r_label, r_class, r_p = s.relabel
-    suggested, confidence = stage.suggest_relabel(r_class, r_p, r_label, u)
+    _, r_class, r_p = s.relabel
+    suggested, confidence = stage.suggest_relabel(r_class, r_p, u)
     return {"flagged": stage.flag_rows(weight, labels, estimate.flag_cutoff), "suggested_class": suggested,
             "suggested_confidence": confidence}
 

@@ -2,12 +2,16 @@
 
 Pure computation over one block of rows at a time, so the caller can stream any N with bounded
 memory: :func:`score_block` gives, per row, the distance to the nearest prototype of its labeled
-class, the weight w_i (eq. 6), and the nearest prototype of any class (a suggested relabel,
-found with a FAISS index over the prototypes). The default score goes beyond eq. 6 (README
-"Scoring beyond eq. 6"): :func:`fit_reweighted_probe` fits a reweighted out-of-fold linear probe
+class, the weight w_i (eq. 6), and the nearest prototype of any class (found with a FAISS index
+over the prototypes). The default score goes beyond eq. 6 (README
+"Scoring beyond eq. 6"): :func:`fit_two_round_probe` fits a reweighted out-of-fold linear probe
 and the open-set thresholds on a sample, and :func:`fused_weight` multiplies the probe's
 p(label | x), :func:`open_set_factor` and, with captions, :func:`caption_factor`.
-:func:`suspect_order` ranks rows worst first;
+:func:`estimate_noise` estimates each class's noise rate without clean labels from the probe's
+out-of-fold probabilities on its sample (a confident joint with an "outside every class" column,
+then one Bayes step; docs/noise-estimate.md) and sets per-class weight cutoffs for the flag
+(:func:`flag_rows`); :func:`suggest_relabel` gives each row's likeliest other class.
+:func:`suspect_order` ranks the flagged rows worst first;
 :func:`roc_auc` and :func:`average_precision` score detection against a known noise mask (numpy
 only, tie-aware, equal to scikit-learn's definitions).
 """

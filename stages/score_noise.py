@@ -705,8 +705,10 @@ def flag_cutoffs(weight: np.ndarray, labels: np.ndarray, class_noise: np.ndarray
     """(C,) per-class weight cutoffs f_c: of the n_c rows labeled c, the k_c = round(n_c e_c) of lowest
     weight fall below f_c (as cleanlab's prune_by_noise_rate removes each class's estimated count,
     ranked here by the weight). f_c lies halfway between the k_c-th and (k_c+1)-th lowest weight, so a
-    new row is flagged when it ranks among them; k_c = 0 gives 0 (none: w >= 0), k_c = n_c gives +inf.
-    A class without an estimate (NaN) or without rows gets NaN (:func:`flag_rows` flags none of it)."""
+    new row is flagged when it ranks among them; when the two are equal (a tie across the count, e.g.
+    many weights of exactly 0) f_c lies just above them and the whole tie is flagged. k_c = 0 gives 0
+    (none: w >= 0), k_c = n_c gives +inf. A class without an estimate (NaN) or without rows gets NaN
+    (:func:`flag_rows` flags none of it)."""
     w = np.asarray(weight, dtype=np.float64)
     labels = np.asarray(labels, dtype=np.int64)
     e = np.asarray(class_noise, dtype=np.float64)
@@ -721,7 +723,11 @@ def flag_cutoffs(weight: np.ndarray, labels: np.ndarray, class_noise: np.ndarray
         if len(wc) == 0 or np.isnan(e[c]):
             continue
         k = int(round(len(wc) * e[c]))
-        cut[c] = 0.0 if k == 0 else np.inf if k >= len(wc) else 0.5 * (wc[k - 1] + wc[k])
+        if k == 0 or k >= len(wc):
+            cut[c] = 0.0 if k == 0 else np.inf
+        else:
+            lo, hi = wc[k - 1], wc[k]
+            cut[c] = 0.5 * (lo + hi) if lo < hi else np.nextafter(lo, np.inf)
     return cut
 
 

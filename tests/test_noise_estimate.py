@@ -90,6 +90,10 @@ def test_flag_counts_follow_the_estimate(rng):
     # a new row is flagged when it ranks among the flagged of its class
     assert sn.flag_rows(np.array([cut[2] - 1e-9, cut[2] + 1e-9]), np.array([2, 2]), cut).tolist() == [1, 0]
     assert sn.flag_rows(np.array([0.5]), np.array([7]), cut).tolist() == [1]  # a label outside [0, C)
+    # a tie across the count (weights of exactly 0): the whole tie is flagged, nothing above it
+    tied = np.array([0.0, 0.0, 0.0, 0.2, 0.6], dtype=np.float32)
+    f0 = sn.flag_cutoffs(tied, np.zeros(5, dtype=int), np.array([0.4]))  # k = 2, inside the tie
+    assert sn.flag_rows(tied, np.zeros(5, dtype=int), f0).tolist() == [1, 1, 1, 0, 0]
 
 
 def test_suggestion_and_confidence_by_hand():

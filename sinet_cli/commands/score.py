@@ -502,16 +502,16 @@ def run_scoring(stage, feats, features_path, target, suspects_path, protos, prot
         formatter = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sinet-suspects")
         suspects_text = formatter.submit(format_top_suspects, top.result(), classes) if top is not None else None
         formatter.shutdown(wait=False)
-        detection = {}
+        detection, flagged = {}, None
         if "clean_labels" in full:
             for name, suspicion in (("weight", 1.0 - full["weight"]), ("distance", full["distance"])):
                 m = stage.detection_metrics(full["labels"], full["clean_labels"], suspicion, full["train"])
                 if m:
                     detection[name] = m
             flagged = flag_metrics(stage, full)
-            if flagged:
-                detection["flagged"] = flagged
         writer.set_attr("detection", detection)
+        if flagged:  # apart from "detection", whose entries are ROC-AUC / AP figures of a score
+            writer.set_attr("flag_detection", flagged)
         writer.set_attr("scored_last_run", total)
         writer.set_attr("device", device)
         fp = writer.commit()
@@ -537,9 +537,8 @@ def run_scoring(stage, feats, features_path, target, suspects_path, protos, prot
         d = detection["weight"]
         msg += (f"; noise detection on train ({d['noise_rate']:.0%} noisy): ROC-AUC {d['roc_auc']:.4f} "
                 f"AP {d['average_precision']:.4f}")
-        if "flagged" in detection:
-            f = detection["flagged"]
-            msg += f", flagged precision {f['precision']:.3f} recall {f['recall']:.3f}"
+        if flagged:
+            msg += f", flagged precision {flagged['precision']:.3f} recall {flagged['recall']:.3f}"
     console.info(msg)
 
 

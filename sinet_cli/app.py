@@ -76,6 +76,7 @@ from .commands import train  # noqa: E402,F401
 from .commands import report  # noqa: E402,F401
 from .commands import graph  # noqa: E402,F401
 from .commands import rescore  # noqa: E402,F401
+from .commands import export  # noqa: E402,F401
 
 
 def main(argv: list[str] | None = None) -> None:

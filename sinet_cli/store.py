@@ -5,7 +5,8 @@ One module owns the layout of every artifact, so other tools can rely on fixed d
 * ``features.h5``   ``ids`` (N, str), ``labels`` (N, int, noisy), ``features`` (N x D), ``classes`` (C)
 * ``graph.h5``      ``classes`` (C), ``S_w``, ``S_l``, ``S_t`` (C x C float32)
 * ``prototypes.h5`` ``prototypes`` (P x D), ``prototype_class`` (P), ``consistency`` (N)
-* ``scores.h5``     ``ids``, ``weight``, ``distance``, ``nearest_class`` (N)
+* ``scores.h5``     ``ids``, ``weight``, ``distance``, ``nearest_class``, ``flagged``, ``suggested_class`` (N),
+  ``class_noise`` (C)
 
 Every artifact carries attributes: ``schema_version``, ``kind``, ``params`` (JSON), ``inputs``
 (JSON name -> fingerprint), ``package_version``, ``created`` and its own ``fingerprint`` (a
@@ -103,11 +104,15 @@ SCHEMAS: dict[str, tuple[Field, ...]] = {
         Field("open_set_threshold", "float", ("C",), required=False),
         Field("probe_W", "float", ("K", "D", "C"), required=False),  # K folds of the probe (cron appends reuse it)
         Field("probe_b", "float", ("K", "C"), required=False),
-        # issue 18 (CONTRACTS.md): the flag, the relabel suggestion and the calibrated noise estimate
-        Field("flagged", "int", ("N",), required=False),
+        # the noise estimate, the flag and the relabel suggestion (docs/noise-estimate.md)
+        Field("flagged", "int", ("N",), required=False),  # 0/1: the is-label-issue flag
         Field("suggested_class", "int", ("N",), required=False),
         Field("suggested_confidence", "float", ("N",), required=False),
-        Field("class_noise", "float", ("C",), required=False),
+        Field("class_noise", "float", ("C",), required=False),  # estimated noise rate per class (NaN: no rows)
+        Field("flag_cutoff", "float", ("C",), required=False),  # per-class weight cutoff (appends flag with it)
+        Field("outside_level", "float", ("C",), required=False),  # per-class p_max level of "outside every class"
+        Field("relabel_probe_W", "float", ("K", "D", "C"), required=False),  # round-1 probe (the suggestion's)
+        Field("relabel_probe_b", "float", ("K", "C"), required=False),
     ),
 }
 

@@ -34,17 +34,6 @@ def make(*args: str, env: dict | None = None, check: bool = True) -> subprocess.
     return done
 
 
-def has_export() -> bool:
-    from sinet_cli.app import app
-
-    return any(c.name == "export" for c in app.registered_commands)
-
-
-def without_export(art: Path) -> list[str]:
-    """Until the branch that adds `sinet export` is merged, keep make from running it (the lead
-    drops this workaround with the merge)."""
-    return [] if has_export() else ["-o", str(art / "export" / "images.csv")]
-
 
 def mtimes(art: Path) -> dict[str, int]:
     return {name: (art / name).stat().st_mtime_ns for name in OUTPUTS}
@@ -69,7 +58,7 @@ def assert_all_up_to_date(done: subprocess.CompletedProcess, art: Path) -> None:
 def test_make_all_clothing1m_then_up_to_date_then_only_stale_stages_then_cron(tmp_path):
     c1m = make_clothing1m(tmp_path / "clothing1m")
     art = tmp_path / "c1m"
-    args = ["all", "DATASET=clothing1m", f"DATA_ROOT={c1m['root']}", f"ART={art}", *TINY, *without_export(art)]
+    args = ["all", "DATASET=clothing1m", f"DATA_ROOT={c1m['root']}", f"ART={art}", *TINY]
     first = make(*args)
     n = len(c1m["noisy_train"]) + len(c1m["clean_train"]) + len(c1m["val"]) + len(c1m["test"])
     check_outputs(art, n)
@@ -121,7 +110,7 @@ def test_make_all_webvision_then_up_to_date(tmp_path):
     wv = make_webvision(tmp_path / "webvision")
     art = tmp_path / "wv"
     args = ["all", "DATASET=webvision", f"DATA_ROOT={wv['root']}", f"ART={art}", "SOURCES=wordnet", *TINY,
-            *without_export(art)]
+            ]
     make(*args)
     check_outputs(art, len(wv["train"]) + len(wv["val"]))
     with store.open_artifact(art / "features.h5", "features") as f:

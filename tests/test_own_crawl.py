@@ -13,7 +13,7 @@ from PIL import Image
 
 from sinet_cli import store
 from sinet_cli.datasets import load_demo
-from test_make_all import has_export, make, without_export
+from test_make_all import make
 
 # Fashion-MNIST class k is crawled into the folder NAMES[k]: names as people type them
 NAMES = ["T-shirt", "trousers", "pullover", "dress", "Down Coat", "sandal", "shirt", "sneakers", "bag", "ankle_boot"]
@@ -46,8 +46,7 @@ def test_make_all_on_a_plain_image_folder_without_clean_labels_or_val_split(tmp_
     truth = build_crawl(crawl)
     moved = sum(NAMES.index(rel.split("/")[0]) != c for rel, c in truth.items())
     assert len(truth) == 300 and 30 <= moved <= 90
-    done = make("all", "DATASET=imagefolder", f"DATA_ROOT={crawl}", f"ART={art}", *TINY,
-                *without_export(art))
+    done = make("all", "DATASET=imagefolder", f"DATA_ROOT={crawl}", f"ART={art}", *TINY)
     out, err = done.stdout, done.stderr
 
     # every image read, as training images with the folder's label, and nothing claims a truth
@@ -91,11 +90,10 @@ def test_make_all_on_a_plain_image_folder_without_clean_labels_or_val_split(tmp_
         assert f">{name}<" in page or f">{name}</a>" in page
     with store.open_artifact(art / "graph.h5", "graph") as g:
         resolution = g.json_attr("name_resolution")
-    if resolution is not None:  # build-graph records how it resolved each plain name
-        assert 'id="name-resolution"' in page and "class names: 10 classes" in out
-    if has_export():
-        for name in ("images.csv", "images.parquet", "cleaned.tsv"):
-            assert (art / "export" / name).is_file(), name
+    assert resolution is not None  # build-graph records how it resolved each plain name
+    assert 'id="name-resolution"' in page and "class names: 10 classes" in out
+    for name in ("images.csv", "images.parquet", "cleaned.tsv"):
+        assert (art / "export" / name).is_file(), name
 
     # make's log holds no third-party progress bar (the text encoder and the backbone were loaded)
     assert not TQDM_BAR.search(err), err

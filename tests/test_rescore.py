@@ -63,7 +63,8 @@ def snapshot(art: Path) -> dict:
         feats = {"ids": list(f.read("ids")), "features": f.read("features"), "fp": f.fingerprint,
                  "labels": f.read("labels"), "splits": list(f.read("splits"))}
     with store.open_artifact(art / "scores.h5", "scores") as s:
-        scores = {"ids": list(s.read("ids")), "weight": s.read("weight"), "fp": s.fingerprint}
+        scores = {"ids": list(s.read("ids")), "weight": s.read("weight"), "fp": s.fingerprint,
+                  "flagged": s.read("flagged"), "flag_cutoff": s.read("flag_cutoff")}
     return {"features": feats, "scores": scores,
             "mtimes": {n: (art / n).stat().st_mtime_ns for n in ("features.h5", "scores.h5", "prototypes.h5")}}
 
@@ -89,6 +90,15 @@ def test_growing_crawl_extracts_and_scores_only_new_images_then_nothing(built, s
     s0, s1 = before["scores"], after["scores"]
     assert s1["ids"][:15] == s0["ids"] and set(s1["ids"][15:]) == new_ids
     np.testing.assert_array_equal(s1["weight"][:15], s0["weight"])
+    # the new rows are flagged by the estimate's stored per-class cutoffs, which the append keeps
+    from stages import score_noise as sn
+
+    with store.open_artifact(art / "scores.h5", "scores") as s:
+        w, lab, flagged, cut = s.read("weight"), s.read("labels"), s.read("flagged"), s.read("flag_cutoff")
+        assert s.json_attr("noise_estimate")["method"] != "none"
+    np.testing.assert_array_equal(cut, before["scores"]["flag_cutoff"])
+    np.testing.assert_array_equal(flagged[:15], before["scores"]["flagged"])
+    np.testing.assert_array_equal(flagged[15:], sn.flag_rows(w[15:], lab[15:], cut))
     assert after["mtimes"]["prototypes.h5"] == before["mtimes"]["prototypes.h5"]  # scored against the same ones
     with store.open_artifact(art / "features.h5", "features") as f:
         assert f.json_attr("appended")["rows"] == 6

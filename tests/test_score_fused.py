@@ -192,7 +192,9 @@ def test_cli_fused_is_default_probe_times_open_set(tmp_path, sinet):
     assert code == 0, err
     p, _, _ = read_scores(tmp_path)
     np.testing.assert_array_equal(p["weight"], sn.noise_weight(p["distance"], 1.2, 1.5))
-    assert "share" not in p and "probe_W" not in p
+    # eq. 6 alone is the weight; a probe is fitted only for the noise estimate, flag and suggestion
+    assert "share" not in p and "probe" not in p and "open_set" not in p and p["probe_W"].shape[1:] == (8, 3)
+    assert {"flagged", "suggested_class", "suggested_confidence", "class_noise"} <= set(p)
 
 
 def test_cli_fused_appends_new_rows_with_the_stored_probe(tmp_path, sinet):
@@ -217,6 +219,19 @@ def test_cli_fused_appends_new_rows_with_the_stored_probe(tmp_path, sinet):
     p = (np.exp(z) / np.exp(z).sum(1, keepdims=True))[np.arange(50), lab]
     np.testing.assert_allclose(second["probe"][200:], p, atol=1e-5)
     np.testing.assert_allclose(second["weight"][200:], p * second["open_set"][200:], atol=1e-5)
+    # the estimate and the flag cutoffs stay; new rows are flagged by the stored per-class cutoffs
+    for k in ("flagged", "suggested_class", "suggested_confidence"):
+        np.testing.assert_array_equal(second[k][:200], first[k])
+    for k in ("class_noise", "flag_cutoff", "outside_level", "relabel_probe_W"):
+        np.testing.assert_array_equal(second[k], first[k])
+    np.testing.assert_array_equal(second["flagged"][200:],
+                                  sn.flag_rows(second["weight"][200:], lab, first["flag_cutoff"]))
+    # the suggestion: the stored round-1 probe's mean model, its likeliest class other than the label
+    z1 = g @ first["relabel_probe_W"].mean(0) + first["relabel_probe_b"].mean(0)
+    p1 = np.exp(z1) / np.exp(z1).sum(1, keepdims=True)
+    p1[np.arange(50), lab] = -1
+    np.testing.assert_array_equal(second["suggested_class"][200:], p1.argmax(1))
+    assert "estimated noise" in err
 
 
 def test_cli_fused_without_probe_uses_the_prototype_share(tmp_path, sinet):
@@ -246,3 +261,63 @@ def test_probe_fit_does_not_import_torch_dynamo():
             "assert 'torch._dynamo' not in sys.modules, 'torch._dynamo imported'\n")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
+
+
+class _WordEncoder:
+    """A stand-in sentence encoder: one-hot on the first class word a text contains."""
+
+    words = ("c0", "c1", "c2")
+
+    def encode(self, texts, normalize_embeddings=True, batch_size=256):
+        out = np.full((len(texts), 3), 1e-3, dtype=np.float32)
+        for i, t in enumerate(texts):
+            for k, w in enumerate(self.words):
+                if w in t:
+                    out[i, k] = 1.0
+                    break
+        return out / np.linalg.norm(out, axis=1, keepdims=True)
+
+
+def test_cli_side_text_is_on_by_default_and_off_with_the_switch(tmp_path, sinet, monkeypatch):
+    import sinet_cli.sideinfo
+    from sinet_cli import store
+    from test_score_noise import make_features, make_prototypes_artifact, read_scores
+
+    monkeypatch.setattr(sinet_cli.sideinfo, "load_text_encoder", lambda folder=None: _WordEncoder())
+    data = make_features(tmp_path / "features.h5", 120)
+    text = [f"a photo of c{c}" if i % 4 else "" for i, c in enumerate(data["clean_labels"])]
+    store.write_artifact(tmp_path / "features.h5", "features", {**data, "side_text": text}, {"text": 1}, {})
+    make_prototypes_artifact(tmp_path)
+    S = np.eye(3, dtype=np.float32)
+    graph = {"classes": ["c0", "c1", "c2"], "S_w": S, "S_l": S, "S_t": S}
+    store.write_artifact(tmp_path / "graph.h5", "graph", {**graph, "label_embeddings": np.eye(3, dtype=np.float32)},
+                         {}, {})
+    opts = ("--probe-folds", "2", "--probe-epochs", "2")
+
+    def run(*extra):
+        code, _, err = sinet("score-noise", "--out", tmp_path, *opts, *extra)
+        assert code == 0, err
+        s, _, _ = read_scores(tmp_path)
+        return s, store.read_provenance(tmp_path / "scores.h5")["params"], err
+
+    s, params, _ = run()  # side text and label embeddings: on
+    assert params["image_text"] is True and "text_share" in s
+    has = np.arange(120) % 4 != 0
+    assert np.isnan(s["text_share"][~has]).all()  # blank side text: no caption factor
+    agree = data["labels"] == data["clean_labels"]  # the caption names the true class
+    assert ((s["text_share"][has] > 0.5) == agree[has]).all()
+    np.testing.assert_allclose(s["weight"], s["probe"] * s["open_set"] * sn.caption_factor(s["text_share"]), atol=1e-6)
+    s, params, _ = run("--no-image-text")
+    assert params["image_text"] is False and "text_share" not in s
+    # graph.h5 without label embeddings: said once, scored without
+    store.write_artifact(tmp_path / "graph.h5", "graph", graph, {}, {})
+    s, params, err = run()
+    assert params["image_text"] is False and "text_share" not in s
+    assert err.count("no label_embeddings") == 1 and "warning" in err
+    # asked for explicitly: an error naming the file
+    code, _, err = sinet("score-noise", "--out", tmp_path, "--image-text")
+    assert code == 1 and "graph.h5: no label_embeddings" in err
+    # blank side text only: off, nothing said
+    store.write_artifact(tmp_path / "features.h5", "features", {**data, "side_text": [" "] * 120}, {"text": 2}, {})
+    s, params, err = run()
+    assert params["image_text"] is False and "warning" not in err

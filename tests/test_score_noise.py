@@ -156,15 +156,16 @@ def test_suspect_order_and_top_suspects_agree(rng):
     n = 500
     w = np.where(rng.random(n) < 0.3, 0.0, rng.random(n)).astype(np.float32)
     d = rng.random(n).astype(np.float32)
-    lab = rng.integers(0, 3, n)
-    near = np.where(rng.random(n) < 0.5, lab, rng.integers(0, 3, n))
-    full = sn.suspect_order(w, d, lab, near)
-    assert ((w[full] == 0) | (near[full] != lab[full])).all()
+    flagged = (rng.random(n) < 0.4).astype(np.int8)
+    full = sn.suspect_order(w, d, flagged)
+    assert sorted(full.tolist()) == np.flatnonzero(flagged).tolist()  # exactly the flagged rows
     assert (np.diff(w[full]) >= 0).all()
+    ties = np.diff(w[full]) == 0
+    assert (np.diff(d[full])[ties] <= 0).all()  # equal weight: the farther first
     top = sn.TopSuspects(40)
     for s in range(0, n, 64):  # streamed in blocks, pruned as it goes
         sl = slice(s, s + 64)
-        top.add(np.arange(n)[sl], w[sl], d[sl], lab[sl], near[sl], ids=np.arange(n)[sl].astype(str))
+        top.add(np.arange(n)[sl], w[sl], d[sl], flagged[sl], ids=np.arange(n)[sl].astype(str))
     assert top.result()["row"].tolist() == full[:40].tolist()
 
 
@@ -240,19 +241,25 @@ def test_cli_scores_every_row_and_ranks_suspects(tmp_path, sinet):
     assert det["weight"]["roc_auc"] > 0.9 and 0 < det["weight"]["noise_rate"] < 0.5
     assert "ROC-AUC" in err
     rows = list(csv.reader(open(tmp_path / "suspects.tsv"), delimiter="\t"))
-    assert rows[0] == ["id", "path", "label", "suggested_class", "weight", "distance"]
+    assert rows[0] == ["id", "path", "label", "suggested_class", "suggested_confidence", "weight", "distance"]
     body = rows[1:]
-    weights = [float(r[4]) for r in body]
+    weights = [float(r[5]) for r in body]
     assert weights == sorted(weights) and len(body) > 0
-    worst = int(np.lexsort((-s["distance"], s["weight"]))[0])
-    assert body[0][0] == s["ids"][worst] and body[0][1] == f"/data/{s['ids'][worst]}.jpg"
-    assert all(r[2] != r[3] or float(r[4]) == 0 for r in body)  # suggested class differs, or w = 0
+    # exactly the flagged rows, worst first (lowest weight, then farthest)
+    flagged = np.flatnonzero(s["flagged"] == 1)
+    worst = flagged[np.lexsort((-s["distance"][flagged], s["weight"][flagged]))]
+    assert [r[0] for r in body] == [s["ids"][i] for i in worst]
+    assert body[0][1] == f"/data/{s['ids'][worst[0]]}.jpg"
+    names = [f"c{i}" for i in range(3)]
+    assert [r[3] for r in body] == [names[s["suggested_class"][i]] for i in worst]
+    assert all(r[2] != r[3] for r in body)  # the suggestion is another class than the label
     # unlimited ranking (bounded-memory scratch-file path) starts with the same rows
     code, _, err = sinet("score-noise", "--out", tmp_path, "--score", "paper", "--force", "--max-suspects", "0")
     assert code == 0, err
     full = list(csv.reader(open(tmp_path / "suspects.tsv"), delimiter="\t"))
     assert full[1:11] == body[:10] and len(full) >= len(rows)
     code, _, err = sinet("score-noise", "--out", tmp_path, "--score", "paper", "--max-suspects", "5", "--force")
+    assert code == 0, err
     assert len(open(tmp_path / "suspects.tsv").read().splitlines()) == 6
 
 
@@ -379,10 +386,13 @@ def test_cli_failure_mid_run_keeps_the_previous_outputs_and_stops_its_threads(tm
 
 def test_run_columns_fill_compact_arrays_or_only_count():
     blocks = [{"labels": np.array([0, 2]), "weight": np.array([0.0, 0.5], np.float32),
-               "distance": np.array([1.3, 0.4], np.float32), "nearest_class": np.array([1, 2]),
+               "distance": np.array([1.3, 0.4], np.float32), "flagged": np.array([1, 0], np.int8),
+               "suggested_class": np.array([1, 0]), "suggested_confidence": np.array([0.9, 0.1], np.float32),
                "clean_labels": np.array([1, 2]), "splits": np.array(["train", "val"])},
               {"labels": np.array([1]), "weight": np.array([0.0], np.float32), "distance": np.array([1.5], np.float32),
-               "nearest_class": np.array([1]), "clean_labels": np.array([-1]), "splits": np.array(["train"])}]
+               "flagged": np.array([1], np.int8), "suggested_class": np.array([2]),
+               "suggested_confidence": np.array([0.5], np.float32),
+               "clean_labels": np.array([-1]), "splits": np.array(["train"])}]
     kept, counted = RunColumns(10, keep=True), RunColumns(10, keep=False)
     for b in blocks:
         kept.add(b)
@@ -390,8 +400,9 @@ def test_run_columns_fill_compact_arrays_or_only_count():
     full = kept.columns()
     assert full["labels"].tolist() == [0, 2, 1] and full["labels"].dtype == np.int32
     assert full["clean_labels"].tolist() == [1, 2, -1] and full["train"].tolist() == [True, False, True]
-    assert full["weight"].tolist() == [0.0, 0.5, 0.0] and full["nearest_class"].tolist() == [1, 2, 1]
-    assert (kept.rows, kept.zero_weight) == (counted.rows, counted.zero_weight) == (3, 2)
+    assert full["weight"].tolist() == [0.0, 0.5, 0.0] and full["flagged"].tolist() == [1, 0, 1]
+    assert full["suggested_class"].tolist() == [1, 0, 2] and full["flagged"].dtype == np.int8
+    assert (kept.rows, kept.zero_weight, kept.flagged) == (counted.rows, counted.zero_weight, counted.flagged) == (3, 2, 2)
     assert counted.columns() == {}
     with pytest.raises(ValueError, match="4 rows for columns of 3"):
         small = RunColumns(3, keep=True)

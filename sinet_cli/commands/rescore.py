@@ -4,12 +4,14 @@ A new crawl (``--data imagefolder:DIR`` or ``manifest:FILE.tsv``, usually the sa
 or manifest) is compared with ``features.h5`` by image id. Only ids not in it are decoded and
 encoded, with the backbone, weights and preprocessing recorded in ``features.h5``; their rows are
 appended to it atomically (``features.h5.partial``, then a rename), and score-noise then weights
-them against the existing prototypes (it scores only ids that ``scores.h5`` lacks). Prototypes
-are not rebuilt: ``make all`` / ``sinet make-prototypes`` does that when wanted. With
+them against the existing prototypes (it scores only ids that ``scores.h5`` lacks), flags them and
+suggests their class with the probes, noise estimate and per-class flag cutoffs stored in
+``scores.h5`` (docs/noise-estimate.md), so a new image is judged as it would have been in the first
+run. Prototypes are not rebuilt: ``make all`` / ``sinet make-prototypes`` does that when wanted. With
 ``--data webdataset:new/*.tar`` only the new shards are read.
 
 Safe under cron: one run at a time per artifact folder (``features.h5.lock``; a busy lock is a
-one-line error and exit status 1 unless ``--wait``), no progress output without a terminal, and
+one-line error and exit status 75 (EX_TEMPFAIL) unless ``--wait``), no progress output without a terminal, and
 a run with nothing new changes nothing.
 """
 

@@ -184,6 +184,7 @@ def score_block(
     models = [None, noise_model]  # _out_of_fold takes them as given; the block's products on the device
     on_dev = [None, noise_model.on(dev) if noise_model is not None else None]
     outs: list = []
+    logits = None
     if probes:  # [prototypes | each probe's mean W]: one product for all
         Cp = probe.W.shape[2]
         VT = _padded_columns(torch.cat([V.t().cpu(), *(torch.as_tensor(p.W.mean(0)) for p in probes)], 1)).to(dev)

@@ -4,6 +4,7 @@ the truth and against cleanlab on the same features (docs/noise-estimate.md).
     python bench/label_issues.py --work /tmp/sinet-li                       # design settings (noise seed 0)
     python bench/label_issues.py --work /tmp/sinet-li --heldout             # held-out settings (noise seed 1)
     python bench/label_issues.py --work /tmp/sinet-li --rows "demo sym20"   # one row (its command)
+    python bench/label_issues.py --work /tmp/sinet-li --anchor-share 0.3    # E3's one constant changed
 
 Rows: the embedded demo (Fashion-MNIST, MNIST junk) and demo-mnist (MNIST, Fashion-MNIST junk) with
 symmetric 20% and 40%, class confusion 30%, open-set 20% and a mix (symmetric 10% + confusion 20% +
@@ -153,7 +154,7 @@ def evaluate(folder: Path, clean: np.ndarray | None = None) -> dict:
 
     sinet("make-prototypes", "--out", folder)
     t0 = time.perf_counter()
-    sinet("score-noise", "--out", folder)
+    sinet("score-noise", "--out", folder, "--force")  # --force: a run with another --anchor-share looks up to date
     seconds = time.perf_counter() - t0
     with store.open_artifact(folder / "scores.h5", "scores") as s:
         y, flagged, sug = s.read("labels"), s.read("flagged").astype(bool), s.read("suggested_class")
@@ -233,7 +234,14 @@ def main() -> None:
     ap.add_argument("--work", type=Path, default=Path("/tmp/sinet-bench-label-issues"))
     ap.add_argument("--heldout", action="store_true", help="the held-out settings (noise seed 1)")
     ap.add_argument("--rows", default="", help="comma list of row names (default: all), e.g. 'demo sym20,folder'")
+    ap.add_argument("--anchor-share", type=float, default=None,
+                    help="the anchors' share of E3 (default: stages.score_noise.ANCHOR_SHARE); results go to "
+                         "label_issues-s<seed>-share<S>.json")
     args = ap.parse_args()
+    if args.anchor_share is not None:
+        import stages.score_noise as sn
+
+        sn.ANCHOR_SHARE = args.anchor_share
     seed = 1 if args.heldout else 0
     settings = HELDOUT if args.heldout else DESIGN
     names = [f"{ds} {s}" for ds in ("demo", "demo-mnist") for s in settings] + ["folder"]
@@ -242,7 +250,8 @@ def main() -> None:
     if unknown:
         raise SystemExit(f"--rows: unknown {sorted(unknown)}; rows are {names}")
     args.work.mkdir(parents=True, exist_ok=True)
-    out = args.work / f"label_issues-s{seed}.json"
+    out = args.work / (f"label_issues-s{seed}.json" if args.anchor_share is None
+                       else f"label_issues-s{seed}-share{args.anchor_share:g}.json")
     results = json.loads(out.read_text()) if out.exists() else {}
     for row in wanted:
         if row == "folder":
@@ -255,7 +264,8 @@ def main() -> None:
         last = results.get(row, results.get(f"folder {FOLDER_MOVED[seed]:.0%} moved"))
         print(f"[{row}] " + json.dumps({k: round(v, 4) if isinstance(v, float) else v for k, v in last.items()}),
               flush=True)
-    print(f"\nnoise seed {seed} ({'held out' if args.heldout else 'design'}), train split\n")
+    share = "" if args.anchor_share is None else f", anchor share {args.anchor_share:g}"
+    print(f"\nnoise seed {seed} ({'held out' if args.heldout else 'design'}){share}, train split\n")
     print(table(results))
     print("\nsinet export's decision rule: label accuracy of the kept train images (share kept; share of the "
           "relabeled given their true class)\n")

@@ -635,12 +635,14 @@ def outside_rows(top_probability: np.ndarray, top_class: np.ndarray, levels: np.
 
 
 def anchor_counts(probs: np.ndarray, labels: np.ndarray, num_classes: int,
-                  share: float = ANCHOR_SHARE) -> np.ndarray:
+                  share: float | None = None) -> np.ndarray:
     """(C, C) K[t, y] (E3): the labels of class t's anchor rows, i.e. of the ceil(share * |R_t|) rows of
     R_t = {i: argmax_k p_ik = t} with the largest p_it. The probe is out-of-fold, so it never saw an
     anchor's own label: the labels of the images it is surest are of class t are a sample of what the
     crawl calls such images (the anchor points of Patrini et al. 2017 and Xia et al. 2019, read through
-    their labels instead of the probe's probabilities, which regularization pulls toward the middle)."""
+    their labels instead of the probe's probabilities, which regularization pulls toward the middle).
+    ``share`` None: ANCHOR_SHARE, the upper quartile (read at the call: bench/label_issues.py varies it)."""
+    share = ANCHOR_SHARE if share is None else share
     if not 0 < share <= 1:
         raise ValueError(f"share {share}: must be in (0, 1]")
     p = np.asarray(probs)

@@ -4,6 +4,7 @@ the truth and against cleanlab on the same features (docs/noise-estimate.md).
     python bench/label_issues.py --work /tmp/sinet-li                       # design settings (noise seed 0)
     python bench/label_issues.py --work /tmp/sinet-li --heldout             # held-out settings (noise seed 1)
     python bench/label_issues.py --work /tmp/sinet-li --rows "demo sym20"   # one row (its command)
+    python bench/label_issues.py --work /tmp/sinet-li --anchor-share 0.3    # E3's one constant changed
 
 Rows: the embedded demo (Fashion-MNIST, MNIST junk) and demo-mnist (MNIST, Fashion-MNIST junk) with
 symmetric 20% and 40%, class confusion 30%, open-set 20% and a mix (symmetric 10% + confusion 20% +
@@ -119,8 +120,7 @@ def folder_setting(seed: int, work: Path) -> tuple[Path, np.ndarray]:
     if not (art / "features.h5").exists():
         sinet("extract-features", "--data", data, "--out", art)
     if not (art / "graph.h5").exists():
-        # names such as tshirt or ankle_boot: without a synset column S_w is dropped (--lenient)
-        sinet("build-graph", "--data", data, "--out", art, "--lenient")
+        sinet("build-graph", "--data", data, "--out", art)  # names such as tshirt or ankle_boot resolve by themselves
     with store.open_artifact(art / "features.h5", "features") as a:
         ids, classes = a.read("ids"), list(a.read("classes"))
     clean = np.array([classes.index(truth[i]) for i in ids])
@@ -154,17 +154,18 @@ def evaluate(folder: Path, clean: np.ndarray | None = None) -> dict:
 
     sinet("make-prototypes", "--out", folder)
     t0 = time.perf_counter()
-    sinet("score-noise", "--out", folder)
+    sinet("score-noise", "--out", folder, "--force")  # --force: a run with another --anchor-share looks up to date
     seconds = time.perf_counter() - t0
     with store.open_artifact(folder / "scores.h5", "scores") as s:
         y, flagged, sug = s.read("labels"), s.read("flagged").astype(bool), s.read("suggested_class")
+        conf = s.read("suggested_confidence")
         est = s.json_attr("noise_estimate")
         if clean is None:
             clean = s.read("clean_labels")
         train = s.read("splits") == "train" if "splits" in s else np.ones(len(y), dtype=bool)
     with store.open_artifact(folder / "features.h5", "features") as a:
         x = a.read("features").astype(np.float32)
-    y, clean, flagged, sug, x = y[train], clean[train], flagged[train], sug[train], x[train]
+    y, clean, flagged, sug, conf, x = y[train], clean[train], flagged[train], sug[train], conf[train], x[train]
     noisy = y != clean
     closed = noisy & (clean >= 0)
     probs, cl_seconds = cleanlab_probs(folder, x, y)
@@ -179,7 +180,40 @@ def evaluate(folder: Path, clean: np.ndarray | None = None) -> dict:
         "relabel_ours": float((sug[closed] == clean[closed]).mean()) if closed.any() else float("nan"),
         "relabel_cleanlab": float((probs.argmax(1)[closed] == clean[closed]).mean()) if closed.any() else float("nan"),
         "closed_noisy": int(closed.sum()), "seconds_score_noise": seconds, "seconds_cleanlab_cv": cl_seconds,
+        "decisions": decisions(y, clean, flagged, sug, conf),
     }
+
+
+RELABEL_AT = (0.3, 0.5, 0.7, 0.9)
+
+
+def decisions(y: np.ndarray, clean: np.ndarray, flagged: np.ndarray, sug: np.ndarray, conf: np.ndarray) -> dict:
+    """sinet export's rule (not flagged: keep; flagged, confidence >= t: relabel; else drop) at each t,
+    and dropping every flagged image: the label accuracy of the kept images (open-set images have no
+    right label), the share kept, the share of the relabeled ones given their true class."""
+    out = {"noisy": float(np.mean(y == clean)),
+           "drop": [float(np.mean((y == clean)[~flagged])), float((~flagged).mean())]}
+    for t in RELABEL_AT:
+        rel = flagged & (conf >= t)
+        keep = ~flagged | rel
+        new = np.where(rel, sug, y)
+        out[str(t)] = [float(np.mean(new[keep] == clean[keep])), float(keep.mean()),
+                       float(np.mean(sug[rel] == clean[rel])) if rel.any() else float("nan")]
+    return out
+
+
+def decision_table(results: dict) -> str:
+    head = ("| row | noisy labels: accuracy | drop every flagged | " +
+            " | ".join(f"relabel at >= {t}" for t in RELABEL_AT) + " |")
+    lines = [head, "|" + "---|" * (3 + len(RELABEL_AT))]
+    for k, r in results.items():
+        d = r.get("decisions")
+        if d is None:
+            continue
+        cells = [f"{d['noisy']:.3f}", f"{d['drop'][0]:.3f} ({d['drop'][1]:.2f})"]
+        cells += [f"{d[str(t)][0]:.3f} ({d[str(t)][1]:.2f}; {d[str(t)][2]:.2f})" for t in RELABEL_AT]
+        lines.append(f"| {k} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
 
 
 def table(results: dict) -> str:
@@ -200,7 +234,14 @@ def main() -> None:
     ap.add_argument("--work", type=Path, default=Path("/tmp/sinet-bench-label-issues"))
     ap.add_argument("--heldout", action="store_true", help="the held-out settings (noise seed 1)")
     ap.add_argument("--rows", default="", help="comma list of row names (default: all), e.g. 'demo sym20,folder'")
+    ap.add_argument("--anchor-share", type=float, default=None,
+                    help="the anchors' share of E3 (default: stages.score_noise.ANCHOR_SHARE); results go to "
+                         "label_issues-s<seed>-share<S>.json")
     args = ap.parse_args()
+    if args.anchor_share is not None:
+        import stages.score_noise as sn
+
+        sn.ANCHOR_SHARE = args.anchor_share
     seed = 1 if args.heldout else 0
     settings = HELDOUT if args.heldout else DESIGN
     names = [f"{ds} {s}" for ds in ("demo", "demo-mnist") for s in settings] + ["folder"]
@@ -209,7 +250,8 @@ def main() -> None:
     if unknown:
         raise SystemExit(f"--rows: unknown {sorted(unknown)}; rows are {names}")
     args.work.mkdir(parents=True, exist_ok=True)
-    out = args.work / f"label_issues-s{seed}.json"
+    out = args.work / (f"label_issues-s{seed}.json" if args.anchor_share is None
+                       else f"label_issues-s{seed}-share{args.anchor_share:g}.json")
     results = json.loads(out.read_text()) if out.exists() else {}
     for row in wanted:
         if row == "folder":
@@ -219,11 +261,15 @@ def main() -> None:
             ds, setting = row.split()
             results[row] = evaluate(demo_setting(ds, setting, settings[setting], seed, args.work))
         out.write_text(json.dumps(results, indent=1) + "\n")
-        print(f"[{row}] " + json.dumps({k: round(v, 4) if isinstance(v, float) else v
-                                        for k, v in results.get(row, results.get(f"folder {FOLDER_MOVED[seed]:.0%} moved")).items()}),
+        last = results.get(row, results.get(f"folder {FOLDER_MOVED[seed]:.0%} moved"))
+        print(f"[{row}] " + json.dumps({k: round(v, 4) if isinstance(v, float) else v for k, v in last.items()}),
               flush=True)
-    print(f"\nnoise seed {seed} ({'held out' if args.heldout else 'design'}), train split\n")
+    share = "" if args.anchor_share is None else f", anchor share {args.anchor_share:g}"
+    print(f"\nnoise seed {seed} ({'held out' if args.heldout else 'design'}){share}, train split\n")
     print(table(results))
+    print("\nsinet export's decision rule: label accuracy of the kept train images (share kept; share of the "
+          "relabeled given their true class)\n")
+    print(decision_table(results))
 
 
 if __name__ == "__main__":

@@ -106,10 +106,11 @@ SCHEMAS: dict[str, tuple[Field, ...]] = {
         Field("probe_b", "float", ("K", "C"), required=False),
         # the noise estimate, the flag and the relabel suggestion (docs/noise-estimate.md)
         Field("flagged", "int", ("N",), required=False),  # 0/1: the is-label-issue flag
+        Field("flag_score", "float", ("N",), required=False),  # E8's score: flagged = flag_score > flag_threshold
         Field("suggested_class", "int", ("N",), required=False),
         Field("suggested_confidence", "float", ("N",), required=False),
         Field("class_noise", "float", ("C",), required=False),  # estimated noise rate per class (NaN: no rows)
-        Field("flag_cutoff", "float", ("C",), required=False),  # per-class weight cutoff (appends flag with it)
+        Field("noise_transition", "float", ("C", "C"), required=False),  # T[t, y] of the estimate (appends use it)
         Field("outside_level", "float", ("C",), required=False),  # per-class p_max level of "outside every class"
         Field("relabel_probe_W", "float", ("K", "D", "C"), required=False),  # round-1 probe (the suggestion's)
         Field("relabel_probe_b", "float", ("K", "C"), required=False),

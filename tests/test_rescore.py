@@ -64,7 +64,8 @@ def snapshot(art: Path) -> dict:
                  "labels": f.read("labels"), "splits": list(f.read("splits"))}
     with store.open_artifact(art / "scores.h5", "scores") as s:
         scores = {"ids": list(s.read("ids")), "weight": s.read("weight"), "fp": s.fingerprint,
-                  "flagged": s.read("flagged"), "flag_cutoff": s.read("flag_cutoff")}
+                  "flagged": s.read("flagged"), "noise_transition": s.read("noise_transition"),
+                  "noise_estimate": s.json_attr("noise_estimate")}
     return {"features": feats, "scores": scores,
             "mtimes": {n: (art / n).stat().st_mtime_ns for n in ("features.h5", "scores.h5", "prototypes.h5")}}
 
@@ -90,15 +91,14 @@ def test_growing_crawl_extracts_and_scores_only_new_images_then_nothing(built, s
     s0, s1 = before["scores"], after["scores"]
     assert s1["ids"][:15] == s0["ids"] and set(s1["ids"][15:]) == new_ids
     np.testing.assert_array_equal(s1["weight"][:15], s0["weight"])
-    # the new rows are flagged by the estimate's stored per-class cutoffs, which the append keeps
-    from stages import score_noise as sn
-
+    # the new rows are flagged by the estimate's stored noise process and threshold, which the append keeps
     with store.open_artifact(art / "scores.h5", "scores") as s:
-        w, lab, flagged, cut = s.read("weight"), s.read("labels"), s.read("flagged"), s.read("flag_cutoff")
-        assert s.json_attr("noise_estimate")["method"] != "none"
-    np.testing.assert_array_equal(cut, before["scores"]["flag_cutoff"])
-    np.testing.assert_array_equal(flagged[:15], before["scores"]["flagged"])
-    np.testing.assert_array_equal(flagged[15:], sn.flag_rows(w[15:], lab[15:], cut))
+        flagged, score = s.read("flagged"), s.read("flag_score")
+        info = s.json_attr("noise_estimate")
+    assert info["method"] != "none" and info == before["scores"]["noise_estimate"]
+    np.testing.assert_array_equal(s1["noise_transition"], s0["noise_transition"])
+    np.testing.assert_array_equal(flagged[:15], s0["flagged"])
+    np.testing.assert_array_equal(flagged[15:], score[15:] > info["flag_threshold"])
     assert after["mtimes"]["prototypes.h5"] == before["mtimes"]["prototypes.h5"]  # scored against the same ones
     with store.open_artifact(art / "features.h5", "features") as f:
         assert f.json_attr("appended")["rows"] == 6

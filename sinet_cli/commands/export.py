@@ -7,8 +7,9 @@
   manifest:`` reads) of the images kept by the decision rule, flagged ones relabeled or dropped.
 
 Decision rule: an image that is not flagged is kept with its label; a flagged image whose
-suggestion has confidence >= ``--relabel-at`` is kept with the suggested class; any other flagged
-image is dropped. Image paths in the manifest are relative to its folder: for a dataset of files,
+suggestion has confidence >= ``--relabel-at`` (the default 0.5: the suggested class is at least as
+likely as not the image's class) is kept with the suggested class; any other flagged image is dropped.
+Image paths in the manifest are relative to its folder: for a dataset of files,
 through the symlink ``ART/export/images`` to the images' common folder; for a dataset held in
 memory (the demos), the kept images are written there as PNG files. Every output is written to a
 temporary name and renamed into place; the rows are streamed block by block.
@@ -73,7 +74,8 @@ def _common_root(paths: np.ndarray, root: Optional[str]) -> Optional[str]:
 def export(
     data: DataOpt = None,
     relabel_at: Annotated[float, typer.Option(help="A flagged image is relabeled to the suggested class when the "
-                                              "suggestion's confidence is at least this, else dropped.",
+                                              "suggestion's confidence (the probability that the suggested class "
+                                              "is the image's class) is at least this, else dropped.",
                                               rich_help_panel="Decision")] = 0.5,
     chunk_rows: Annotated[int, typer.Option(help="Rows per streamed block.", rich_help_panel="Compute")] = 65536,
     out: OutOpt = None,

@@ -5,7 +5,7 @@ or manifest) is compared with ``features.h5`` by image id. Only ids not in it ar
 encoded, with the backbone, weights and preprocessing recorded in ``features.h5``; their rows are
 appended to it atomically (``features.h5.partial``, then a rename), and score-noise then weights
 them against the existing prototypes (it scores only ids that ``scores.h5`` lacks), flags them and
-suggests their class with the probes, noise estimate and per-class flag cutoffs stored in
+suggests their class with the probes, noise process and flag threshold stored in
 ``scores.h5`` (docs/noise-estimate.md), so a new image is judged as it would have been in the first
 run. Prototypes are not rebuilt: ``make all`` / ``sinet make-prototypes`` does that when wanted. With
 ``--data webdataset:new/*.tar`` only the new shards are read.

@@ -31,7 +31,7 @@ THRESHOLD_SAMPLE_ROWS = 20000  # --probe-rows 0: rows sampled for the open-set t
 PANEL_FUSED = "Scoring beyond eq. 6 (--score fused)"
 SUSPECT_COLUMNS = ("id", "path", "label", "suggested_class", "suggested_confidence", "weight", "distance")
 # the noise estimate's method (stages.score_noise.estimate_noise; docs/noise-estimate.md), recorded in params
-NOISE_ESTIMATE = "confident-joint+outside+posterior"
+NOISE_ESTIMATE = "anchor-transition+posterior"
 
 
 # -- ids -----------------------------------------------------------------------------------------
@@ -218,8 +218,9 @@ def score_noise(
 ) -> None:
     """Weight every image by how likely its label is right: by default a reweighted out-of-fold
     probe times an open-set factor from its distance to its class prototype (eq. 6); --score paper
-    gives eq. 6 alone. Estimate the noise rate of every class, flag that share of each class's
-    lowest weights, suggest a class for each image, and list the flagged ones worst first. Re-running
+    gives eq. 6 alone. Estimate the noise rate of every class, flag the images likeliest mislabeled
+    (as many as the estimate expects), suggest a class for each image, and list the flagged ones worst
+    first (docs/noise-estimate.md). Re-running
     on a grown features.h5 scores only the new ids (cron); new prototypes rescore everything.
 
     Example: sinet score-noise --data demo --alpha 1.2 --beta 1.5
@@ -263,8 +264,9 @@ def score_noise(
         inputs = {"features": feats.fingerprint, "prototypes": proto_fp}
         fused: dict = {"mode": score, "quantile": open_set_quantile}
         if probe_rows > 0:  # the probe: the fused score's q_i, and in both modes the estimate, flag and suggestion
+            # the open-set thresholds also decide which rows the estimate counts outside every class
             params.update({"probe_rows": probe_rows, "probe_folds": probe_folds, "probe_epochs": probe_epochs,
-                           "noise_estimate": NOISE_ESTIMATE})
+                           "noise_estimate": NOISE_ESTIMATE, "open_set_quantile": open_set_quantile})
         if score == "fused":
             if not temperature > 0 or not text_temperature > 0:
                 raise SinetError("--temperature / --text-temperature must be > 0")
@@ -447,7 +449,7 @@ def run_scoring(stage, feats, features_path, target, suspects_path, protos, prot
                 writer.write("relabel_probe_b", fused["probe1"].b)
             if estimate is not None:
                 writer.write("class_noise", estimate.class_noise.astype(np.float64))
-                writer.write("flag_cutoff", estimate.flag_cutoff.astype(np.float64))
+                writer.write("noise_transition", estimate.transition.astype(np.float64))
                 writer.write("outside_level", estimate.outside_level.astype(np.float64))
                 writer.set_attr("noise_estimate", fused["estimate_info"])
             else:
@@ -474,7 +476,8 @@ def run_scoring(stage, feats, features_path, target, suspects_path, protos, prot
                 labels = rows["labels"].astype(np.int64)
                 s = stage.score_block(rows["features"], labels, protos, slots, proto_class, index,
                                       params["alpha"], params["beta"], probe=fused.get("probe"), rows=block_rows,
-                                      device=device, relabel_probe=fused.get("probe1"))
+                                      device=device, relabel_probe=fused.get("probe1") if estimate else None,
+                                      noise_model=fused.get("noise_model"))
                 out = {"ids": rows["ids"], "labels": labels, "weight": s.weight, "distance": s.distance,
                        "nearest_class": s.nearest_class, "nearest_distance": s.nearest_distance}
                 if fused["mode"] == "fused":
@@ -487,7 +490,7 @@ def run_scoring(stage, feats, features_path, target, suspects_path, protos, prot
                     out["weight_eq6"] = s.weight
                     out["weight"] = stage.fused_weight(out["probe"] if "probe" in out else out["share"],
                                                        out["open_set"], caption)
-                out.update(row_estimate(stage, estimate, s, labels, out["weight"]))
+                out.update(row_estimate(stage, estimate, s, labels, fused.get("thresholds")))
                 for k in optional:
                     out[k] = rows[k] if k in rows else np.full(len(labels), fill[k])
                 appender.append(out)
@@ -546,21 +549,24 @@ def run_scoring(stage, feats, features_path, target, suspects_path, protos, prot
 ROW_ESTIMATE = ("flagged", "suggested_class", "suggested_confidence")
 
 
-def row_estimate(stage, estimate, s, labels: np.ndarray, weight: np.ndarray) -> dict:
-    """flagged, suggested_class and suggested_confidence of one block: the flag from the stored
-    per-class cutoffs, the suggestion from the round-1 probe (docs/noise-estimate.md). Without a
-    probe (--probe-rows 0) nothing is flagged and the suggestion is the nearest prototype's class,
-    with confidence 0 (nothing measured it)."""
+def row_estimate(stage, estimate, s, labels: np.ndarray, thresholds: Optional[np.ndarray]) -> dict:
+    """flagged, suggested_class and suggested_confidence of one block (docs/noise-estimate.md): outside
+    every class by the round-2 probe and the distance (E2), the flag score, suggestion and confidence
+    under the round-1 probe (E8, E9; score_block computed them with the estimate's noise model). A
+    label outside the classes is flagged. Without a probe (--probe-rows 0) nothing is flagged and the
+    suggestion is the nearest prototype's class, with confidence 0 (nothing measured it)."""
     if estimate is None or s.relabel is None:
         return {"flagged": np.zeros(len(labels), dtype=np.int8), "suggested_class": s.nearest_class,
                 "suggested_confidence": np.zeros(len(labels), dtype=np.float32)}
     p_label, p_other = s.label_probability, s.other_probability
     top_class = np.where(p_label >= p_other, labels, s.other_class)
-    u = stage.outside_rows(np.maximum(p_label, p_other), top_class, estimate.outside_level)
-    _, r_class, r_p = s.relabel
-    suggested, confidence = stage.suggest_relabel(r_class, r_p, u)
-    return {"flagged": stage.flag_rows(weight, labels, estimate.flag_cutoff), "suggested_class": suggested,
-            "suggested_confidence": confidence}
+    u = stage.outside_rows(np.maximum(p_label, p_other), top_class, estimate.outside_level,
+                           stage.far_from_class(s.distance, labels, thresholds))
+    score, suggested, confidence = s.relabel
+    invalid = (labels < 0) | (labels >= len(estimate.outside_level))
+    score = np.where((u > 0) | invalid, np.inf, score).astype(np.float32)  # flagged whatever the threshold
+    return {"flagged": stage.flag_rows(score, u, estimate.flag_threshold), "flag_score": score,
+            "suggested_class": suggested, "suggested_confidence": (confidence * (1.0 - u)).astype(np.float32)}
 
 
 def flag_metrics(stage, full: dict) -> dict | None:
@@ -582,9 +588,10 @@ def fit_fused(stage, fused: dict, feats, num_classes: int, probe_rows: int, fold
     """Fit the state of a run on a seeded sample of at most ``probe_rows`` labeled train rows (one
     streamed read gathers their features): the two-round out-of-fold probe, the open-set thresholds
     t_c (``fused["probe1"]``, ``fused["probe"]``, ``fused["thresholds"]``), and on the same sample the
-    noise estimate and flag cutoffs (``fused["estimate"]``, stages.score_noise.estimate_noise), ranked by
-    the run's weight (eq. 6 alone with --score paper). Without a probe (``probe_rows`` 0) only the
-    thresholds, from the rows whose prototype share says their label is the likelier one."""
+    noise estimate, its noise process and the flag threshold (``fused["estimate"]``,
+    ``fused["noise_model"]``, stages.score_noise.estimate_noise), in both score modes. Without a probe
+    (``probe_rows`` 0) only the thresholds, from the rows whose prototype share says their label is the
+    likelier one."""
     labels = feats.read("labels").astype(np.int64)
     ok = (labels >= 0) & (labels < num_classes)
     if "splits" in feats:
@@ -607,29 +614,33 @@ def fit_fused(stage, fused: dict, feats, num_classes: int, probe_rows: int, fold
     fused["probe1"], fused["probe"], thresholds = stage.fit_two_round_probe(
         x, y, rows, num_classes, distance, alpha=alpha, beta=beta, folds=folds, epochs=epochs,
         quantile=fused["quantile"], device=device)
-    if fused["mode"] == "fused":
-        fused["thresholds"] = thresholds
-        q = stage.probe_label_probability(fused["probe"], x, y, rows, device=device)
-        caption = None
-        if "encoder" in fused:
-            share = text_shares(stage, fused, read_rows(feats, "side_text", rows, chunk), y)
-            fused["sample_text"] = (rows, share)
-            caption = stage.caption_factor(share, fused["text_floor"])
-        weight = stage.fused_weight(q, stage.open_set_factor(distance, y, thresholds, alpha, beta), caption)
-    else:
-        weight = s.weight
+    # the open-set factor's thresholds (--score fused) and, in both modes, the estimate's "far" test
+    fused["thresholds"] = thresholds
+    if fused["mode"] == "fused" and "encoder" in fused:  # encoded once: the scoring pass reuses the shares
+        fused["sample_text"] = (rows, text_shares(stage, fused, read_rows(feats, "side_text", rows, chunk), y))
     # the estimate's probability rows: the sample, at most ESTIMATE_CELLS / C of them (a uniform subsample)
     keep = min(len(rows), max(ESTIMATE_CELLS // max(num_classes, 1), 2 * folds))
     sub = np.sort(np.random.default_rng(1).choice(len(rows), keep, replace=False)) if keep < len(rows) else \
         np.arange(len(rows))
     probs = stage.probe_probabilities(fused["probe"], x[sub], rows[sub], device=device)
-    estimate = stage.estimate_noise(probs, y[sub], weight[sub], np.bincount(labels[cand], minlength=num_classes))
+    relabel_probs = stage.probe_probabilities(fused["probe1"], x[sub], rows[sub], device=device)
+    estimate = stage.estimate_noise(probs, y[sub], stage.far_from_class(distance[sub], y[sub], thresholds),
+                                    np.bincount(labels[cand], minlength=num_classes), relabel_probs)
     fused["estimate"] = estimate
-    fused["estimate_info"] = {"overall": estimate.overall, "method": NOISE_ESTIMATE, "rows": estimate.rows,
-                              "outside": estimate.outside, "train_rows": int(len(cand))}
+    fused["noise_model"] = estimate.model()
+    fused["estimate_info"] = estimate_info(estimate, int(len(cand)))
 
 
-ESTIMATE_CELLS = 1 << 25  # rows x classes of the estimate's probability matrix (128 MB of float32)
+def estimate_info(estimate, train_rows: int) -> dict:
+    """scores.h5's ``noise_estimate`` attribute: the estimate's numbers and the scalars appended rows are
+    flagged with (plain floats: numpy scalars would go through JSON as strings)."""
+    return {"overall": float(estimate.overall), "method": NOISE_ESTIMATE, "rows": int(estimate.rows),
+            "outside": float(estimate.outside), "train_rows": train_rows,
+            "temperature": float(estimate.temperature), "flag_threshold": float(estimate.flag_threshold),
+            "transition_alpha": float(estimate.alpha)}
+
+
+ESTIMATE_CELLS = 1 << 24  # rows x classes of each of the estimate's two probability matrices (64 MB of float32)
 
 
 def read_rows(feats, name: str, rows: np.ndarray, chunk: int) -> np.ndarray:
@@ -655,15 +666,17 @@ def text_shares(stage, fused: dict, text: np.ndarray, labels: np.ndarray) -> np.
 
 
 def load_fused_state(target: Path, fused: dict, with_probe: bool) -> bool:
-    """Put the probes, thresholds, estimate and flag cutoffs stored in ``target`` into ``fused``;
-    False when it lacks them (then every row is rescored)."""
+    """Put the probes, thresholds, estimate, noise process and flag threshold stored in ``target`` into
+    ``fused``; False when it lacks them (then every row is rescored)."""
     from stages.score_noise import NoiseEstimate, Probe
 
     with store.open_artifact(target, "scores") as art:
-        names = (["open_set_threshold"] if fused["mode"] == "fused" else []) + (
-            ["probe_W", "probe_b", "relabel_probe_W", "relabel_probe_b", "class_noise", "flag_cutoff",
+        names = (["open_set_threshold"] if fused["mode"] == "fused" or with_probe else []) + (
+            ["probe_W", "probe_b", "relabel_probe_W", "relabel_probe_b", "class_noise", "noise_transition",
              "outside_level"] if with_probe else [])
-        if not all(n in art for n in names) or art.json_attr("noise_estimate") is None:
+        info = art.json_attr("noise_estimate")
+        if not all(n in art for n in names) or info is None or (
+                with_probe and not {"temperature", "flag_threshold"} <= set(info)):
             return False
         if "open_set_threshold" in names:
             fused["thresholds"] = art.read("open_set_threshold").astype(np.float64)
@@ -674,11 +687,13 @@ def load_fused_state(target: Path, fused: dict, with_probe: bool) -> bool:
             for key, prefix in (("probe", "probe"), ("probe1", "relabel_probe")):
                 fused[key] = Probe(W=art.read(f"{prefix}_W").astype(np.float32),
                                    b=art.read(f"{prefix}_b").astype(np.float32), sample_rows=none, sample_fold=none)
-            info = art.json_attr("noise_estimate")
-            fused["estimate"] = NoiseEstimate(class_noise=art.read("class_noise"), overall=info["overall"],
-                                              flag_cutoff=art.read("flag_cutoff"),
-                                              outside_level=art.read("outside_level"), rows=info["rows"],
-                                              outside=info.get("outside", float("nan")))
+            fused["estimate"] = NoiseEstimate(
+                class_noise=art.read("class_noise"), overall=float(info["overall"]),
+                transition=art.read("noise_transition").astype(np.float64), temperature=float(info["temperature"]),
+                flag_threshold=float(info["flag_threshold"]), outside_level=art.read("outside_level"),
+                rows=int(info["rows"]), outside=float(info.get("outside", float("nan"))),
+                alpha=float(info.get("transition_alpha", float("nan"))))
+            fused["noise_model"] = fused["estimate"].model()
             fused["estimate_info"] = info
         else:
             fused["estimate_info"] = art.json_attr("noise_estimate")

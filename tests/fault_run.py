@@ -10,9 +10,12 @@ Environment (each optional):
 
 * ``FAULT_DIR``: only renames whose destination lies under this folder count (default: all).
 * ``FAULT_KILL_AT=N``: SIGKILL this process just before the N-th counted rename (a kill at that
-  point of the commit: nothing after it runs, no cleanup handler either).
-* ``FAULT_PAUSE_AT=N`` and ``FAULT_SIGNAL=FILE``: before the N-th counted rename, create
-  ``FILE.paused`` and wait until ``FILE`` exists (another process acts in between).
+  point of the commit: nothing after it runs, no cleanup handler either). ``FAULT_KILL_DST=REL``:
+  just before the rename onto ``FAULT_DIR/REL``.
+* ``FAULT_PAUSE_AT=N`` (or ``FAULT_PAUSE_DST=REL``) and ``FAULT_SIGNAL=FILE``: before that rename,
+  create ``FILE.paused`` and wait until ``FILE`` exists (another process acts in between).
+* ``FAULT_PAUSE_CALL=module:Attr.path:N`` and ``FAULT_SIGNAL=FILE``: the same pause before the
+  N-th call of that function (e.g. ``sinet_cli.store:ArtifactWriter.append_rows:2``: mid-run).
 * ``FAULT_COUNT=FILE``: write the number of counted renames to FILE at exit.
 * ``FAULT_READY=module:function`` and ``FAULT_READY_FILE=FILE``: create FILE when that function is
   first called (the command has reached its long computation: a signal sent then lands in it).
@@ -39,19 +42,47 @@ def _counted(dst: object) -> bool:
     return not root or os.path.abspath(str(dst)).startswith(os.path.abspath(root) + os.sep)
 
 
+def _pause() -> None:
+    flag = Path(os.environ["FAULT_SIGNAL"])
+    Path(str(flag) + ".paused").touch()
+    deadline = time.monotonic() + 300
+    while not flag.exists() and time.monotonic() < deadline:
+        time.sleep(0.05)
+
+
 def _replace(src, dst, *args, **kwargs):  # type: ignore[no-untyped-def]
     global _count
     if _counted(dst):
         _count += 1
-        if os.environ.get("FAULT_KILL_AT") == str(_count):
+        rel = os.path.relpath(os.path.abspath(str(dst)), os.path.abspath(os.environ.get("FAULT_DIR", "/")))
+        if os.environ.get("FAULT_KILL_AT") == str(_count) or os.environ.get("FAULT_KILL_DST") == rel:
             os.kill(os.getpid(), signal.SIGKILL)
-        if os.environ.get("FAULT_PAUSE_AT") == str(_count):
-            flag = Path(os.environ["FAULT_SIGNAL"])
-            Path(str(flag) + ".paused").touch()
-            deadline = time.monotonic() + 300
-            while not flag.exists() and time.monotonic() < deadline:
-                time.sleep(0.05)
+        if os.environ.get("FAULT_PAUSE_AT") == str(_count) or os.environ.get("FAULT_PAUSE_DST") == rel:
+            _pause()
     return _real_replace(src, dst, *args, **kwargs)
+
+
+def _pause_at_call() -> None:
+    spec = os.environ.get("FAULT_PAUSE_CALL")
+    if not spec:
+        return
+    import importlib
+
+    module_name, path, n = spec.split(":")
+    owner = importlib.import_module(module_name)
+    *parents, name = path.split(".")
+    for p in parents:
+        owner = getattr(owner, p)
+    real = getattr(owner, name)
+    calls = [0]
+
+    def paused(*args, **kwargs):  # type: ignore[no-untyped-def]
+        calls[0] += 1
+        if calls[0] == int(n):
+            _pause()
+        return real(*args, **kwargs)
+
+    setattr(owner, name, paused)
 
 
 def _batch(path: str) -> None:
@@ -97,6 +128,7 @@ def _mark_ready() -> None:
 def main() -> None:
     os.replace = _replace  # type: ignore[assignment]
     _mark_ready()
+    _pause_at_call()
     if os.environ.get("FAULT_COUNT"):
         atexit.register(lambda: Path(os.environ["FAULT_COUNT"]).write_text(str(_count)))
     if sys.argv[1:2] == ["--batch"]:

@@ -95,10 +95,17 @@ def thumbnail_from_pixels(pixels: np.ndarray, size: int) -> bytes:
 
 def thumbnail_from_path(path: str, size: int) -> bytes | None:
     """Open and downscale an image file; None when it cannot be read (never fatal)."""
+    import warnings
+
     from PIL import Image, ImageOps
 
     try:
-        with Image.open(path) as img:
+        with warnings.catch_warnings():  # PIL warns above its limit, and still decodes: refused below instead
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            img = Image.open(path)
+        with img:
+            if img.width * img.height > Image.MAX_IMAGE_PIXELS:  # refused from the header, as extract-features does
+                return None
             img.draft("RGB", (size * 2, size * 2))  # JPEG: decode at a reduced scale
             img = ImageOps.exif_transpose(img)
             img = img.convert("L" if img.mode in ("1", "L", "I;16", "I") else "RGB")

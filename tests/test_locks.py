@@ -148,3 +148,21 @@ def test_busy_artifact_through_the_cli_is_one_line_exit_75(tmp_path, sinet):
     assert code == 75 and out == "" and err.count("\n") == 1, err
     assert f"{art / 'graph.h5'}: busy: another build-graph run (pid {os.getpid()}) holds" in err, err
     assert not (art / "prototypes.h5").exists()
+
+
+def test_extract_shards_lock_their_own_files_and_run_side_by_side(tmp_path, sinet):
+    from fault_fixtures import write_crawl
+
+    manifest = write_crawl(tmp_path / "c", n_train=2, n_val=0)
+    art = tmp_path / "art"
+    tiny = ["--backbone", "test_efficientnet", "--random-init", "--image-size", "32", "--workers", "0",
+            "--device", "cpu"]
+    # shard 0 of 2 is being written by another run: shard 1 goes ahead, a second shard-0 run is told
+    with artifact_locks(writes=[art / "features.shard-0-of-2.h5"], command="extract-features"):
+        box = in_thread(lambda: sinet("extract-features", "--data", f"manifest:{manifest}", *tiny, "--out", art,
+                                      "--shard", "1/2"))
+        assert box["value"][0] == 0, box
+        box = in_thread(lambda: sinet("extract-features", "--data", f"manifest:{manifest}", *tiny, "--out", art,
+                                      "--shard", "0/2"))
+        assert box["value"][0] == 75 and "features.shard-0-of-2.h5: busy" in box["value"][2], box
+    assert (art / "features.shard-1-of-2.h5").exists() and not (art / "features.shard-0-of-2.h5").exists()

@@ -367,7 +367,7 @@ def ctrl_c(command: list[str], at_work: str) -> Callable[[Env], tuple[bool, str]
         ready = root / "ready"
         before = fingerprints(art)
         p = e.start(*[a.replace("{manifest}", str(manifest)) for a in command], "--out", art,
-                    fault={"FAULT_READY": at_work, "FAULT_READY_FILE": str(ready)})
+                    fault={"FAULT_READY": at_work, "FAULT_READY_FILE": str(ready), "FAULT_READY_HOLD": "60"})
         if not wait_file(ready, p):
             return False, "never reached its work: " + last(p.communicate()[1])
         time.sleep(0.5)

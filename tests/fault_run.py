@@ -19,6 +19,8 @@ Environment (each optional):
 * ``FAULT_COUNT=FILE``: write the number of counted renames to FILE at exit.
 * ``FAULT_READY=module:function`` and ``FAULT_READY_FILE=FILE``: create FILE when that function is
   first called (the command has reached its long computation: a signal sent then lands in it).
+  ``FAULT_READY_HOLD=SECONDS``: then wait that long inside the call before the work starts, so a
+  signal sent after FILE appears lands in the command even when its work is quick.
 
 Every rename of the store and the commands goes through ``os.replace``, which is what is wrapped,
 so the same runner works on any version of sinet.
@@ -118,8 +120,12 @@ def _mark_ready() -> None:
     real = getattr(module, name)
     flag = Path(os.environ["FAULT_READY_FILE"])
 
+    hold = float(os.environ.get("FAULT_READY_HOLD", "0"))
+
     def entered(*args, **kwargs):  # type: ignore[no-untyped-def]
         flag.touch()
+        if hold:
+            time.sleep(hold)
         return real(*args, **kwargs)
 
     setattr(module, name, entered)

@@ -9,8 +9,9 @@ from typing import Annotated
 import typer
 
 from . import console
-from .errors import SinetError
+from .errors import EXIT_INTERRUPTED, Interrupted, SinetError, StorageError, is_storage_error
 from .locks import EX_TEMPFAIL, BusyError
+from .datasets.manifest import ALLOW_OUTSIDE_ROOT_ENV
 from .store import ArtifactError
 
 app = typer.Typer(
@@ -53,10 +54,15 @@ def main_options(
                                         "step lines on stderr); results on stdout still print.")] = False,
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Extra detail lines on stderr: what was "
                                           "read, which rule or threshold was applied.")] = False,
+    allow_outside_root: Annotated[bool, typer.Option(
+        "--allow-outside-root", help="Let a manifest name images outside its own folder (absolute paths, ../). "
+        f"Refused by default; also set by {ALLOW_OUTSIDE_ROOT_ENV}=1.")] = False,
 ) -> None:
     """Find and down-weight mislabeled images in web-crawled datasets using side information (SINet)."""
     if quiet and verbose:
         raise SinetError("--quiet and --verbose exclude each other")
+    if allow_outside_root:
+        os.environ[ALLOW_OUTSIDE_ROOT_ENV] = "1"
     if quiet:
         os.environ["SINET_QUIET"] = "1"  # no progress bars either (sinet_cli.progress)
         console.set_verbosity(console.QUIET)
@@ -80,26 +86,45 @@ from .commands import export  # noqa: E402,F401
 
 
 def main(argv: list[str] | None = None) -> None:
-    """Console entry point: one-line errors; exit status 1 for bad input or artifacts, 75
-    (EX_TEMPFAIL) when another run holds a lock, so cron and retry loops try again later."""
-    quiet_env = os.environ.get("SINET_QUIET")
+    """Console entry point: one-line errors; exit status 1 for bad input, artifacts or a failed
+    read or write (disk full, read-only folder), 75 (EX_TEMPFAIL) when another run holds a lock, so
+    cron and retry loops try again later, 130 after Ctrl-C (with what to do next)."""
+    import signal
+
+    saved = {k: os.environ.get(k) for k in ("SINET_QUIET", ALLOW_OUTSIDE_ROOT_ENV)}
+    # past a file size limit (ulimit -f) a write then fails with EFBIG, reported as one line,
+    # instead of SIGXFSZ killing the process (CPython ignores it too; an embedding might not)
+    if hasattr(signal, "SIGXFSZ"):
+        try:
+            signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        except ValueError:  # called from another thread (an embedding): its main thread decides
+            pass
     try:
         app(args=argv)
     except BusyError as e:
         console.error(str(e))
         sys.exit(EX_TEMPFAIL)
+    except Interrupted as e:
+        console.error(str(e))
+        sys.exit(EXIT_INTERRUPTED)
     except (SinetError, ArtifactError) as e:
         console.error(str(e))
         sys.exit(1)
-    except KeyboardInterrupt:
-        console.error("interrupted; written chunks are kept and the next run resumes")
-        sys.exit(130)
+    except KeyboardInterrupt:  # outside a command (while starting): nothing was written
+        console.error("interrupted before any command ran; nothing was changed")
+        sys.exit(EXIT_INTERRUPTED)
+    except (OSError, RuntimeError) as e:
+        if not is_storage_error(e):
+            raise
+        console.error(str(StorageError.from_os_error(e)))
+        sys.exit(1)
     finally:
         # an in-process caller (tests, a notebook) gets its environment and verbosity back
-        if quiet_env is None:
-            os.environ.pop("SINET_QUIET", None)
-        else:
-            os.environ["SINET_QUIET"] = quiet_env
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
         console.set_verbosity(console.NORMAL)
 
 

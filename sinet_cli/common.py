@@ -60,6 +60,11 @@ ForceOpt = Annotated[
     bool, typer.Option("--force", help="Recompute even when the output is up to date.", rich_help_panel="Artifacts")
 ]
 DeviceOpt = Annotated[str, typer.Option("--device", help="cpu, cuda, cuda:N or auto.", rich_help_panel="Compute")]
+WaitOpt = Annotated[
+    float, typer.Option("--wait", help="Seconds to wait while another run holds an artifact this command reads or "
+                        "writes (default: fail at once with exit status 75, for cron to retry).",
+                        rich_help_panel="Artifacts")
+]
 
 
 def dataset_name(data: str) -> str:
@@ -101,6 +106,15 @@ def load_table(data: str | None, classes: Path | None = None, noise: str = "symm
                        + ", ".join(f"{n} {s}" for s, n in zip(splits, counts))
                        + ("" if table.clean_labels is None else ", clean labels"))
     return table
+
+
+def require_two_classes(names: list[str], source: str) -> None:
+    """A label is noise when the image belongs to another class: with one class nothing can be
+    wrong, and every stage would run on to a meaningless result. One line naming the source."""
+    if len(names) < 2:
+        only = f" ({names[0]!r})" if names else ""
+        raise SinetError(f"{source}: {len(names)} class{only}; sinet needs at least two classes to tell which labels "
+                         "are wrong (add the other classes' images, or a class table with --classes)")
 
 
 def _load_table(data: str, classes: Path | None, noise: str, noise_rate: float, noise_seed: int,

@@ -15,6 +15,14 @@ record that fingerprint as their input, so staleness is decided by content, not 
 
 Writes go to ``<name>.partial`` and are renamed into place only when complete; a crash never
 leaves a half-written artifact under the final name, and the previous artifact stays intact.
+Commands that write several files (prototypes.h5 + prototypes.faiss, scores.h5 + suspects.tsv, a
+train run, export/, report/) commit them as one unit (:func:`commit_outputs`): a record listing each
+file's fingerprint is written last, and an interrupted commit is completed by the next run
+(:func:`recover_outputs`) or seen as not current (:func:`outputs_current`).
+
+Every dataset is written with an HDF5 Fletcher-32 checksum, so a damaged byte is an error naming the
+file (files written without checksums still read), and feature rows that are not finite are refused
+where they are written and where they are read.
 """
 
 from __future__ import annotations
@@ -24,6 +32,7 @@ import hashlib
 import json
 import os
 import shutil
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator, Mapping
@@ -33,10 +42,77 @@ import numpy as np
 
 SCHEMA_VERSION = 1
 PARTIAL_SUFFIX = ".partial"
+APPEND_SUFFIX = ".append.partial"  # append mode's copy: extract-features' resumable .partial stays untouched
+RECORD_DIR = ".sinet"  # <folder>/.sinet/<unit>.json: the commit record of a multi-file output
+# Numeric datasets whose every value must be finite: a NaN or inf feature makes NaN prototypes and
+# models. Checked where rows are written (append_rows, write) and where they are read.
+FINITE = {"features": ("features", "probs")}
 
 
 class ArtifactError(Exception):
     """An artifact is missing, corrupt, of the wrong schema or inconsistent with another."""
+
+
+def _replace(src: Path | str, dst: Path | str) -> None:
+    """The one rename every commit of the store goes through (tests inject kills here)."""
+    os.replace(src, dst)
+
+
+def _close_h5(f: h5py.File) -> None:
+    """Close an HDF5 file even when its last write failed (disk full, a file size limit).
+
+    HDF5 flushes its metadata cache on close; when that write fails the file stays open in the
+    library, and h5py's finalizers later retry the close while the interpreter tears down and
+    crash it (SIGSEGV), even once a second close succeeded. So the flush is tried first, and a
+    file that cannot be flushed, being abandoned, gets its descriptor pointed at /dev/null before
+    any close: the close's own flush then succeeds and the library frees the file cleanly."""
+    try:
+        if not f.id.valid:
+            return
+        f.flush()
+        f.close()
+        return
+    except (OSError, RuntimeError, ValueError):
+        pass
+    try:
+        fd = f.id.get_vfd_handle()
+        null = os.open(os.devnull, os.O_RDWR)
+        try:
+            os.dup2(null, fd)
+        finally:
+            os.close(null)
+    except (OSError, RuntimeError, ValueError, AttributeError):
+        return  # already closed, or not a POSIX file: nothing left to free
+    try:
+        f.close()
+    except (OSError, RuntimeError, ValueError):
+        pass
+
+
+def _read_failed(path: Path, name: str, e: BaseException) -> ArtifactError:
+    """A dataset read that HDF5 refused: a Fletcher-32 mismatch (a damaged byte) or an I/O error."""
+    text = " ".join(str(e).split())
+    if "checksum" in text.lower() or "filter" in text.lower():
+        why = "damaged (checksum mismatch)"
+    else:
+        why = f"unreadable ({text[:160]})"
+    return ArtifactError(f"{path}: dataset {name!r} is {why}; rebuild it with the command that wrote it "
+                         "(e.g. sinet extract-features --force for features.h5)")
+
+
+def _first_not_finite(value: np.ndarray) -> int | None:
+    """Index of the first row holding a NaN or inf, else None (float16 through its bit pattern)."""
+    a = np.asarray(value)
+    if a.dtype.kind != "f" or a.size == 0:
+        return None
+    if a.dtype == np.float16:  # exponent all ones: inf or NaN; a bit test avoids a float conversion
+        bad = (np.ascontiguousarray(a).view(np.uint16) & 0x7C00) == 0x7C00
+    else:
+        bad = ~np.isfinite(a)
+    if not bad.any():
+        return None
+    rows = bad.reshape(len(a), -1).any(axis=1) if a.ndim > 1 else bad
+    return int(np.flatnonzero(rows)[0])
 
 
 @dataclass(frozen=True)
@@ -166,6 +242,14 @@ def _kind_ok(kind: str, dtype: np.dtype) -> bool:
     if kind == "int":
         return dtype.kind in ("i", "u")
     return dtype.kind == "f"
+
+
+def _checksummed(shape: tuple[int, ...], dtype: Any = None) -> dict[str, Any]:
+    """create_dataset options: a Fletcher-32 checksum. HDF5 filters need a chunked layout, which a
+    scalar cannot have, and apply to no variable-length type (long captions): those go without."""
+    if dtype is not None and _is_vlen_str(np.dtype(dtype)):
+        return {}
+    return {"fletcher32": True} if len(shape) else {}
 
 
 def _h5_dtype(kind: str, value_dtype: np.dtype | None) -> Any:
@@ -431,11 +515,36 @@ class Artifact:
             ds = self._handles[name] = self.file[name]
         return ds
 
+    def _not_finite(self, name: str, row: int) -> ArtifactError:
+        try:
+            image = repr(str(self.read("ids", slice(row, row + 1))[0])) if "ids" in self.file else f"row {row}"
+        except (ArtifactError, IndexError):
+            image = f"row {row}"
+        return ArtifactError(f"{self.path}: {name} of image {image} (row {row}) are not finite (NaN or inf); the "
+                             "file is damaged or its backbone is broken: re-extract it (sinet extract-features --force)")
+
+    def _check_finite(self, name: str, value: Any, rows: slice | np.ndarray | None) -> None:
+        if name not in FINITE.get(self.kind, ()) or not isinstance(value, np.ndarray):
+            return
+        r = _first_not_finite(value)
+        if r is None:
+            return
+        if isinstance(rows, slice):
+            r += rows.start or 0
+        elif rows is not None:
+            r = int(np.asarray(rows)[r])
+        raise self._not_finite(name, r)
+
     def read(self, name: str, sl: slice | np.ndarray | None = None) -> np.ndarray:
         """Read a dataset (or rows of it); strings come back as a numpy array of ``str``
-        (fixed-width or variable-length storage alike)."""
+        (fixed-width or variable-length storage alike). A damaged block (checksum) or a feature
+        that is not finite is an :class:`ArtifactError` naming the file (and the image)."""
         ds = self.dataset(name)
-        value = ds[()] if sl is None else ds[sl]
+        try:
+            value = ds[()] if sl is None else ds[sl]
+        except OSError as e:
+            raise _read_failed(self.path, name, e) from None
+        self._check_finite(name, value, sl)
         if h5py.check_string_dtype(ds.dtype) is not None:
             if isinstance(value, np.ndarray):
                 return _decode_strings(value)
@@ -459,8 +568,12 @@ class Artifact:
             if hi == lo:
                 continue
             end = min(n, start + chunk_rows)
-            ds.read_direct(buf, np.s_[start:end], np.s_[0 : end - start])
+            try:
+                ds.read_direct(buf, np.s_[start:end], np.s_[0 : end - start])
+            except OSError as e:
+                raise _read_failed(self.path, name, e) from None
             out[lo:hi] = buf[positions[lo:hi] - start]
+        self._check_finite(name, out, positions)
         return out
 
     def iter_rows(self, names: list[str], chunk_rows: int,
@@ -533,6 +646,27 @@ def is_up_to_date(path: Path | str, kind: str, params: Mapping[str, Any], inputs
     ) == canonical_json(dict(inputs))
 
 
+def _abandon_on_write_failure(method: Any) -> Any:
+    """An ArtifactWriter method whose failed write (disk full, a file size limit, an I/O error)
+    abandons the file at once: its descriptor is pointed at /dev/null before any other HDF5 object
+    of it is released. HDF5 flushes a dataset's cache when the dataset is closed, and a failing
+    flush there (from a garbage-collected handle) corrupts the library's state: SIGSEGV later."""
+    import functools
+
+    @functools.wraps(method)
+    def guarded(self: "ArtifactWriter", *args: Any, **kwargs: Any) -> Any:
+        try:
+            return method(self, *args, **kwargs)
+        except (OSError, RuntimeError) as e:
+            from .errors import is_storage_error
+
+            if is_storage_error(e):
+                self._abandon()
+            raise
+
+    return guarded
+
+
 class ArtifactWriter:
     """Writes one artifact to ``<path>.partial`` and renames it into place on ``commit()``.
 
@@ -567,11 +701,12 @@ class ArtifactWriter:
             raise ArtifactError(f"{path}: unknown artifact kind {kind!r}")
         self.path = Path(path)
         self.kind = kind
-        self.partial = self.path.with_name(self.path.name + PARTIAL_SUFFIX)
+        self.partial = self.path.with_name(self.path.name + (APPEND_SUFFIX if mode == "append" else PARTIAL_SUFFIX))
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self.params_json = canonical_json(dict(params))
         self.inputs_json = canonical_json(dict(inputs))
         self.resumed = False
+        self.abandoned = False  # a write failed: the file goes to /dev/null and is never kept
         self._fields = {f.name: f for f in SCHEMAS[kind]}
         # dataset name -> (digest state of its data stream, the shape it covers)
         self._digests: dict[str, tuple[Any, tuple[int, ...]]] = {}
@@ -584,6 +719,7 @@ class ArtifactWriter:
         elif mode == "append":
             if not self.path.exists():
                 raise ArtifactError(f"{self.path}: nothing to append to")
+            self.partial.unlink(missing_ok=True)
             shutil.copyfile(self.path, self.partial)
             self.file = h5py.File(self.partial, "r+")
             self.file.attrs["params"] = self.params_json
@@ -642,36 +778,44 @@ class ArtifactWriter:
         return int(self.file.attrs.get("rows_committed", 0))
 
     # -- writing -----------------------------------------------------------------------------
+    @_abandon_on_write_failure
     def set_attr(self, name: str, value: Any) -> None:
         self.file.attrs[name] = value if isinstance(value, (str, int, float, np.number)) else canonical_json(value)
 
     def get_attr(self, name: str, default: Any = None) -> Any:
         return self.file.attrs.get(name, default)
 
+    @_abandon_on_write_failure
     def write(self, name: str, value: Any) -> None:
         """Write (or replace) a whole fixed-size dataset."""
         field = self._fields.get(name)
         if field is None:
             raise ArtifactError(f"{self.path}: {name!r} is not part of the {self.kind} schema")
+        if name in self._handles:  # see _keep: flushed before its handle is let go
+            self.file.flush()
+            self._handles.pop(name)
         if name in self.file:
             del self.file[name]
         self._digests.pop(name, None)
-        self._handles.pop(name, None)
         h = _new_hasher()
         if field.kind == "str":
             enc = _encode_strings(value)
             dtype = _str_dtype(_fixed_str_width(_str_max_len(enc)))
-            ds = self.file.create_dataset(name, data=_str_values_for(np.dtype(dtype), enc), dtype=dtype)
+            ds = self._keep(name, self.file.create_dataset(name, data=_str_values_for(np.dtype(dtype), enc),
+                                                           dtype=dtype, **_checksummed(enc.shape, dtype)))
             _hash_strings(h, enc)
         else:
             arr = np.asarray(value)
-            ds = self.file.create_dataset(name, data=arr, dtype=_h5_dtype(field.kind, arr.dtype))
+            self._refuse_not_finite(name, arr, 0)
+            ds = self._keep(name, self.file.create_dataset(name, data=arr, dtype=_h5_dtype(field.kind, arr.dtype),
+                                                           **_checksummed(arr.shape)))
             if ds.dtype != arr.dtype or arr.dtype.kind not in "iuf" or not arr.dtype.isnative:
                 return  # stored as something else: hashed from the file at commit
             if arr.shape != () and arr.size:
                 h.update(np.ascontiguousarray(arr).tobytes())
         self._digests[name] = (h, ds.shape)
 
+    @_abandon_on_write_failure
     def create_rows(
         self,
         name: str,
@@ -691,14 +835,16 @@ class ArtifactWriter:
             h5dtype = _str_dtype(str_width)
         else:
             h5dtype = _h5_dtype(field.kind, np.dtype(dtype) if dtype is not None else None)
-        self.file.create_dataset(
+        self._keep(name, self.file.create_dataset(
             name,
             shape=(0, *tail_shape),
             maxshape=(None, *tail_shape),
             dtype=h5dtype,
             chunks=(max(1, chunk_rows), *tail_shape),
-        )
+            **_checksummed((0, *tail_shape), h5dtype),
+        ))
 
+    @_abandon_on_write_failure
     def _widen(self, name: str, width: int | None) -> None:
         """Rewrite string dataset ``name`` with a wider fixed width (None: variable-length). The
         copy is made under a temporary name first (see :meth:`_finish_widening`)."""
@@ -707,13 +853,26 @@ class ArtifactWriter:
         if tmp in self.file:
             del self.file[tmp]
         new = self.file.create_dataset(tmp, shape=ds.shape, maxshape=ds.maxshape, chunks=ds.chunks,
-                                       dtype=_str_dtype(width))
+                                       dtype=_str_dtype(width),
+                                       **(_checksummed(ds.shape, _str_dtype(width)) if ds.fletcher32 else {}))
         step = 65536
         for start in range(0, ds.shape[0], step):
             new[start : start + step] = _str_values_for(new.dtype, _raw_strings(ds[start : start + step]))
+        self.file.flush()  # see _keep: before the old handles are let go
+        self._handles.pop(name, None)
+        del ds
         del self.file[name]
         self.file.move(tmp, name)
-        self._handles.pop(name, None)
+        self._keep(name, new)
+
+    def _keep(self, name: str, ds: h5py.Dataset) -> h5py.Dataset:
+        """Hold the handle of a dataset written to until the file is closed. HDF5 writes a dataset's
+        cached chunks when its last handle closes; a handle dropped mid-run (garbage collected) would
+        write there, where a failed write (disk full) is swallowed and leaves the library in a state
+        that crashes it later. Held, the cached chunks go out at :meth:`append_rows`' flush or at
+        commit, where a failure raises."""
+        self._handles[name] = ds
+        return ds
 
     def _handle(self, name: str) -> h5py.Dataset | None:
         ds = self._handles.get(name)
@@ -729,6 +888,7 @@ class ArtifactWriter:
             self._digests[name] = entry
         return entry[0]
 
+    @_abandon_on_write_failure
     def append_rows(self, rows: Mapping[str, Any], **attrs: Any) -> None:
         """Append the same number of rows to several row datasets, then record the new count."""
         lengths = {len(v) for v in rows.values()}
@@ -736,6 +896,9 @@ class ArtifactWriter:
             raise ArtifactError(f"{self.path}: append with unequal row counts {lengths}")
         (k,) = lengths
         n0 = self.rows_committed
+        for name in FINITE.get(self.kind, ()):  # before any row is written: a refused block leaves none
+            if name in rows:
+                self._refuse_not_finite(name, np.asarray(rows[name]), n0, rows)
         written: list[tuple[str, Any, np.ndarray, bool]] = []
         try:
             for name, value in rows.items():
@@ -785,6 +948,16 @@ class ArtifactWriter:
             self.set_attr(key, val)
         self.file.flush()
 
+    def _refuse_not_finite(self, name: str, arr: np.ndarray, n0: int, rows: Mapping[str, Any] | None = None) -> None:
+        if name not in FINITE.get(self.kind, ()):
+            return
+        r = _first_not_finite(arr)
+        if r is None:
+            return
+        ids = (rows or {}).get("ids")
+        image = repr(str(np.asarray(ids)[r])) if ids is not None and len(ids) > r else f"row {n0 + r}"
+        raise ArtifactError(f"{self.path}: refused the {name} of image {image}: not finite (NaN or inf)")
+
     def fingerprint(self) -> str:
         """The content fingerprint the file would get if committed now (digests kept so far, the
         other datasets read)."""
@@ -798,8 +971,25 @@ class ArtifactWriter:
             digests[name] = entry[0].digest()
         return _fingerprint_from(self.file, digests)
 
-    def commit(self) -> str:
-        """Validate, fingerprint, close and atomically rename into place. Returns the fingerprint."""
+    def _abandon(self) -> None:
+        if self.abandoned or not self.file or not self.file.id.valid:
+            return
+        try:
+            fd = self.file.id.get_vfd_handle()
+            null = os.open(os.devnull, os.O_RDWR)
+            try:
+                os.dup2(null, fd)
+            finally:
+                os.close(null)
+            self.abandoned = True
+        except (OSError, RuntimeError, ValueError):
+            pass
+
+    @_abandon_on_write_failure
+    def commit(self, rename: bool = True) -> str:
+        """Validate, fingerprint, close and atomically rename into place. Returns the fingerprint.
+        ``rename=False``: leave the finished file at :attr:`partial` for :func:`commit_outputs`,
+        which renames it together with the other files of its command."""
         try:
             validate(self.partial, self.kind, self.file)
             self.file.attrs["package_version"] = package_version()
@@ -807,17 +997,23 @@ class ArtifactWriter:
             fp = self.fingerprint()
             self.file.attrs["fingerprint"] = fp
             self._final_rows = int(self.file.attrs.get("rows_committed", 0))
-        finally:
-            self.file.close()
-        os.replace(self.partial, self.path)
+            self.file.flush()  # the last writes (metadata): a failure here must not pass unnoticed, and must
+            self.file.close()  # come before any close (see _close_h5)
+        except BaseException:
+            _close_h5(self.file)
+            raise
+        if rename:
+            _replace(self.partial, self.path)
         return fp
 
     def abort(self, keep_partial: bool = False) -> None:
-        """Close without committing; the partial is kept only when asked (resumable stages)."""
+        """Close without committing; the partial is kept only when asked (resumable stages) and no
+        write failed (after a failed write its structure on disk is not known to be whole). Safe
+        after a failed write (disk full): the file is closed without the crash HDF5 would give."""
         try:
-            self.file.close()
+            _close_h5(self.file)
         finally:
-            if not keep_partial:
+            if not keep_partial or self.abandoned:
                 self.partial.unlink(missing_ok=True)
 
 
@@ -886,16 +1082,16 @@ def write_artifact(
 # -- FAISS -------------------------------------------------------------------------------------
 
 
-def write_faiss_index(path: Path | str, index: Any) -> None:
-    """Write a FAISS index atomically (temp file + rename). GPU indexes are moved to CPU first."""
+def write_faiss_index(path: Path | str, index: Any, stage: bool = False) -> Path:
+    """Write a FAISS index atomically (temp file + rename). GPU indexes are moved to CPU first.
+    The index is serialized in memory and written by Python, so a failed write is an OSError
+    naming the file (FAISS's own writer reports only "write error"). ``stage``: leave it at the
+    temporary name (returned) for :func:`commit_outputs`."""
     import faiss
 
-    path = Path(path)
-    tmp = path.with_name(path.name + PARTIAL_SUFFIX)
     if hasattr(faiss, "index_gpu_to_cpu") and "Gpu" in type(index).__name__:
         index = faiss.index_gpu_to_cpu(index)
-    faiss.write_index(index, str(tmp))
-    os.replace(tmp, path)
+    return write_bytes(path, faiss.serialize_index(index).tobytes(), stage=stage)
 
 
 def read_faiss_index(path: Path | str, expected_dim: int | None = None, expected_rows: int | None = None) -> Any:
@@ -915,20 +1111,221 @@ def read_faiss_index(path: Path | str, expected_dim: int | None = None, expected
     return index
 
 
-# -- plain JSON artifacts (metrics) ------------------------------------------------------------
+# -- plain files (metrics, TSV, PNG, model weights) ------------------------------------------------
 
 
-def write_json(path: Path | str, obj: Any) -> None:
+def staged_path(path: Path | str) -> Path:
+    """The temporary name a file is written under before it is renamed into place."""
+    path = Path(path)
+    return path.with_name(path.name + PARTIAL_SUFFIX)
+
+
+def write_bytes(path: Path | str, data: bytes, stage: bool = False) -> Path:
+    """Write ``data`` to ``<path>.partial`` and rename it into place (``stage``: leave it there for
+    :func:`commit_outputs`); returns the file written. A failed write leaves no partial behind."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + PARTIAL_SUFFIX)
-    tmp.write_text(json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n")
-    os.replace(tmp, path)
+    tmp = staged_path(path)
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    if stage:
+        return tmp
+    _replace(tmp, path)
+    return path
 
 
-def write_text(path: Path | str, text: str) -> None:
+def write_json(path: Path | str, obj: Any, stage: bool = False) -> Path:
+    return write_bytes(path, (json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n").encode(), stage=stage)
+
+
+def write_text(path: Path | str, text: str, stage: bool = False) -> Path:
+    return write_bytes(path, text.encode("utf-8"), stage=stage)
+
+
+# -- multi-file outputs: committed as one unit --------------------------------------------------
+#
+# A command whose output is several files (a "unit": prototypes.h5 with prototypes.faiss, scores.h5
+# with suspects.tsv, a train-X/ run, export/, report/) writes each of them to a temporary name, then
+# calls commit_outputs: it writes <folder>/.sinet/<unit>.pending.json (each file, its temporary name
+# and its fingerprint), renames the files into place, writes <folder>/.sinet/<unit>.json (each
+# file's fingerprint) and removes the pending record. A kill anywhere leaves either the old files
+# with their old record, or a pending record that the next run of the command completes
+# (recover_outputs: every file whose temporary copy is still there is renamed into place), so the
+# result is the one the interrupted run would have committed. The up-to-date check of such a command
+# trusts the record (outputs_current); readers refuse a unit caught half committed (unit_problem).
+
+
+def record_path(unit: Path | str) -> Path:
+    unit = Path(unit)
+    return unit.parent / RECORD_DIR / f"{unit.name}.json"
+
+
+def _pending_path(unit: Path | str) -> Path:
+    unit = Path(unit)
+    return unit.parent / RECORD_DIR / f"{unit.name}.pending.json"
+
+
+def output_fingerprint(path: Path | str) -> str | None:
+    """Content fingerprint of one output: an HDF5 artifact's stored fingerprint, a symlink's target,
+    a folder's files (names and contents), any other file's bytes. None when it does not exist."""
     path = Path(path)
+    if path.is_symlink():
+        return "link:" + os.readlink(path)
+    if path.is_dir():
+        h = _new_hasher()
+        for f in sorted(p for p in path.rglob("*") if p.is_file()):
+            h.update(f.relative_to(path).as_posix().encode() + b"\0" + fingerprint_file(f).encode())
+        return "dir:" + h.hexdigest()
+    if not path.exists():
+        return None
+    if path.name.endswith((".h5", ".h5" + PARTIAL_SUFFIX, ".h5" + APPEND_SUFFIX)):
+        prov = read_provenance(path)
+        return None if prov is None else "h5:" + prov["fingerprint"]
+    return fingerprint_file(path)
+
+
+def _rel(unit: Path, path: Path) -> str:
+    return os.path.relpath(os.path.abspath(path), os.path.abspath(unit.parent))
+
+
+def _install(staged: Path, final: Path) -> None:
+    """Rename ``staged`` over ``final``; a folder or link replaces what is there (removed first)."""
+    if (staged.is_dir() or staged.is_symlink()) and (final.is_dir() and not final.is_symlink()):
+        shutil.rmtree(final)
+    elif staged.is_dir() and not staged.is_symlink() and final.is_symlink():
+        final.unlink()
+    _replace(staged, final)
+
+
+def _write_record(path: Path, obj: Any) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + PARTIAL_SUFFIX)
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    write_json(path, obj)
+
+
+@contextmanager
+def _interrupt_after() -> Iterator[None]:
+    """Hold a Ctrl-C (SIGINT) that arrives during the block until it ends: a commit is a few
+    renames, and finishing it makes "interrupted" mean either before the commit or after it."""
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    caught: list[int] = []
+    previous = signal.signal(signal.SIGINT, lambda sig, frame: caught.append(sig))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    if caught:
+        raise KeyboardInterrupt
+
+
+def commit_outputs(unit: Path | str, staged: Mapping[Path, Path], params: Any = None, inputs: Any = None) -> None:
+    """Rename the files of one multi-file output into place as a unit: ``staged`` maps each final
+    path (under ``unit``'s folder) to the finished temporary file holding its new content.
+    ``params`` and ``inputs``, when given, are kept in the record (for people reading it). A Ctrl-C
+    during the renames takes effect after them."""
+    with _interrupt_after():
+        _commit_outputs(Path(unit), staged, params, inputs)
+
+
+def _commit_outputs(unit: Path, staged: Mapping[Path, Path], params: Any, inputs: Any) -> None:
+    files = {}
+    for final, tmp in staged.items():
+        fp = output_fingerprint(tmp)
+        if fp is None:
+            raise ArtifactError(f"{tmp}: missing; cannot commit {final}")
+        files[_rel(unit, Path(final))] = {"fingerprint": fp, "staged": _rel(unit, Path(tmp))}
+    record = {"unit": unit.name, "files": files, "params": params, "inputs": inputs}
+    pending = _pending_path(unit)
+    _write_record(pending, record)
+    for final, tmp in staged.items():
+        _install(Path(tmp), Path(final))
+    _finish(unit, record)
+
+
+def _finish(unit: Path, record: dict) -> None:
+    done = dict(record, files={k: v["fingerprint"] for k, v in record["files"].items()},
+                committed=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"))
+    _write_record(record_path(unit), done)
+    _pending_path(unit).unlink(missing_ok=True)
+
+
+def recover_outputs(unit: Path | str) -> str | None:
+    """Complete a commit an interrupted run left (call it holding the unit's exclusive lock): each
+    file still at its temporary name is renamed into place. Returns what was done (None: nothing
+    pending). When a file's new content is gone the unit is marked not current, so the command
+    rebuilds it."""
+    unit = Path(unit)
+    pending = _pending_path(unit)
+    for stale in (staged_path(pending), staged_path(record_path(unit))):  # a record a kill left half written
+        stale.unlink(missing_ok=True)
+    if not pending.exists():
+        return None
+    try:
+        record = json.loads(pending.read_text())
+        files = record["files"]
+    except (OSError, ValueError, KeyError, TypeError):
+        files = None
+    missing = []
+    if files is not None:
+        for rel, entry in files.items():
+            final, tmp = unit.parent / rel, unit.parent / entry["staged"]
+            if output_fingerprint(final) == entry["fingerprint"]:
+                continue
+            if (tmp.exists() or tmp.is_symlink()) and output_fingerprint(tmp) == entry["fingerprint"]:
+                _install(tmp, final)
+            else:
+                missing.append(rel)
+    if files is None or missing:
+        # not every new file survived: nothing is current until the command commits again
+        _write_record(record_path(unit), {"unit": unit.name, "files": {}, "incomplete": True})
+        pending.unlink(missing_ok=True)
+        return (f"{unit}: an interrupted run left its outputs half committed ({', '.join(missing) or 'record unreadable'} "
+                "lost); rebuilding them")
+    _finish(unit, record)
+    return f"{unit}: completed the commit of {', '.join(files)} that an interrupted run left"
+
+
+def commit_pending(unit: Path | str) -> bool:
+    """Whether a commit of ``unit`` was interrupted and not yet completed."""
+    return _pending_path(unit).exists()
+
+
+def outputs_current(unit: Path | str, files: list[Path]) -> bool:
+    """Whether ``files`` are the outputs of one completed commit of ``unit``: its record lists each
+    of them with the fingerprint it has now, and no commit is pending. Outputs written before
+    commit records existed (no record, nothing pending) count as current when they all exist."""
+    unit = Path(unit)
+    if _pending_path(unit).exists():
+        return False
+    try:
+        record = json.loads(record_path(unit).read_text())
+    except FileNotFoundError:
+        return all(Path(f).exists() for f in files)
+    except (OSError, ValueError):
+        return False
+    recorded = record.get("files") if isinstance(record, dict) else None
+    if not isinstance(recorded, dict):
+        return False
+    for f in files:
+        fp = recorded.get(_rel(unit, Path(f)))
+        if fp is None or output_fingerprint(f) != fp:
+            return False
+    return True
+
+
+def unit_problem(unit: Path | str, files: list[Path], command: str) -> str | None:
+    """For a reader: why ``files`` cannot be read together (a commit of ``command`` was interrupted
+    half way), or None."""
+    if outputs_current(unit, files):
+        return None
+    names = " and ".join(str(f) for f in files)
+    return (f"{names} are not the outputs of one {command} run (it was interrupted while committing them); run "
+            f"sinet {command} again: a plain run completes or redoes the commit")

@@ -3,11 +3,19 @@
 Pure computation: builds a timm backbone from a local weight file, decodes images (paths or
 in-memory pixels) with the backbone's own data config, and yields feature batches in dataset
 order. Writing them is the caller's job, so a run can be resumed from any position.
+
+Decoding stays within limits (:class:`Decode`): an image whose header declares more pixels than
+``max_pixels`` is refused before any pixel is decoded (a decompression bomb, or a panorama too large
+to decode in memory) and reported like any unreadable image; a JPEG above ``draft_above`` pixels is
+decoded at a reduced DCT scale (PIL's draft mode) instead of whole. Rows whose features come out
+not finite (NaN or inf) are reported as failed rows too.
 """
 
 from __future__ import annotations
 
 import io
+import math
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO, Callable, Collection, Iterable, Iterator, Sequence
@@ -140,6 +148,48 @@ def build_backbone(
     return model, BackboneInfo(name, str(path), model.num_features, num_classes, mapping, ignored)
 
 
+# Largest image (width x height) decoded: PIL's own decompression-bomb threshold (Image.MAX_IMAGE_PIXELS,
+# 1 GiB / 4 bytes / 3 channels = 89,478,485 pixels, e.g. 9459 x 9459). Above it PIL only warns and
+# decodes (a 12000 x 12000 PNG took 1.1 GB); here it is refused from the header, before decoding.
+# Cameras stay below it (a 61 MP full-frame sensor is 9504 x 6336); at 3 bytes a pixel an image at
+# the limit is 268 MB per decoding process.
+MAX_PIXELS = 89_478_485
+# JPEGs above this many pixels are decoded at a reduced DCT scale (PIL draft mode: 1/2, 1/4 or 1/8,
+# the smallest that keeps the shorter side >= DRAFT_MARGIN x the decode size), then resized as every
+# image is. Below it (every image of a usual crawl: 16.8 MP = 4096 x 4096) pixels stay exact.
+# bench/decode_limits.py measures the feature change and the time saved.
+DRAFT_ABOVE = 16_777_216
+DRAFT_MARGIN = 4
+
+
+class ImageTooLarge(ValueError):
+    """An image above the pixel limit: refused from its header, before it is decoded."""
+
+
+@dataclass(frozen=True)
+class Decode:
+    """How image files are decoded: the pixel limit and when JPEG draft mode applies (None: never,
+    the recipe of features extracted before it was recorded)."""
+
+    max_pixels: int = MAX_PIXELS
+    draft_above: int | None = DRAFT_ABOVE
+    draft_margin: int = DRAFT_MARGIN
+
+    def __post_init__(self) -> None:
+        if self.max_pixels < 1:
+            raise ValueError(f"max_pixels must be >= 1, got {self.max_pixels}")
+
+    def as_dict(self) -> dict[str, object]:
+        return {"max_pixels": self.max_pixels, "draft_above": self.draft_above, "draft_margin": self.draft_margin}
+
+    @classmethod
+    def from_dict(cls, d: dict | None) -> "Decode":
+        """The recipe a features.h5 records; none recorded: the limit, but no draft (as it was made)."""
+        if not d:
+            return cls(draft_above=None)
+        return cls(int(d.get("max_pixels", MAX_PIXELS)), d.get("draft_above"), int(d.get("draft_margin", DRAFT_MARGIN)))
+
+
 def center_offset(length: int, crop: int) -> int:
     """Start of a centered crop, as timm's eval transform (torchvision's ``CenterCrop``) rounds it."""
     return int(round((length - crop) / 2.0))
@@ -237,33 +287,66 @@ class FileImages(Dataset):
     cut to a ``decode_size`` square whose centered ``crop_size`` crop (:class:`Preprocess`'s) is the
     centered crop of the whole resized image."""
 
-    def __init__(self, paths: Sequence[str], positions: Sequence[int], decode_size: int, crop_size: int | None = None):
+    def __init__(self, paths: Sequence[str], positions: Sequence[int], decode_size: int, crop_size: int | None = None,
+                 decode: Decode = Decode()):
         self.paths, self.positions, self.decode_size = paths, list(positions), decode_size
         self.crop_size = decode_size if crop_size is None else min(crop_size, decode_size)
+        self.decode = decode
 
     def __len__(self) -> int:
         return len(self.positions)
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, int, bool, str]:
-        from PIL import UnidentifiedImageError
+        from PIL import Image, UnidentifiedImageError
 
         pos = self.positions[i]
         try:
-            return decode_image(self.paths[pos], self.decode_size, self.crop_size), pos, True, ""
+            return decode_image(self.paths[pos], self.decode_size, self.crop_size, self.decode), pos, True, ""
         except FileNotFoundError:
             reason = "file not found"
-        except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as e:
+        except ImageTooLarge as e:
+            reason = str(e)
+        except (UnidentifiedImageError, OSError, ValueError, SyntaxError, MemoryError, Image.DecompressionBombError) as e:
             reason = f"cannot decode image ({type(e).__name__}: {str(e)[:120]})"
         return torch.zeros(self.decode_size, self.decode_size, 3, dtype=torch.uint8), pos, False, reason
 
 
-def decode_image(source: str | BinaryIO, decode_size: int, crop_size: int) -> torch.Tensor:
-    """One image (a file path, or a file object holding its bytes) as :class:`FileImages` hands it
-    on: RGB, shorter side ``decode_size`` (bicubic), cut to the ``decode_size`` square around the
-    centered ``crop_size`` crop. Raises what PIL raises for an unreadable image."""
+def open_image(source: str | BinaryIO, max_pixels: int = MAX_PIXELS):
+    """``PIL.Image.open`` with the pixel limit checked on the header, before any pixel is decoded:
+    above ``max_pixels`` an :class:`ImageTooLarge`. PIL's own bomb check (a warning that still
+    decodes, an error at twice its limit) is replaced by this one for the call."""
     from PIL import Image
 
-    with Image.open(source) as im:
+    limit = Image.MAX_IMAGE_PIXELS
+    try:
+        Image.MAX_IMAGE_PIXELS = None  # this check replaces PIL's (restored below)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            im = Image.open(source)
+    finally:
+        Image.MAX_IMAGE_PIXELS = limit
+    w, h = im.size
+    if w * h > max_pixels:
+        im.close()
+        raise ImageTooLarge(f"image too large: {w}x{h} = {w * h / 1e6:.1f} MP, above the limit of "
+                            f"{max_pixels / 1e6:.1f} MP (--max-pixels); not decoded")
+    return im
+
+
+def decode_image(source: str | BinaryIO, decode_size: int, crop_size: int, decode: Decode = Decode()) -> torch.Tensor:
+    """One image (a file path, or a file object holding its bytes) as :class:`FileImages` hands it
+    on: RGB, shorter side ``decode_size`` (bicubic), cut to the ``decode_size`` square around the
+    centered ``crop_size`` crop. Raises :class:`ImageTooLarge` above the pixel limit and what PIL
+    raises for an unreadable image. A JPEG above ``decode.draft_above`` pixels is decoded at the
+    smallest DCT scale (1/2, 1/4, 1/8) whose shorter side stays >= ``draft_margin x decode_size``."""
+    from PIL import Image
+
+    with open_image(source, decode.max_pixels) as im:
+        w, h = im.size
+        if decode.draft_above is not None and w * h > decode.draft_above and im.format == "JPEG":
+            f = decode.draft_margin * decode_size / min(w, h)
+            if f < 0.5:  # below 1/2 no DCT scale applies
+                im.draft("RGB", (math.ceil(w * f), math.ceil(h * f)))
         im = im.convert("RGB")
         # shorter side to decode_size (as timm's eval transform); Preprocess crops afterwards
         new_h, new_w = shorter_side_to(im.height, im.width, decode_size)
@@ -276,10 +359,10 @@ def decode_image(source: str | BinaryIO, decode_size: int, crop_size: int) -> to
 
 def _batches_from_files(
     paths: Sequence[str], positions: Sequence[int], decode_size: int, batch_size: int, workers: int,
-    pin_memory: bool = False, crop_size: int | None = None,
+    pin_memory: bool = False, crop_size: int | None = None, decode: Decode = Decode(),
 ) -> Iterator[tuple[torch.Tensor, np.ndarray, np.ndarray, list[str]]]:
     loader = DataLoader(
-        FileImages(paths, positions, decode_size, crop_size),
+        FileImages(paths, positions, decode_size, crop_size, decode),
         batch_size=batch_size,
         shuffle=False,
         num_workers=workers,
@@ -315,8 +398,9 @@ class ArchiveStream(IterableDataset):
     :func:`extract` puts them back in ``positions`` order. Pixels are :func:`decode_image`'s, as
     :class:`FileImages` gives them for the same image as a file; a reason names archive and member."""
 
-    def __init__(self, source: ArchiveImages, positions: Sequence[int], decode_size: int, crop_size: int | None = None):
-        self.source, self.decode_size = source, decode_size
+    def __init__(self, source: ArchiveImages, positions: Sequence[int], decode_size: int, crop_size: int | None = None,
+                 decode: Decode = Decode()):
+        self.source, self.decode_size, self.decode = source, decode_size, decode
         self.crop_size = decode_size if crop_size is None else min(crop_size, decode_size)
         self.positions = np.asarray(positions, dtype=np.int64)
         archive = np.asarray(source.archive_of)[self.positions]
@@ -335,7 +419,7 @@ class ArchiveStream(IterableDataset):
         return torch.zeros(self.decode_size, self.decode_size, 3, dtype=torch.uint8), rank, False, reason
 
     def _archive(self, archive: str, ranks: np.ndarray) -> Iterator[tuple[torch.Tensor, int, bool, str]]:
-        from PIL import UnidentifiedImageError
+        from PIL import Image, UnidentifiedImageError
 
         wanted: dict[str, list[int]] = {}
         for r in ranks:
@@ -348,8 +432,11 @@ class ArchiveStream(IterableDataset):
                         yield self._failed(r, f"{archive}#{member}: {reason}")
                         continue
                     try:
-                        yield decode_image(io.BytesIO(data), self.decode_size, self.crop_size), r, True, ""
-                    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as e:
+                        yield decode_image(io.BytesIO(data), self.decode_size, self.crop_size, self.decode), r, True, ""
+                    except ImageTooLarge as e:
+                        yield self._failed(r, f"{archive}#{member}: {e}")
+                    except (UnidentifiedImageError, OSError, ValueError, SyntaxError, MemoryError,
+                            Image.DecompressionBombError) as e:
                         yield self._failed(r, f"{archive}#{member}: cannot decode image "
                                               f"({type(e).__name__}: {str(e)[:120]})")
         except OSError as e:
@@ -361,10 +448,10 @@ class ArchiveStream(IterableDataset):
 
 def _batches_from_archives(
     source: ArchiveImages, positions: Sequence[int], decode_size: int, batch_size: int, workers: int,
-    pin_memory: bool = False, crop_size: int | None = None,
+    pin_memory: bool = False, crop_size: int | None = None, decode: Decode = Decode(),
 ) -> Iterator[tuple[torch.Tensor, np.ndarray, np.ndarray, list[str]]]:
     """Batches of :class:`ArchiveStream`: their second item holds ranks into ``positions``."""
-    stream = ArchiveStream(source, positions, decode_size, crop_size)
+    stream = ArchiveStream(source, positions, decode_size, crop_size, decode)
     loader = DataLoader(stream, batch_size=batch_size, num_workers=min(workers, len(stream.tasks)),
                         persistent_workers=False, pin_memory=pin_memory)
     for x, rank, ok, reasons in loader:
@@ -633,6 +720,7 @@ def extract(
     fold_bn: bool = True,
     static_padding: bool = True,
     progress: Callable[[int], None] | None = None,
+    decode: Decode = Decode(),
 ) -> Iterator[FeatureBatch]:
     """Yield L2-normalized pooled features for the images at ``positions``, in that order.
 
@@ -654,6 +742,11 @@ def extract(
             faster at 64 px and 1.2x at 112 px on the CPU (2 cores, batch 64, channels-last,
             folded; the same features), 1.09x / 1.03-1.26x / 1.02-1.03x at 64 / 112 / 224 px on an
             H200 (two runs; features within round-off).
+        decode: the pixel limit and JPEG draft mode of image files and archive members
+            (:class:`Decode`); an image above the limit is a failed row.
+
+    A row whose features (or probabilities) come out not finite (NaN or inf) is a failed row,
+    ``ok`` False with its reason, as an unreadable image is.
     """
     kind = torch.device(device).type
     on_gpu = kind == "cuda"
@@ -667,11 +760,11 @@ def extract(
     elif paths is not None:
         # decode a little larger than the crop so that Preprocess's resize stays faithful
         source = _batches_from_files(paths, positions, preprocess.resize, batch_size, workers, pin_memory=on_gpu,
-                                     crop_size=preprocess.size)
+                                     crop_size=preprocess.size, decode=decode)
     elif archives is not None:
         positions = np.asarray(positions, dtype=np.int64)
         source = _batches_from_archives(archives, positions, preprocess.resize, batch_size, workers,
-                                        pin_memory=on_gpu, crop_size=preprocess.size)
+                                        pin_memory=on_gpu, crop_size=preprocess.size, decode=decode)
         in_order = _InOrder(positions)
     else:
         raise ValueError("extract needs paths, pixels or archives")
@@ -679,10 +772,18 @@ def extract(
     def finish(pos: np.ndarray, ok: np.ndarray, reasons: list[str], feats: torch.Tensor,
                probs: torch.Tensor | None) -> FeatureBatch:
         feats_np = feats.cpu().numpy()  # waits for this batch's GPU work
+        probs_np = None if probs is None else probs.cpu().numpy()
+        finite = np.isfinite(feats_np).all(axis=1)
+        if probs_np is not None:
+            finite &= np.isfinite(probs_np).all(axis=1)
+        bad = ok & ~finite
+        if bad.any():  # a broken backbone, or an image that drives it out of range: never a NaN row
+            ok = ok & finite
+            reasons = [("features not finite (NaN or inf)" if b else r) for b, r in zip(bad, reasons)]
         feats_np[~ok] = 0.0
         if progress:
             progress(len(pos))
-        return FeatureBatch(pos, feats_np, None if probs is None else probs.cpu().numpy(), ok, reasons)
+        return FeatureBatch(pos, feats_np, probs_np, ok, reasons)
 
     pending: tuple | None = None
     for raw, pos, ok, reasons in source:

@@ -61,7 +61,8 @@ def test_busy_lock_exits_75_for_cron_to_retry(tmp_path, sinet):
     fd = os.open(tmp_path / "scores.h5.lock", os.O_RDWR | os.O_CREAT)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX)
-        with pytest.raises(BusyError, match="another score-noise run holds") as e:
+        os.write(fd, b"score-noise run (pid 4242)\n")  # what a sinet holder writes into its lock file
+        with pytest.raises(BusyError, match=r"another score-noise run \(pid 4242\) holds") as e:
             with file_lock(target, 0, "score-noise"):
                 pass
         assert isinstance(e.value, SinetError)
@@ -71,11 +72,11 @@ def test_busy_lock_exits_75_for_cron_to_retry(tmp_path, sinet):
         assert sinet("make-prototypes", "--out", art, "--device", "cpu")[0] == 0
         lock = os.open(art / "scores.h5.lock", os.O_RDWR | os.O_CREAT)
         try:
-            fcntl.flock(lock, fcntl.LOCK_EX)
+            fcntl.flock(lock, fcntl.LOCK_EX)  # a process that names nobody in the lock file
             code, out, err = sinet("score-noise", "--out", art, "--device", "cpu", "--force")
             assert code == 75, err
             assert err.count("\n") == 1 and err.startswith("sinet: error: ")
-            assert f"{art / 'scores.h5.lock'}" in err and "another score-noise run holds" in err
+            assert f"{art / 'scores.h5.lock'}" in err and "another process holds" in err and "(writing it)" in err
         finally:
             os.close(lock)
         code, _, err = sinet("score-noise", "--out", art, "--device", "cpu", "--force")

@@ -131,7 +131,8 @@ def test_busy_lock_broken_manifest_and_other_classes_are_one_line_errors(built, 
         fcntl.flock(fd, fcntl.LOCK_EX)
         code, _, err = sinet("rescore", "--data", f"manifest:{manifest}", "--out", art)
         assert code == 75  # EX_TEMPFAIL: cron retries
-        assert err.count("\n") == 1 and err.startswith("sinet: error: ") and "another rescore run holds" in err, err
+        assert err.count("\n") == 1 and err.startswith("sinet: error: ") and "another process holds" in err, err
+        assert f"{art / 'features.h5.lock'} (writing it)" in err, err
         # --wait: goes on once the other run ends
         threading.Timer(0.5, fcntl.flock, (fd, fcntl.LOCK_UN)).start()
         code, _, err = sinet("rescore", "--data", f"manifest:{manifest}", "--out", art, "--wait", "60")

@@ -322,7 +322,7 @@ def test_cli_lock_stops_a_concurrent_run(tmp_path, sinet):
         t0 = time.monotonic()
         code, _, err = sinet("score-noise", "--out", tmp_path, "--wait", "0.3")
         assert code == 75 and time.monotonic() - t0 >= 0.3  # EX_TEMPFAIL
-        assert "another score-noise run holds" in err and "--wait" in err and err.count("\n") == 1
+        assert "another process holds" in err and "--wait" in err and err.count("\n") == 1
         assert not (tmp_path / "scores.h5").exists()
         threading.Timer(0.3, lambda: fcntl.flock(fd, fcntl.LOCK_UN)).start()
         code, _, err = sinet("score-noise", "--out", tmp_path, "--wait", "10")

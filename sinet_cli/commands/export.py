@@ -27,8 +27,9 @@ import typer
 
 from .. import console, store
 from ..app import app
-from ..common import DataOpt, OutOpt, artifact_dir
+from ..common import DataOpt, OutOpt, WaitOpt, artifact_dir
 from ..errors import SinetError
+from ..locks import Plan, locked
 from ..progress import progress_bar
 
 DECISIONS = ("keep", "relabel", "drop")
@@ -70,7 +71,14 @@ def _common_root(paths: np.ndarray, root: Optional[str]) -> Optional[str]:
     return os.path.commonpath(sorted(folders)) if folders else root
 
 
+def _plan(a: dict) -> Plan:
+    folder = artifact_dir(a["out"], a["data"])
+    return Plan(writes=[folder / "export"], reads=[folder / "scores.h5", folder / "features.h5"], wait=a["wait"],
+                units=[folder / "export"], resume=f"{folder / 'export'} is unchanged; run the same command again")
+
+
 @app.command("export")
+@locked("export", _plan)
 def export(
     data: DataOpt = None,
     relabel_at: Annotated[float, typer.Option(help="A flagged image is relabeled to the suggested class when the "
@@ -79,6 +87,7 @@ def export(
                                               rich_help_panel="Decision")] = 0.5,
     chunk_rows: Annotated[int, typer.Option(help="Rows per streamed block.", rich_help_panel="Compute")] = 65536,
     out: OutOpt = None,
+    wait: WaitOpt = 0.0,
 ) -> None:
     """Write every scored image as CSV and Parquet (its label, weight, flag, suggested class and the
     estimated noise of its class) and a cleaned manifest: flagged images relabeled when the
@@ -128,12 +137,8 @@ def export(
                 os.symlink(root, images_tmp)
             _write_rows(sc, fe, fe_cols, has_text, classes, class_noise, relabel_at, chunk_rows, n, tmp, pixels,
                         images_tmp, root, counts)
-        images = target / "images"
-        if images.exists() or images.is_symlink():
-            _remove(images)
-        os.replace(images_tmp, images)
-        for name, path in tmp.items():
-            os.replace(path, target / name)
+        # the four outputs as one unit: a kill between the renames is completed by the next run
+        store.commit_outputs(target, {target / "images": images_tmp, **{target / n: p for n, p in tmp.items()}})
     finally:
         for path in tmp.values():
             path.unlink(missing_ok=True)

@@ -22,11 +22,14 @@ from ..common import (
     LabelFieldOpt,
     NoiseSeedOpt,
     OutOpt,
+    WaitOpt,
     artifact_dir,
     load_table,
+    require_two_classes,
     resolve_device,
 )
-from ..errors import SinetError
+from ..errors import Interrupted, SinetError
+from ..locks import Plan, locked
 from ..progress import progress_bar
 from ..sideinfo import DEFAULT_BACKBONE, default_weights
 
@@ -45,9 +48,24 @@ def shard_path(out: Path, i: int, n: int) -> Path:
 
 
 MEMORY_FORMATS = {"auto": None, "channels-last": True, "contiguous": False}  # --memory-format -> stage.extract
+MAX_PIXELS = 89_478_485  # stages.extract_features.MAX_PIXELS (the default; torch is not imported for --help)
+
+
+def _extract_plan(a: dict) -> Plan:
+    if not a["data"]:
+        from ..common import DATA_REQUIRED
+
+        raise SinetError(DATA_REQUIRED)
+    i, n = parse_shard(a["shard"])
+    folder = artifact_dir(a["out"], a["data"])
+    # a shard writes its own file: the n shards of one extraction run in parallel
+    target = folder / "features.h5" if n == 1 else shard_path(folder, i, n)
+    return Plan(writes=[target], wait=a["wait"],
+                resume=f"{target} is unchanged; run the same command again: it resumes from the rows written so far")
 
 
 @app.command("extract-features")
+@locked("extract-features", _extract_plan)
 def extract_features(
     data: DataOpt = None,
     classes: ClassesOpt = None,
@@ -83,8 +101,12 @@ def extract_features(
         Optional[str], typer.Option(help="i/n: extract only the i-th of n contiguous slices (then merge-features).",
                                     rich_help_panel="Compute")
     ] = None,
+    max_pixels: Annotated[int, typer.Option(help="Largest image decoded, in pixels (width x height); a larger one is "
+                          "skipped and recorded in skipped_ids. Default: PIL's own decompression-bomb threshold.",
+                          rich_help_panel="Compute")] = MAX_PIXELS,
     out: OutOpt = None,
     force: ForceOpt = False,
+    wait: WaitOpt = 0.0,
 ) -> None:
     """Encode every image with a timm backbone into L2-normalized features (features.h5).
 
@@ -99,7 +121,11 @@ def extract_features(
         raise SinetError(f"--dtype {dtype!r}: choose float16 or float32")
     if memory_format not in MEMORY_FORMATS:
         raise SinetError(f"--memory-format {memory_format!r}: choose one of {', '.join(MEMORY_FORMATS)}")
+    if max_pixels < 1:
+        raise SinetError(f"--max-pixels {max_pixels}: must be >= 1")
+    decode = stage.Decode(max_pixels=max_pixels)
     table = load_table(data, classes, noise, noise_rate, noise_seed, captions, label_field=label_field)
+    require_two_classes(table.classes.names, f"--data {data}")
     shard_i, shard_n = parse_shard(shard)
     folder = artifact_dir(out, data)
     target = folder / "features.h5" if shard_n == 1 else shard_path(folder, shard_i, shard_n)
@@ -114,6 +140,8 @@ def extract_features(
         "random_init": random_init,
         "shard": [shard_i, shard_n],
     }
+    if max_pixels != stage.MAX_PIXELS:  # recorded only when set: files from before the option stay up to date
+        params["max_pixels"] = max_pixels
     inputs = {"dataset": table.fingerprint()}
     if weight_path is not None:
         inputs["weights"] = store.fingerprint_file(weight_path)
@@ -184,11 +212,13 @@ def extract_features(
                 with_probs=probs,
                 channels_last=MEMORY_FORMATS[memory_format],
                 progress=advance,
+                decode=decode,
             ):
                 for p in np.flatnonzero(~batch.ok):
                     image_id = table.ids[batch.positions[p]]
                     skipped.append([str(image_id), batch.reasons[p]])
-                    console.warn(f"skipped image {image_id} ({table.paths[batch.positions[p]]}): {batch.reasons[p]}")
+                    where = f" ({table.paths[batch.positions[p]]})" if table.paths is not None else ""
+                    console.warn(f"skipped image {image_id}{where}: {batch.reasons[p]}")
                 buf.append(batch)
                 pending += len(batch.positions)
                 if pending >= chunk_rows:
@@ -196,13 +226,15 @@ def extract_features(
                     pending = 0
             flush(hi)
         if writer.rows_committed == 0:
-            raise SinetError(f"{target}: no image could be read ({len(skipped)} skipped)")
+            raise SinetError(f"{target}: no image could be read ({len(skipped)} skipped"
+                             f"{f'; the first: {skipped[0][1]}' if skipped else ''})")
         writer.write("classes", table.classes.names)
         if skipped:
             writer.write("skipped_ids", [s[0] for s in skipped])
             writer.write("skipped_reasons", [s[1] for s in skipped])
         writer.set_attr("backbone", info.__dict__)
         writer.set_attr("preprocess", preprocess.as_dict())
+        writer.set_attr("decode", decode.as_dict())  # rescore decodes new images with the same recipe
         writer.set_attr("dataset_provenance", table.provenance)
         writer.set_attr("class_table", {"names": table.classes.names, "synsets": table.classes.synsets,
                                         "descriptions": table.classes.descriptions, "parents": table.classes.parents})
@@ -212,7 +244,8 @@ def extract_features(
         rows = writer.rows_committed
         writer.abort(keep_partial=True)
         if isinstance(e, KeyboardInterrupt):
-            console.error(f"{target}: interrupted with {rows} rows written; run the same command again to resume")
+            raise Interrupted(f"{target}: interrupted with {rows} rows written; run the same command again to resume "
+                              f"(they are kept in {writer.partial.name})") from None
         raise
     console.info(
         f"{target}: {writer.rows_committed} images, {info.feature_dim}-d features"
@@ -237,12 +270,20 @@ def store_json(raw: object) -> list:
     return json.loads(raw) if isinstance(raw, (str, bytes)) else []
 
 
+def _merge_plan(a: dict) -> Plan:
+    folder = artifact_dir(a["out"], a["data"])
+    return Plan(writes=[folder / "features.h5"], reads=[shard_path(folder, i, a["shards"]) for i in range(a["shards"])],
+                wait=a["wait"], resume=f"{folder / 'features.h5'} is unchanged; run the same command again")
+
+
 @app.command("merge-features")
+@locked("merge-features", _merge_plan)
 def merge_features(
     shards: Annotated[int, typer.Option(help="Number of shards n written with --shard i/n.")],
     data: DataOpt = None,
     out: OutOpt = None,
     force: ForceOpt = False,
+    wait: WaitOpt = 0.0,
 ) -> None:
     """Merge features.shard-i-of-n.h5 files (from --shard i/n runs) into features.h5, in order.
 
@@ -284,7 +325,7 @@ def merge_features(
             if skipped_ids:
                 writer.write("skipped_ids", skipped_ids)
                 writer.write("skipped_reasons", skipped_reasons)
-            for key in ("backbone", "preprocess", "dataset_provenance", "class_table"):
+            for key in ("backbone", "preprocess", "decode", "dataset_provenance", "class_table"):
                 if first.attr(key) is not None:
                     writer.set_attr(key, first.attr(key))
             writer.commit()

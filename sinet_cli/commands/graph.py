@@ -20,8 +20,10 @@ import typer
 
 from .. import console, store
 from ..app import app
-from ..common import ClassesOpt, DataOpt, DeviceOpt, ForceOpt, OutOpt, artifact_dir, load_table, resolve_device
+from ..common import (ClassesOpt, DataOpt, DeviceOpt, ForceOpt, OutOpt, WaitOpt, artifact_dir, load_table,
+                      require_two_classes, resolve_device)
 from ..errors import InputError, SinetError
+from ..locks import Plan, locked
 from ..textio import read_text
 from ..progress import progress_bar
 
@@ -435,7 +437,13 @@ def load_classes(data: str, classes: Path | None) -> Any:
 # -- the command -------------------------------------------------------------------------------
 
 
+def _plan(a: dict) -> Plan:
+    target = artifact_dir(a["out"], a["data"]) / "graph.h5"
+    return Plan(writes=[target], wait=a["wait"], resume=f"{target} is unchanged; run the same command again")
+
+
 @app.command("build-graph")
+@locked("build-graph", _plan)
 def build_graph(
     data: DataOpt = None,
     classes: ClassesOpt = None,
@@ -493,6 +501,7 @@ def build_graph(
                                       rich_help_panel="Artifacts")] = 0,
     out: OutOpt = None,
     force: ForceOpt = False,
+    wait: WaitOpt = 0.0,
 ) -> None:
     """Build the class relation graphs S_w (hierarchy), S_l (text, eq. 2) and S_t = S_l + S_w (eq. 3).
 
@@ -529,6 +538,7 @@ def build_graph(
         raise SinetError("--head-steps must be >= 0, --head-hidden >= 1, --head-lr and --head-temperature > 0")
 
     table = load_classes(data, classes)
+    require_two_classes(table.names, str(classes) if classes is not None else f"--data {data}")
     C = len(table)
     mode = hierarchy
     if mode == "auto":

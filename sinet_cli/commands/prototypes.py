@@ -11,8 +11,9 @@ import typer
 
 from .. import console, store
 from ..app import app
-from ..common import DataOpt, DeviceOpt, ForceOpt, OutOpt, artifact_dir, resolve_device
+from ..common import DataOpt, DeviceOpt, ForceOpt, OutOpt, WaitOpt, artifact_dir, resolve_device
 from ..errors import SinetError
+from ..locks import Plan, locked
 from ..progress import progress_bar
 
 PANEL_INIT = "Initial prototypes"
@@ -119,7 +120,16 @@ def format_detection(name: str, m: dict | None) -> str:
     return f"{name} ROC-AUC {m['roc_auc']:.4f} AP {m['average_precision']:.4f}"
 
 
+def _plan(a: dict) -> Plan:
+    folder = artifact_dir(a["out"], a["data"])
+    target = folder / "prototypes.h5"
+    return Plan(writes=[target], reads=[a["features"] or folder / "features.h5", a["graph"] or folder / "graph.h5"],
+                wait=a["wait"], units=[target],
+                resume=f"{target} and prototypes.faiss are unchanged; run the same command again")
+
+
 @app.command("make-prototypes")
+@locked("make-prototypes", _plan)
 def make_prototypes(
     data: DataOpt = None,
     features: Annotated[
@@ -184,6 +194,7 @@ def make_prototypes(
     device: DeviceOpt = "auto",
     out: OutOpt = None,
     force: ForceOpt = False,
+    wait: WaitOpt = 0.0,
 ) -> None:
     """Build visual prototypes: initial prototypes from confident images, consistency p_i of every
     training image with the class relation graph (eq. 4), p-weighted top-K means (eq. 5).
@@ -230,7 +241,8 @@ def make_prototypes(
             for k in ("probe_rows", "probe_epochs", "probe_lr", "probe_batch", "probe_scale"):
                 params.pop(k)
         inputs = {"features": feats.fingerprint, "graph": graph_fp}
-        if not force and store.is_up_to_date(target, "prototypes", params, inputs) and index_path.exists():
+        if not force and store.is_up_to_date(target, "prototypes", params, inputs) and \
+                store.outputs_current(target, [target, index_path]):
             console.info(f"{target}: up to date, nothing to do (use --force to recompute)")
             return
         dev = resolve_device(device)
@@ -295,11 +307,13 @@ def make_prototypes(
             writer.set_attr("detection", detection)
             writer.set_attr("seconds", round(seconds, 3))
             writer.set_attr("device", dev)
-            fp = writer.commit()
+            index_tmp = store.write_faiss_index(index_path, build_index(result.prototypes, dev), stage=True)
+            fp = writer.commit(rename=False)
         except BaseException:
             writer.abort()
             raise
-        store.write_faiss_index(index_path, build_index(result.prototypes, dev))
+        # prototypes.h5 and prototypes.faiss together: a kill between the renames is completed by the next run
+        store.commit_outputs(target, {target: writer.partial, index_path: index_tmp}, params, inputs)
     finally:
         feats.close()
     n_sel = int(result.selected.sum())

@@ -21,22 +21,33 @@ from stages.report import find_rows
 
 from .. import console, store
 from ..app import app
-from ..common import DataOpt, ForceOpt, OutOpt, artifact_dir
+from ..common import DataOpt, ForceOpt, OutOpt, WaitOpt, artifact_dir
 from ..errors import SinetError
-from .summary import NO_ESTIMATE, name_resolution, noise_estimate, read_runs, resolution_line, side_text_for, skipped_line
+from ..locks import Plan, locked
+from .summary import (NO_ESTIMATE, check_provenance, name_resolution, noise_estimate, read_runs, resolution_line,
+                      side_text_for, skipped_line)
 
 P_PAGE = "Page"
 HEATMAP_LABELED = 60  # at most this many classes per heat map: with names on both axes
 BOX_CLASSES = 40  # classes in the per-class weight box plot and the noise-rate bars
 MODE_ORDER = {"A": 0, "B": 1, "C": 2, "oracle": 3}
+# every file of the page, committed as one unit (store.commit_outputs)
+PLOTS = ("noise-rate.png", "weights.png", "weights-by-class.png", "S_t.png", "S_w.png", "S_l.png")
+PAGE_FILES = ("index.html", "classes.tsv", "report.json") + PLOTS
 
 
 # -- loading -----------------------------------------------------------------------------------
 
 
-def provenance_of(name: str, art: store.Artifact) -> dict[str, Any]:
-    return {"name": name, "path": str(art.path), "fingerprint": art.fingerprint, "created": art.attr("created"),
-            "package_version": art.attr("package_version"), "params": art.params, "inputs": art.inputs}
+def relative_to(folder: Path, path: Path) -> str:
+    """``path`` as the page shows it: relative to the artifact folder (no local absolute path in the HTML)."""
+    return Path(os.path.relpath(os.path.abspath(path), os.path.abspath(folder))).as_posix()
+
+
+def provenance_of(name: str, art: store.Artifact, folder: Path) -> dict[str, Any]:
+    return {"name": name, "path": relative_to(folder, art.path), "fingerprint": art.fingerprint,
+            "created": art.attr("created"), "package_version": art.attr("package_version"), "params": art.params,
+            "inputs": art.inputs}
 
 
 def read_metrics(path: Path) -> list[dict[str, Any]]:
@@ -84,10 +95,17 @@ def thumbnail_from_pixels(pixels: np.ndarray, size: int) -> bytes:
 
 def thumbnail_from_path(path: str, size: int) -> bytes | None:
     """Open and downscale an image file; None when it cannot be read (never fatal)."""
+    import warnings
+
     from PIL import Image, ImageOps
 
     try:
-        with Image.open(path) as img:
+        with warnings.catch_warnings():  # PIL warns above its limit, and still decodes: refused below instead
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            img = Image.open(path)
+        with img:
+            if img.width * img.height > Image.MAX_IMAGE_PIXELS:  # refused from the header, as extract-features does
+                return None
             img.draft("RGB", (size * 2, size * 2))  # JPEG: decode at a reduced scale
             img = ImageOps.exif_transpose(img)
             img = img.convert("L" if img.mode in ("1", "L", "I;16", "I") else "RGB")
@@ -270,12 +288,6 @@ def plot_heatmap(S: np.ndarray, subset: np.ndarray, names: np.ndarray, title: st
 # -- writing -----------------------------------------------------------------------------------
 
 
-def write_bytes(path: Path, data: bytes) -> None:
-    tmp = path.with_name(path.name + store.PARTIAL_SUFFIX)
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
-
-
 def classes_tsv(names: np.ndarray, noise, order: np.ndarray, near_idx: np.ndarray,
                 flagged: np.ndarray | None = None, resolution: list[dict[str, str]] | None = None) -> str:
     """The per-class numbers as TSV; ``flagged``, ``synset`` and ``name_source`` are empty when
@@ -299,7 +311,16 @@ def classes_tsv(names: np.ndarray, noise, order: np.ndarray, near_idx: np.ndarra
 # -- the command -----------------------------------------------------------------------------
 
 
+def _plan(a: dict) -> Plan:
+    folder = artifact_dir(a["out"], a["data"])
+    target = a["report_dir"] or folder / "report"
+    reads = [folder / n for n in ("features.h5", "graph.h5", "prototypes.h5", "scores.h5", "metrics.json")]
+    return Plan(writes=[target], reads=reads, wait=a["wait"], units=[target],
+                resume=f"{target} is unchanged; run the same command again")
+
+
 @app.command("report")
+@locked("report", _plan)
 def report(
     data: DataOpt = None,
     report_dir: Annotated[
@@ -326,6 +347,7 @@ def report(
     ] = 50,
     out: OutOpt = None,
     force: ForceOpt = False,
+    wait: WaitOpt = 0.0,
 ) -> None:
     """Write an HTML report of the noise found: the estimated noise overall and per class, the top
     suspects with their suggested class and side text, weight distributions, how the class names
@@ -365,7 +387,11 @@ def report(
         if metrics_path.exists():
             inputs["metrics"] = store.fingerprint_file(metrics_path)
         manifest = target_dir / "report.json"
-        if not force and up_to_date(manifest, target_dir / "index.html", params, inputs):
+        stale = check_provenance(folder, scores, protos, graph, feats)
+        if stale:
+            raise SinetError(stale)
+        if not force and up_to_date(manifest, target_dir / "index.html", params, inputs) and \
+                store.outputs_current(target_dir, [target_dir / n for n in PAGE_FILES]):
             console.info(f"{target_dir / 'index.html'}: up to date, nothing to do (use --force to rebuild)")
             return
 
@@ -539,17 +565,18 @@ def report(
         all_runs = read_metrics(metrics_path) if metrics_path.exists() else []
         metrics = [m for m in all_runs if not m.get("skipped")]
         skipped = skipped_line(read_runs(metrics_path)) if metrics_path.exists() else None
-        provenance = [provenance_of("graph.h5", graph), provenance_of("prototypes.h5", protos),
-                      provenance_of("scores.h5", scores)]
+        provenance = [provenance_of("graph.h5", graph, folder), provenance_of("prototypes.h5", protos, folder),
+                      provenance_of("scores.h5", scores, folder)]
         if feats is not None:
-            provenance.append(provenance_of("features.h5", feats))
+            provenance.append(provenance_of("features.h5", feats, folder))
         if metrics_path.exists():
-            provenance.append({"name": "metrics.json", "path": str(metrics_path), "fingerprint": inputs["metrics"],
-                               "params": {"runs": [m["run"] for m in all_runs]}, "inputs": {}})
-        provenance.append({"name": "report", "path": str(target_dir / "index.html"), "params": params,
+            provenance.append({"name": "metrics.json", "path": relative_to(folder, metrics_path),
+                               "fingerprint": inputs["metrics"], "params": {"runs": [m["run"] for m in all_runs]},
+                               "inputs": {}})
+        provenance.append({"name": "report", "path": relative_to(folder, target_dir / "index.html"), "params": params,
                            "inputs": inputs})
         detection = scores.json_attr("detection", {}) or {}
-        summary = [("artifacts", str(folder)), ("classes", str(C)),
+        summary = [("artifacts", folder.name), ("classes", str(C)),
                    ("training images", f"{int(noise.n_train.sum())} scored"),
                    ("estimated noise (all classes)", html.pct(est_all)
                     + ("" if estimate is None else f" ({console.plain(estimate.get('method', '?'), 80)})"))]
@@ -600,12 +627,16 @@ def report(
             resolution=resolution or [], side_text=side_text is not None)
         text = html.render(page)
         target_dir.mkdir(parents=True, exist_ok=True)
-        for name, (png, _) in plots.items():
-            write_bytes(target_dir / name, png)
-        store.write_text(target_dir / "classes.tsv", classes_tsv(names, noise, full_order, near_idx,
-                                                                 flagged_per_class, resolution))
-        store.write_text(target_dir / "index.html", text)
-        store.write_json(manifest, {"params": params, "inputs": inputs, "bytes": len(text.encode())})
+        # every file of the page as one unit: a kill between the renames is completed by the next run
+        staged = {target_dir / name: store.write_bytes(target_dir / name, png, stage=True)
+                  for name, (png, _) in plots.items()}
+        staged[target_dir / "classes.tsv"] = store.write_text(
+            target_dir / "classes.tsv", classes_tsv(names, noise, full_order, near_idx, flagged_per_class, resolution),
+            stage=True)
+        staged[target_dir / "index.html"] = store.write_text(target_dir / "index.html", text, stage=True)
+        staged[manifest] = store.write_json(manifest, {"params": params, "inputs": inputs,
+                                                       "bytes": len(text.encode())}, stage=True)
+        store.commit_outputs(target_dir, staged, params, inputs)
     finally:
         for a in (graph, protos, scores, feats):
             if a is not None:

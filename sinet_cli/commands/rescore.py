@@ -30,8 +30,8 @@ from .. import console, store
 from ..app import app
 from ..common import (DATA_HELP, CaptionsOpt, ClassesOpt, DeviceOpt, LabelFieldOpt, OutOpt, artifact_dir, load_table,
                       resolve_device)
-from ..locks import file_lock
-from ..errors import SinetError
+from ..locks import Plan, file_lock, locked
+from ..errors import SinetError, StorageError, is_storage_error
 from ..progress import progress_bar
 
 PANEL_CRON = "Cron"
@@ -80,7 +80,20 @@ def recorded_weights(art: store.Artifact, override: Path | None) -> Path | None:
     return path
 
 
+def _plan(a: dict) -> Plan:
+    # everything rescore and the score-noise it runs read or write, locked before either reads
+    folder = artifact_dir(a["out"], a["data"])
+    if not (folder / "features.h5").is_file():  # before any lock file is made in a folder that is not one
+        raise SinetError(f"{folder / 'features.h5'}: not found; build the artifacts first (make all, or "
+                         "extract-features, build-graph, make-prototypes)")
+    return Plan(writes=[folder / "features.h5", folder / "scores.h5"],
+                reads=[folder / "prototypes.h5", folder / "graph.h5"], wait=a["wait"], units=[folder / "scores.h5"],
+                resume="features.h5 and scores.h5 keep what was committed; run the same command again (it adds "
+                       "the images not added yet)")
+
+
 @app.command("rescore")
+@locked("rescore", _plan)
 def rescore(
     data: Annotated[str, typer.Option("--data", help="The new crawl: " + DATA_HELP, rich_help_panel="Dataset")],
     classes: ClassesOpt = None,
@@ -127,6 +140,7 @@ def rescore(
     if not features_path.is_file():
         raise SinetError(f"{features_path}: not found; build the artifacts first (make all, or extract-features, "
                          "build-graph, make-prototypes)")
+    scoring_options_readable(folder)  # before features.h5 grows rows it could not score
     try:
         with file_lock(features_path, wait, "rescore"):
             t0 = time.monotonic()
@@ -135,6 +149,8 @@ def rescore(
                        device)
             score_new(data, folder, alpha, beta, max(0.0, wait - (time.monotonic() - t0)), device)
     except (OSError, RuntimeError, ValueError) as e:  # disk full, CUDA, a library's refusal: one line for cron
+        if is_storage_error(e):
+            raise StorageError.from_os_error(e) from None
         raise SinetError(f"rescore {data}: {type(e).__name__}: {e}") from None
 
 
@@ -160,6 +176,7 @@ def append_new(table, data: str, features_path: Path, folder: Path, weights: Pat
         params, inputs = art.params, art.inputs
         info = art.json_attr("backbone", {}) or {}
         preprocess_rec = art.json_attr("preprocess")
+        decode_rec = art.json_attr("decode")  # the pixel limit and JPEG draft mode the file was extracted with
         rows_in_file = [f.name for f in store.SCHEMAS["features"] if f.dims[0] == "N" and f.name in art]
         feature_dtype = art.dataset("features").dtype
         dim = art.dims["D"]
@@ -225,6 +242,7 @@ def append_new(table, data: str, features_path: Path, folder: Path, weights: Pat
                 pixels=table.pixels, archives=archives,
                 positions=positions,
                 batch_size=batch_size, workers=workers, device=dev, with_probs=probs, progress=advance,
+                decode=stage.Decode.from_dict(decode_rec),
             ):
                 for p in np.flatnonzero(~batch.ok):
                     image_id = str(table.ids[batch.positions[p]])
@@ -273,6 +291,9 @@ def class_mismatch(data: str, names: list[str], features_path: Path, stored: lis
 
 def check_prototypes(proto_path: Path, features_path: Path, classes: list[str], dim: int) -> None:
     """Fail before touching features.h5 when the new rows could not be scored."""
+    torn = store.unit_problem(proto_path, [proto_path, proto_path.with_suffix(".faiss")], "make-prototypes")
+    if torn:
+        raise SinetError(torn)
     with store.open_artifact(proto_path, "prototypes") as pa:
         p_classes = list(pa.read("classes"))
         p_dim = pa.dims["D"]
@@ -280,6 +301,16 @@ def check_prototypes(proto_path: Path, features_path: Path, classes: list[str], 
         raise SinetError(f"{proto_path} was built for other classes than {features_path}; run make-prototypes first")
     if p_dim != dim:
         raise SinetError(f"{proto_path} holds {p_dim}-d prototypes but {features_path} {dim}-d features")
+
+
+def scoring_options_readable(folder: Path) -> None:
+    """The options scores.h5 records are what new rows are scored with: an unreadable (truncated,
+    damaged) scores.h5 is an error, never a silent rebuild with default options."""
+    path = folder / "scores.h5"
+    if path.exists() and store.read_provenance(path) is None:
+        raise SinetError(f"{path}: unreadable (truncated or damaged), so the options it was scored with are unknown; "
+                         f"rebuild it with the options you want (sinet score-noise --out {folder} --force ...), then "
+                         "run rescore again")
 
 
 def score_new(data: str, folder: Path, alpha: float | None, beta: float | None, wait: float,
@@ -290,6 +321,9 @@ def score_new(data: str, folder: Path, alpha: float | None, beta: float | None, 
 
     from .score import score_noise
 
+    # read under rescore's lock on scores.h5: the options of the scores.h5 there now, not of one a
+    # run that held the lock while this one waited has since replaced
+    scoring_options_readable(folder)
     prev = store.read_provenance(folder / "scores.h5")
     recorded = prev["params"] if prev is not None and prev.get("kind") == "scores" else {}
     options = set(inspect.signature(score_noise).parameters) - {"data", "features", "prototypes", "wait", "out",

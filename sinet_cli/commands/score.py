@@ -21,7 +21,7 @@ import typer
 from .. import console, store
 from ..app import app
 from ..common import DataOpt, DeviceOpt, ForceOpt, OutOpt, artifact_dir, resolve_device
-from ..locks import file_lock
+from ..locks import Plan, file_lock, locked
 from ..errors import SinetError
 from ..progress import progress_bar
 
@@ -98,8 +98,10 @@ def write_suspects(
     distance: np.ndarray,
     classes: np.ndarray,
     chunk: int,
-) -> None:
-    """Write the rows ``order`` of scores.h5 to a TSV in that order, in bounded memory.
+    stage: bool = False,
+) -> Path:
+    """Write the rows ``order`` of scores.h5 to a TSV in that order, in bounded memory (``stage``:
+    left at its temporary name, returned, for store.commit_outputs).
 
     Lines are formatted block by block in file order into a scratch file, with each line's byte
     offset recorded by its rank; the final file is then assembled in rank order by vectorized
@@ -145,16 +147,30 @@ def write_suspects(
                     idx = np.repeat(o - (ends - n), n) + np.arange(ends[-1])
                     out.write(mm[idx].tobytes())
                 del mm
-        os.replace(partial, out_path)
+        if not stage:
+            os.replace(partial, out_path)
+    except BaseException:
+        partial.unlink(missing_ok=True)
+        raise
     finally:
         scratch.unlink(missing_ok=True)
-        partial.unlink(missing_ok=True)
+    return partial if stage else out_path
 
 
 # -- the command -----------------------------------------------------------------------------
 
 
+def _plan(a: dict) -> Plan:
+    folder = artifact_dir(a["out"], a["data"])
+    target = folder / "scores.h5"
+    proto = a["prototypes"] or folder / "prototypes.h5"
+    reads = [a["features"] or folder / "features.h5", proto, a["graph"] or folder / "graph.h5"]
+    return Plan(writes=[target], reads=reads, wait=a["wait"], units=[target],
+                resume=f"{target} and suspects.tsv are unchanged; run the same command again")
+
+
 @app.command("score-noise")
+@locked("score-noise", _plan)
 def score_noise(
     data: DataOpt = None,
     features: Annotated[
@@ -240,6 +256,9 @@ def score_noise(
     if probe_rows < 0 or probe_folds < 2 or probe_epochs < 1:
         raise SinetError("--probe-rows must be >= 0, --probe-folds >= 2, --probe-epochs >= 1")
 
+    torn = store.unit_problem(proto_path, [proto_path, index_path], "make-prototypes")
+    if torn:
+        raise SinetError(torn)
     with store.open_artifact(proto_path, "prototypes") as pa:
         classes = pa.read("classes")
         protos = np.ascontiguousarray(pa.read("prototypes"), dtype=np.float32)
@@ -288,7 +307,8 @@ def score_noise(
             raise SinetError("--image-text applies to --score fused only")
         # before torch, FAISS and the text encoder are loaded (seconds): an up-to-date run costs ~1 s.
         # Checked again under the lock below, since another run may be writing.
-        if not force and store.is_up_to_date(target, "scores", params, inputs) and suspects_path.exists():
+        if not force and store.is_up_to_date(target, "scores", params, inputs) and \
+                store.outputs_current(target, [target, suspects_path]):
             console.info(f"{target}: up to date, nothing to do (use --force to rescore)")
             return
         from stages import score_noise as stage
@@ -310,7 +330,8 @@ def score_noise(
 
             fused["encoder"] = load_text_encoder(encoder)
         with file_lock(target, wait, "score-noise"):
-            if not force and store.is_up_to_date(target, "scores", params, inputs) and suspects_path.exists():
+            if not force and store.is_up_to_date(target, "scores", params, inputs) and \
+                    store.outputs_current(target, [target, suspects_path]):
                 console.info(f"{target}: up to date, nothing to do (use --force to rescore)")
                 return
             prev = store.read_provenance(target)
@@ -323,6 +344,8 @@ def score_noise(
             if append:
                 # new rows are scored, flagged and given suggestions by the state the existing rows had
                 append = load_fused_state(target, fused, probe_rows > 0)
+            if prev is None and target.exists() and not force:
+                console.info(f"{target}: unreadable; rescoring every row with the options given")
             if prev is not None and not append and not force:
                 why = "options changed" if prev["params"] != params else "prototypes changed"
                 console.info(f"{target}: {why}; rescoring every row")
@@ -517,18 +540,21 @@ def run_scoring(stage, feats, features_path, target, suspects_path, protos, prot
             writer.set_attr("flag_detection", flagged)
         writer.set_attr("scored_last_run", total)
         writer.set_attr("device", device)
-        fp = writer.commit()
+        fp = writer.commit(rename=False)
     except BaseException:
         writer.abort()
         raise
     if suspects_text is not None:
         text, n_suspects = suspects_text.result()
-        store.write_text(suspects_path, text)
+        suspects_tmp = store.write_text(suspects_path, text, stage=True)
     else:
         order = stage.suspect_order(full["weight"], full["distance"], full["flagged"])
-        write_suspects(target, suspects_path, order, full["labels"], full["suggested_class"],
-                       full["suggested_confidence"], full["weight"], full["distance"], classes, big)
+        suspects_tmp = write_suspects(writer.partial, suspects_path, order, full["labels"], full["suggested_class"],
+                                      full["suggested_confidence"], full["weight"], full["distance"], classes, big,
+                                      stage=True)
         n_suspects = len(order)
+    # scores.h5 and suspects.tsv together: a kill between the renames is completed by the next run
+    store.commit_outputs(target, {target: writer.partial, suspects_path: suspects_tmp}, params, inputs)
     seconds = time.perf_counter() - t0
     info = fused.get("estimate_info") or {}
     overall = info.get("overall", float("nan"))

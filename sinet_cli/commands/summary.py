@@ -22,8 +22,9 @@ import numpy as np
 
 from .. import console, store
 from ..app import app
-from ..common import NO_VAL_HINT, DataOpt, OutOpt, artifact_dir
+from ..common import NO_VAL_HINT, DataOpt, OutOpt, WaitOpt, artifact_dir
 from ..errors import SinetError
+from ..locks import Plan, locked
 
 SUSPECTS_SHOWN = 10  # top suspects printed (all of them are in suspects.tsv)
 ALL_CLASSES = 30  # up to this many classes the per-class table lists every class
@@ -110,6 +111,42 @@ def resolution_line(res: list[dict[str, str]]) -> str:
         shown = ", ".join(repr(console.plain(m, 30)) for m in missing[:8])
         line += f" ({shown}{' and more' if len(missing) > 8 else ''}: text similarity only)"
     return line
+
+
+def check_provenance(folder: Path, scores: store.Artifact | None = None, protos: store.Artifact | None = None,
+                     graph: store.Artifact | None = None, feats: store.Artifact | None = None) -> str | None:
+    """Which artifact of ``folder`` was not made from the others there (copied in from another run or
+    dataset, or left stale by a rerun upstream) and what to rerun; None when they belong together.
+    scores.h5 must come from this features.h5, prototypes.h5 (and graph.h5 when it used it), and
+    prototypes.h5 from this graph.h5. prototypes.h5 may predate features.h5: cron appends rows to
+    features.h5 and scores them against the prototypes it has."""
+    def other(a: store.Artifact, key: str, b: store.Artifact | None) -> bool:
+        fp = a.inputs.get(key)
+        return b is not None and fp is not None and fp != b.fingerprint
+
+    if scores is not None:
+        for key, b in (("features", feats), ("prototypes", protos), ("graph", graph)):
+            if other(scores, key, b):
+                return (f"{scores.path} was not scored from this folder's {b.path} (it comes from another run or "
+                        f"dataset, or {b.path.name} was rebuilt since); rerun sinet score-noise --out {folder}")
+    if protos is not None and other(protos, "graph", graph):
+        return (f"{protos.path} was not built from this folder's {graph.path} (another run or dataset, or graph.h5 "
+                f"was rebuilt since); rerun sinet make-prototypes --out {folder}, then sinet score-noise")
+    return None
+
+
+def provenance_problem(folder: Path) -> str | None:
+    """:func:`check_provenance` of the artifacts present in ``folder``."""
+    arts: dict[str, store.Artifact | None] = {}
+    try:
+        for name, kind in (("scores", "scores"), ("protos", "prototypes"), ("graph", "graph"), ("feats", "features")):
+            path = folder / f"{kind}.h5"
+            arts[name] = store.open_artifact(path, kind) if path.exists() else None
+        return check_provenance(folder, **arts)
+    finally:
+        for a in arts.values():
+            if a is not None:
+                a.close()
 
 
 def read_runs(path: Path) -> dict[str, dict[str, Any]]:
@@ -281,8 +318,15 @@ def _suspect_rows(v: dict[str, Any]) -> tuple[str, list[str], list[list[str]]]:
     return title, header, rows
 
 
+def _plan(a: dict) -> Plan:
+    folder = artifact_dir(a["out"], a["data"])
+    reads = [folder / n for n in ("features.h5", "graph.h5", "prototypes.h5", "scores.h5", "metrics.json")]
+    return Plan(reads=reads, wait=a["wait"], resume="nothing was changed")
+
+
 @app.command("summary")
-def summary(data: DataOpt = None, out: OutOpt = None) -> None:
+@locked("summary", _plan)
+def summary(data: DataOpt = None, out: OutOpt = None, wait: WaitOpt = 0.0) -> None:
     """Print what a run found: the estimated noise overall and per class, the flagged count, the top
     suspects with their suggested class and side text, the class name resolution, and - when clean
     labels and a val split exist - detection quality and the A/B/C/oracle accuracies. Says what is
@@ -291,6 +335,9 @@ def summary(data: DataOpt = None, out: OutOpt = None) -> None:
     Example: sinet summary --out artifacts/shop
     """
     folder = artifact_dir(out, data)
+    stale = provenance_problem(folder)
+    if stale:
+        raise SinetError(stale)
     det = _detection_rows(folder)
     runs = read_runs(folder / "metrics.json")
     acc, evaluated = _accuracy_rows(runs)
@@ -350,4 +397,7 @@ def summary(data: DataOpt = None, out: OutOpt = None) -> None:
         width = max(len(w) for w, _ in outputs)
         console.out("outputs:")
         for what, path in outputs:
-            console.out(f" {what:<{width}}  {path}")
+            # report/ and export/ are committed as units: say so when a run was stopped half way
+            torn = ("  (incomplete: an interrupted run; run it again)"
+                    if path.parent != folder and store.commit_pending(path.parent) else "")
+            console.out(f" {what:<{width}}  {path}{torn}")

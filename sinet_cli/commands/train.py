@@ -26,11 +26,12 @@ from ..common import (
     CaptionsOpt,
     NoiseSeedOpt,
     OutOpt,
+    WaitOpt,
     artifact_dir,
     load_table,
     resolve_device,
 )
-from ..locks import file_lock
+from ..locks import Plan, file_lock, locked
 from ..errors import SinetError
 from ..progress import progress_bar
 from ..sideinfo import DEFAULT_BACKBONE, default_weights
@@ -135,6 +136,19 @@ def merge_shared_metrics(path: Path, run: str, entry: dict[str, Any]) -> None:
         store.write_json(path, data)
 
 
+def record_shared_entry(path: Path, run: str, run_metrics: Path) -> None:
+    """Put the run's entry (kept in its own metrics.json) into the shared metrics.json when a run
+    that committed its model was stopped before it merged it there."""
+    try:
+        entry = json.loads(run_metrics.read_text()).get("shared_entry")
+        have = json.loads(path.read_text()).get("train", {}).get(run) if path.exists() else None
+    except (OSError, ValueError, AttributeError):
+        entry, have = None, None
+    if entry is not None and store.canonical_json(have) != store.canonical_json(entry):
+        merge_shared_metrics(path, run, entry)
+        console.info(f"{path}: recorded run {run}, which an interrupted run had not")
+
+
 def finished_run(metrics_path: Path, model_path: Path, params: dict, inputs: dict) -> bool:
     if not (metrics_path.exists() and model_path.exists()):
         return False
@@ -167,12 +181,16 @@ def _bar(desc: str, total: int, quiet: bool) -> Iterator:
         yield adv
 
 
-def save_model(path: Path, state_dict: dict) -> None:
+def save_model(path: Path, state_dict: dict, stage: bool = False) -> Path:
+    """torch.save through the store (``stage``: left at its temporary name for commit_outputs);
+    serialized in memory first, so a failed write is an OSError naming the file."""
+    import io
+
     import torch
 
-    tmp = path.with_name(path.name + ".partial")
-    torch.save(state_dict, tmp)
-    os.replace(tmp, path)
+    buf = io.BytesIO()
+    torch.save(state_dict, buf)
+    return store.write_bytes(path, buf.getvalue(), stage=stage)
 
 
 def _summary(stats: dict) -> str:
@@ -182,7 +200,18 @@ def _summary(stats: dict) -> str:
 # ------------------------------------------------------------------------------------ command
 
 
+def _plan(a: dict) -> Plan:
+    folder = artifact_dir(a["out"], a["data"])
+    run_dir = folder / ("train-" + a["mode"] + (f"-{a['suffix']}" if a["suffix"] else ""))
+    reads = [a["features"] or folder / "features.h5", a["scores"] or folder / "scores.h5",
+             a["prototypes"] or folder / "prototypes.h5", folder / "graph.h5"]
+    writer = int(os.environ.get("RANK", "0")) == 0  # under torchrun only rank 0 writes
+    return Plan(writes=[run_dir] if writer else [], reads=reads, wait=a["wait"], units=[run_dir] if writer else [],
+                resume=f"{run_dir}: the last finished epoch is kept; run the same command again to resume from it")
+
+
 @app.command("train")
+@locked("train", _plan)
 def train(
     mode: Annotated[str, typer.Option(help="A: all images, unweighted. B: only images with w > --threshold, "
                                       "unweighted. C: weighted by w (SINet, eq. 1). oracle: the clean labels "
@@ -266,6 +295,7 @@ def train(
     device: DeviceOpt = "auto",
     out: OutOpt = None,
     force: ForceOpt = False,
+    wait: WaitOpt = 0.0,
 ) -> None:
     """Train a classifier with per-image weights w_i from scores.h5 (eq. 1) and report top-1/top-5 on the
     clean validation split (metrics.json).
@@ -405,7 +435,9 @@ def train(
         proto = (g, pv, pc, a, b)
 
     metrics_path, model_path, ckpt_path = run_dir / "metrics.json", run_dir / "model.pt", run_dir / "checkpoint.pt"
-    if not force and finished_run(metrics_path, model_path, params, inputs):
+    if not force and finished_run(metrics_path, model_path, params, inputs) and \
+            store.outputs_current(run_dir, [model_path, metrics_path]):
+        record_shared_entry(folder / "metrics.json", run, metrics_path)
         console.info(f"{run_dir}: up to date, nothing to do (use --force to retrain)")
         return
     ft_ckpt_path = run_dir / "finetune.pt"
@@ -520,15 +552,18 @@ def train(
         "resumed_from_epoch": result.resumed_from, "history": result.history, "finetune": finetune_info,
         "classes": class_names, "params": params, "inputs": inputs,
     }
-    run_dir.mkdir(parents=True, exist_ok=True)
-    save_model(model_path, result.model.state_dict())
-    store.write_json(metrics_path, metrics)
-    merge_shared_metrics(folder / "metrics.json", run, {
+    shared_entry = {
         "mode": mode, "on": on, "seed": seed, "top1": stats["top1"], "top5": stats["top5"], "n_train": int(len(rows)),
         "train_subset": train_subset, "finetune_subset": finetune_subset,
         "n_finetune": None if ft is None else int(len(ft)),
         "eval_labels": eval_labels, "run_dir": str(run_dir), "params": params,
-    })
+    }
+    metrics["shared_entry"] = shared_entry  # what the shared metrics.json gets: a rerun adds it if a kill came first
+    run_dir.mkdir(parents=True, exist_ok=True)
+    # model.pt and metrics.json of the run as one unit (a kill between the renames is completed by the next run)
+    store.commit_outputs(run_dir, {model_path: save_model(model_path, result.model.state_dict(), stage=True),
+                                   metrics_path: store.write_json(metrics_path, metrics, stage=True)})
+    merge_shared_metrics(folder / "metrics.json", run, shared_entry)
     acc = _summary(stats) if stats["top1"] is not None else "no validation split"
     on_what = f"{len(rows)} images" + ("" if train_subset == "all" else f" of subset {train_subset}")
     if ft is not None:

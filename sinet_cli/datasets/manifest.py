@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import posixpath
 from pathlib import Path
 
 import numpy as np
@@ -11,6 +13,27 @@ from ..textio import read_text
 from .table import SPLITS, ClassTable, DatasetTable
 
 MANIFEST_COLUMNS = ("id", "path", "label", "split", "clean_label", "text")
+ALLOW_OUTSIDE_ROOT_ENV = "SINET_ALLOW_OUTSIDE_ROOT"  # set by `sinet --allow-outside-root`
+OUTSIDE_ROOT_HINT = "paths are resolved under the manifest's folder; pass sinet --allow-outside-root to read it anyway"
+
+
+def outside_root(p: str, root: str) -> str | None:
+    """Why manifest path ``p`` leaves the manifest's folder ``root``, else None: a relative path
+    whose ``..`` climb above it, or an absolute path elsewhere (an absolute path into the folder,
+    as ``find $PWD`` writes them, stays in). A lexical check: a symlink inside the folder is followed
+    wherever it points (the folder's owner put it there; sinet export's ``images`` link is one)."""
+    q = p.replace("\\", "/")
+    if q.startswith("/"):
+        for base in {os.path.abspath(root), os.path.realpath(root)}:
+            if posixpath.normpath(q).startswith(base.rstrip("/") + "/"):
+                return None
+        return "is absolute, outside the manifest's folder"
+    norm = posixpath.normpath(q)
+    if norm == ".." or norm.startswith("../"):
+        return "leaves the manifest's folder"
+    return None
+
+
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
 
 
@@ -35,14 +58,20 @@ def check_no_empty_class(table: DatasetTable, source: Path | str) -> None:
         raise InputError(source, f"class {empty[0]!r} has no training images" + (f" (and {len(empty) - 1} more)" if len(empty) > 1 else ""))
 
 
-def read_manifest(path: Path | str, classes: ClassTable | None = None, name: str | None = None) -> DatasetTable:
+def read_manifest(path: Path | str, classes: ClassTable | None = None, name: str | None = None,
+                  allow_outside_root: bool | None = None) -> DatasetTable:
     """Read ``id path label split [clean_label] [text]`` (TSV with a header).
 
     Labels are class names or indices into ``classes``; without a class table the classes are the
-    sorted distinct label names. Relative paths are resolved against the manifest's folder.
-    Missing image files are not checked here: extraction logs and skips them.
+    sorted distinct label names. Paths are resolved against the manifest's folder and must stay
+    under it (:func:`outside_root`) unless ``allow_outside_root`` (None: the environment variable
+    ``SINET_ALLOW_OUTSIDE_ROOT=1``, which ``sinet --allow-outside-root`` sets): a manifest from a
+    crawl must not make sinet open /etc/passwd. Missing image files are not checked here:
+    extraction logs and skips them.
     """
     path = Path(path)
+    if allow_outside_root is None:
+        allow_outside_root = os.environ.get(ALLOW_OUTSIDE_ROOT_ENV, "") not in ("", "0")
     text = read_text(path)
     lines = text.splitlines()
     if not lines:
@@ -72,6 +101,7 @@ def read_manifest(path: Path | str, classes: ClassTable | None = None, name: str
             raise InputError(path, "integer labels need a class table (--classes)")
         classes = ClassTable.from_names(labels_seen, source=str(path))
     base = path.parent
+    root = str(base)
     ids, paths, labels, splits, clean, texts = [], [], [], [], [], []
     seen: dict[str, int] = {}
     for lineno, f in rows:
@@ -84,6 +114,9 @@ def read_manifest(path: Path | str, classes: ClassTable | None = None, name: str
         p = f[col["path"]].strip()
         if not p:
             raise InputError(path, f"empty path for {image_id!r}", lineno)
+        why = None if allow_outside_root else outside_root(p, root)
+        if why:
+            raise InputError(path, f"image path {p!r} of {image_id!r} {why}; {OUTSIDE_ROOT_HINT}", lineno)
         ids.append(image_id)
         paths.append(str(Path(p) if Path(p).is_absolute() else base / p))
         labels.append(_label_index(f[col["label"]], classes, path, lineno, "label"))

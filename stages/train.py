@@ -353,6 +353,33 @@ def corrected_targets(labels: np.ndarray, weights: np.ndarray, flagged: np.ndarr
     return Targets(index, value.astype(np.float32)), fix
 
 
+def distribution_targets(labels: np.ndarray, weights: np.ndarray, probs: np.ndarray, *,
+                         keep: int | None = None) -> Targets:
+    """Label correction by the whole suggestion distribution (``correct --correct-target
+    distribution``, eq. T3d): every image keeps w_i on its label and spreads its doubt 1 - w~_i over
+    the other classes by P's share of each among them (eq. T2's q for every class, not only the likeliest):
+
+        T_i = w_i onehot(y_i) + (1 - w~_i) sum_{c != y_i} P_ic / (1 - P_{i,y_i}) onehot(c),   w~_i = min(1, w_i)
+
+    ``keep``: only the ``keep`` likeliest other classes (renormalized), to bound memory for many
+    classes (all when None or >= C - 1). Where P puts everything on the label, the doubt is dropped.
+    """
+    y = np.asarray(labels, dtype=np.int64)
+    w = np.asarray(weights, dtype=np.float32)
+    p = np.asarray(probs, dtype=np.float64).copy()
+    n, C = p.shape
+    p[np.arange(n), y] = 0.0
+    k = C if keep is None or keep >= C - 1 else int(keep)
+    idx = np.argsort(-p, axis=1, kind="stable")[:, :k]
+    val = np.take_along_axis(p, idx, axis=1)
+    total = val.sum(axis=1, keepdims=True)
+    share = np.where(total > 1e-12, val / np.where(total > 1e-12, total, 1.0), 0.0)
+    doubt = (1.0 - np.minimum(w, 1.0))[:, None]
+    index = np.concatenate([y[:, None], idx], axis=1)
+    value = np.concatenate([w[:, None], doubt * share], axis=1)  # eq. T3d
+    return Targets(index, value.astype(np.float32))
+
+
 def graph_neighbours(similarity: np.ndarray, k: int) -> np.ndarray:
     """The ``k`` classes most similar to each class in S_t (itself excluded), most similar first;
     ties by class index. Returns (C, min(k, C - 1)) int64."""

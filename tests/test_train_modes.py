@@ -63,6 +63,18 @@ def test_corrected_targets_eq_t3_soft_and_hard():
         stage.corrected_targets(y, w, flagged, s, q, min_confidence=1.5)
 
 
+def test_distribution_targets_eq_t3d():
+    P = np.array([[0.5, 0.3, 0.1, 0.1], [0.0, 1.0, 0.0, 0.0], [0.2, 0.2, 0.2, 0.4]])
+    y = np.array([0, 1, 3])
+    w = np.array([0.6, 0.2, 1.2], np.float32)
+    t = stage.distribution_targets(y, w, P).dense(4)
+    # image 0: doubt 0.4 over classes 1, 2, 3 as 0.3 : 0.1 : 0.1; image 1: P all on the label, the
+    # doubt is dropped; image 2: w > 1, no doubt
+    np.testing.assert_allclose(t, [[0.6, 0.4 * 0.6, 0.4 * 0.2, 0.4 * 0.2], [0, 0.2, 0, 0], [0, 0, 0, 1.2]], rtol=1e-6)
+    kept = stage.distribution_targets(y[:1], w[:1], P[:1], keep=1).dense(4)  # the likeliest other class only
+    np.testing.assert_allclose(kept, [[0.6, 0.4, 0, 0]], rtol=1e-6)
+
+
 def test_graph_neighbours_and_targets_eq_t4():
     S = np.array([[1, .2, .5, .1], [.2, 1, .3, .3], [.5, .3, 1, .4], [.1, .3, .4, 1]])
     nb = stage.graph_neighbours(S, 2)
@@ -296,6 +308,12 @@ def test_cli_new_modes_on_features_record_their_knobs(sinet, mode_artifacts):
     assert m["correct"]["params"]["suggestions"] == "scores.h5 probe"
     assert m["correct"]["params"]["flags"].startswith("w <= 0.5")
     assert m["correct"]["params"]["correct_target"] == "soft" and m["correct"]["params"]["min_confidence"] == 0.5
+    code, _, err = sinet("train", "--mode", "correct", "--correct-target", "distribution", "--suffix", "d",
+                         "--out", out, *FAST)
+    assert code == 0, err
+    md = json.loads((out / "train-correct-d" / "metrics.json").read_text())
+    assert md["params"]["soft_keep"] == 16 and "min_confidence" not in md["params"]
+    assert 0 < md["mode_stats"]["moved_right"] <= 1
     assert 0 < m["correct"]["mode_stats"]["corrected"] <= m["correct"]["mode_stats"]["flagged"]
     assert 0 <= m["correct"]["mode_stats"]["corrected_right"] <= 1
     assert m["fixmatch"]["params"]["lambda_u"] == 1.0 and m["fixmatch"]["params"]["pseudo_confidence"] == 0.95
@@ -320,7 +338,7 @@ def test_cli_mode_errors_are_one_line(sinet, mode_artifacts, tmp_path):
     code, _, err = sinet("train", "--mode", "pseudo", "--out", out, *FAST)
     assert code == 1 and "fixmatch" in err
     code, _, err = sinet("train", "--mode", "correct", "--correct-target", "both", "--out", out, *FAST)
-    assert code == 1 and "soft or hard" in err
+    assert code == 1 and "soft, hard or distribution" in err
     code, _, err = sinet("train", "--mode", "C", "--topk-neighbours", "2", "--out", out, *FAST)
     assert code == 1 and "--topk-smoothing" in err
     code, _, err = sinet("train", "--mode", "fixmatch", "--topk-smoothing", "2", "--out", out, *FAST)

@@ -242,8 +242,8 @@ def train(
                             rich_help_panel=P_MODE)] = False,
     soft_mix: Annotated[float, typer.Option(help="--soft-targets: share of the target moved onto the label "
                         "(0: eq. 7 as is, 1: eq. 1).", rich_help_panel=P_MODE)] = 0.0,
-    soft_keep: Annotated[int, typer.Option(help="--soft-targets: keep each image's K largest class weights "
-                         "(all when K >= classes).", rich_help_panel=P_MODE)] = 16,
+    soft_keep: Annotated[int, typer.Option(help="--soft-targets, --correct-target distribution: keep each "
+                         "image's K largest class weights (all when K >= classes).", rich_help_panel=P_MODE)] = 16,
     alpha: Annotated[Optional[float], typer.Option(help="--soft-targets: eq. 6 alpha (default: scores.h5's, "
                      "else 1.2).", rich_help_panel=P_MODE)] = None,
     beta: Annotated[Optional[float], typer.Option(help="--soft-targets: eq. 6 beta (default: scores.h5's, "
@@ -256,7 +256,8 @@ def train(
     topk_epochs: Annotated[Optional[int], typer.Option(help="Epochs of the initial top-k model (default "
                            "--epochs).", rich_help_panel=P_MODE)] = None,
     correct_target: Annotated[str, typer.Option(help="--mode correct: soft (w on the label, the rest of the "
-                              "mass on the suggestion) or hard (only the suggestion).",
+                              "mass on the suggestion), hard (only the suggestion), or distribution (every image: "
+                              "w on the label, 1 - w over the other classes by the probe's probabilities).",
                               rich_help_panel=P_MODE)] = "soft",
     min_confidence: Annotated[float, typer.Option(help="--mode correct: smallest confidence of a suggestion "
                               "that is used.", rich_help_panel=P_MODE)] = 0.5,
@@ -357,8 +358,8 @@ def train(
         raise SinetError("--topk-smoothing and --soft-targets both replace the targets: choose one")
     if topk_neighbours < 0 or (topk_neighbours and not topk_smoothing):
         raise SinetError("--topk-neighbours K restricts --topk-smoothing: give both, K >= 1")
-    if correct_target not in ("soft", "hard"):
-        raise SinetError(f"--correct-target {correct_target!r}: choose soft or hard")
+    if correct_target not in ("soft", "hard", "distribution"):
+        raise SinetError(f"--correct-target {correct_target!r}: choose soft, hard or distribution")
     if graph_neighbours < 1:
         raise SinetError("--graph-neighbours must be >= 1")
     if suffix and not suffix.replace("-", "").replace("_", "").isalnum():
@@ -502,9 +503,20 @@ def train(
     if mode in ("correct", *stage.SEMI_MODES):
         flagged, flag_source = flags_of(stage, score_extra, w, y, scores_params, threshold)
         params["flags"] = flag_source
+    distribution = None
     if mode == "correct":
         params.update(correct_target=correct_target, min_confidence=min_confidence)
-        if "suggested_class" in score_extra and "suggested_confidence" in score_extra:
+        if correct_target == "distribution":  # the whole distribution: the probe's, else eq. 7's
+            del params["min_confidence"]
+            params["soft_keep"] = soft_keep
+            if all(k in score_extra for k in SCORE_PROBE):
+                distribution = stage.probe_probabilities(features_of_rows(), score_extra["probe_W"],
+                                                         score_extra["probe_b"])
+                params["suggestions"] = "scores.h5 probe"
+            else:
+                distribution = stage.prototype_probabilities(eq7_weights())
+                params["suggestions"] = "prototypes (eq. 7)"
+        elif "suggested_class" in score_extra and "suggested_confidence" in score_extra:
             suggestion = (score_extra["suggested_class"], score_extra["suggested_confidence"])
             params["suggestions"] = "scores.h5 suggested_class"
         elif all(k in score_extra for k in SCORE_PROBE):
@@ -564,7 +576,16 @@ def train(
     mode_stats: dict[str, Any] = {}
     if flagged is not None:
         mode_stats["flagged"] = int(flagged.sum())
-    if mode == "correct":
+    if mode == "correct" and distribution is not None:
+        targets = stage.distribution_targets(y, w, distribution, keep=soft_keep)  # eq. T3d
+        if tr_clean is not None:  # how much of the moved mass lands on the true class (the demos)
+            dense_known = tr_clean[rows] >= 0
+            moved = targets.value[:, 1:].sum()
+            on_true = (targets.value[:, 1:] * (targets.index[:, 1:] == tr_clean[rows][:, None])
+                       * dense_known[:, None]).sum()
+            mode_stats["moved_mass"] = float(moved)
+            mode_stats["moved_right"] = float(on_true / moved) if moved > 0 else None
+    elif mode == "correct":
         try:
             targets, fixed = stage.corrected_targets(y, w, flagged, *suggestion, min_confidence=min_confidence,
                                                      soft=correct_target == "soft")  # eq. T3

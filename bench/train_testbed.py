@@ -4,6 +4,7 @@
     python bench/train_testbed.py --work /tmp/sinet-tb --heldout        # held-out rates, noise seed 1
     python bench/train_testbed.py --work /tmp/sinet-tb --ablation fixmatch   # S_t: wordnet+text / text / none
     python bench/train_testbed.py --work /tmp/sinet-tb --table          # print the tables of what ran
+    python bench/train_testbed.py --work /tmp/sinet-tb --runs-list      # every run: top-1, seconds, command
 
 Per dataset (demo: Fashion-MNIST with MNIST junk; demo-mnist: MNIST with Fashion-MNIST junk) and
 noise setting (uniform = symmetric 40%, confusion 30%, open-set 20%, mixed = symmetric 10% +
@@ -64,6 +65,7 @@ RUNS = {
     "C": ["--mode", "C"],
     "correct": ["--mode", "correct"],
     "correct-hard": ["--mode", "correct", "--correct-target", "hard"],
+    "correct-dist": ["--mode", "correct", "--correct-target", "distribution"],
     "fixmatch": ["--mode", "fixmatch"],
     "mixmatch": ["--mode", "mixmatch"],
     "graph": ["--mode", "graph"],
@@ -234,6 +236,13 @@ def print_tables(work: Path) -> None:
             for n in names if any(n in secs[g] for g in rows)))
 
 
+def print_runs(work: Path) -> None:
+    """Every run: top-1, wall seconds and its command (tab-separated)."""
+    print("top1\tseconds\tcommand")
+    for r in load_results(work / "results.jsonl").values():
+        print(f"{r['top1']:.2f}\t{r['seconds']:.0f}\t{r['command']}")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--work", type=Path, default=Path("/tmp/sinet-train-testbed"))
@@ -246,11 +255,15 @@ def main() -> None:
     ap.add_argument("--heldout", action="store_true", help="held-out rates, noise seed 1")
     ap.add_argument("--ablation", metavar="RUN", help="RUN with S_t from wordnet+text, text, none")
     ap.add_argument("--table", action="store_true", help="only print the tables of results.jsonl")
+    ap.add_argument("--runs-list", action="store_true", help="only print every run's top-1, seconds and command")
     args = ap.parse_args()
     args.work.mkdir(parents=True, exist_ok=True)
     args.datasets = args.datasets.split(",")
     args.settings = args.settings.split(",")
     args.seeds = [int(s) for s in args.seeds.split(",")]
+    if args.runs_list:
+        print_runs(args.work)
+        return
     if not args.table:
         settings, noise_seed = (HELDOUT, 1) if args.heldout else (SETTINGS, 0)
         if args.ablation:

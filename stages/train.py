@@ -531,6 +531,11 @@ def fixmatch_loss(logits_weak: torch.Tensor, logits_strong: torch.Tensor, target
     return (sup + lambda_u * unsup) / norm, (mask > 0).sum()  # eq. S1
 
 
+def label_guess(logits_1: torch.Tensor, logits_2: torch.Tensor) -> torch.Tensor:
+    """Eq. S2: pbar_i = (softmax(G(x'_i)) + softmax(G(x''_i))) / 2 over two weak views."""
+    return (torch.softmax(logits_1.float(), dim=1) + torch.softmax(logits_2.float(), dim=1)) / 2  # eq. S2
+
+
 def sharpen(p: torch.Tensor, temperature: float) -> torch.Tensor:
     """Eq. S4: Sharpen(p, T)_c = p_c^(1/T) / sum_c' p_c'^(1/T)."""
     pt = p.clamp_min(0).pow(1.0 / temperature)
@@ -699,7 +704,7 @@ class MixMatch(Supervised):
         valid = b.valid if b.valid is not None else torch.ones(n, device=b.x.device)
         with torch.no_grad():
             logits = net(torch.cat([b.x, b.x2])).float()
-            guess = (torch.softmax(logits[:n], 1) + torch.softmax(logits[n:], 1)) / 2  # eq. S2
+            guess = label_guess(logits[:n], logits[n:])  # eq. S2
             targets = dense_targets(b.t_index, b.t_value, self.num_classes)
             t = mixmatch_targets(guess, targets, b.unlabeled, self.cfg.temperature)
         rng = np.random.default_rng(_mix_seed(self.seed, epoch, step, self.rank))

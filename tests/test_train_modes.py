@@ -121,6 +121,8 @@ def test_fixmatch_loss_eq_s1_by_hand():
 
 
 def test_sharpen_refine_and_mixup_eq_s2_to_s5():
+    guess = stage.label_guess(torch.tensor([[0.0, 0.0]]), torch.tensor([[math.log(3.0), 0.0]]))
+    np.testing.assert_allclose(guess.numpy(), [[(0.5 + 0.75) / 2, (0.5 + 0.25) / 2]], rtol=1e-6)
     np.testing.assert_allclose(stage.sharpen(torch.tensor([[0.8, 0.2]]), 0.5).numpy(), [[0.64 / 0.68, 0.04 / 0.68]],
                                rtol=1e-6)
     guess = torch.tensor([[0.5, 0.5], [0.6, 0.4]])

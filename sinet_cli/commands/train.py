@@ -8,8 +8,9 @@ import json
 import os
 import time
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated, Any, Iterator, Optional
+from typing import Annotated, Any, Callable, Iterator, Optional
 
 import numpy as np
 import typer
@@ -145,6 +146,91 @@ def flags_of(stage, extra: dict, w: np.ndarray, y: np.ndarray, scores_params: di
         return extra["flagged"].astype(bool), "scores.h5 flagged"
     below = 0.5 if scores_params.get("score") == "fused" else 0.0
     return stage.suspect_flags(w, y, extra.get("nearest_class"), below), f"w <= {below:g} or a nearer prototype"
+
+
+@dataclass
+class ModePlan:
+    """What a mode beyond weighting needs besides w (docs/training-modes.md)."""
+
+    flagged: np.ndarray | None = None  # eq. T1 (or scores.h5's flags)
+    suggestion: tuple[np.ndarray, np.ndarray] | None = None  # (s_i, q_i), eq. T2 (or scores.h5's)
+    distribution: np.ndarray | None = None  # P (N, C) for --correct-target distribution
+    class_weights: np.ndarray | None = None  # eq. 7's w_ic for mode graph
+    neighbours: np.ndarray | None = None  # S_t neighbours of every class
+
+
+def plan_mode(stage, mode: str, *, y: np.ndarray, w: np.ndarray, score_extra: dict, scores_params: dict, params: dict,
+              features_of_rows: Callable[[], np.ndarray], eq7_weights: Callable[[], np.ndarray],
+              neighbours_of: Callable[[int], np.ndarray], threshold: float | None, correct_target: str,
+              min_confidence: float, soft_keep: int, graph_neighbours: int, topk_neighbours: int, semi) -> ModePlan:
+    """Flags, suggestions, eq. 7 weights and graph neighbours a mode needs, each from the first source
+    that has it; records the choices (and the mode's knobs) in ``params``."""
+    plan = ModePlan()
+    if mode in ("correct", *stage.SEMI_MODES):
+        plan.flagged, params["flags"] = flags_of(stage, score_extra, w, y, scores_params, threshold)
+    have_probe = all(k in score_extra for k in SCORE_PROBE)
+
+    def probe() -> np.ndarray:
+        return stage.probe_probabilities(features_of_rows(), score_extra["probe_W"], score_extra["probe_b"])
+
+    if mode == "correct":
+        params["correct_target"] = correct_target
+        if correct_target == "distribution":  # the whole distribution: the probe's, else eq. 7's
+            params["soft_keep"] = soft_keep
+            plan.distribution = probe() if have_probe else stage.prototype_probabilities(eq7_weights())
+            params["suggestions"] = "scores.h5 probe" if have_probe else "prototypes (eq. 7)"
+        else:
+            params["min_confidence"] = min_confidence
+            if "suggested_class" in score_extra and "suggested_confidence" in score_extra:
+                plan.suggestion = (score_extra["suggested_class"], score_extra["suggested_confidence"])
+                params["suggestions"] = "scores.h5 suggested_class"
+            else:
+                p = probe() if have_probe else stage.prototype_probabilities(eq7_weights())
+                plan.suggestion = stage.relabel_suggestions(p, y)  # eq. T2
+                params["suggestions"] = "scores.h5 probe" if have_probe else "prototypes (eq. 7)"
+    if semi is not None:
+        params.update(semi.params())
+    if mode == "graph":
+        plan.neighbours = neighbours_of(graph_neighbours)
+        plan.class_weights = eq7_weights()
+        params["graph_neighbours"] = graph_neighbours
+    if topk_neighbours:
+        plan.neighbours = neighbours_of(topk_neighbours)
+        params["topk_neighbours"] = topk_neighbours
+    return plan
+
+
+def mode_targets(stage, mode: str, plan: ModePlan, targets, *, y: np.ndarray, w: np.ndarray,
+                 clean: np.ndarray | None, min_confidence: float, soft: bool, soft_keep: int) -> tuple[Any, dict]:
+    """The targets of ``mode`` (``targets`` as built for C / eq. 7 otherwise) and its ``mode_stats``,
+    with how well the moved labels match the true ones where ``clean`` labels are known (the demos)."""
+    stats: dict[str, Any] = {}
+    if plan.flagged is not None:
+        stats["flagged"] = int(plan.flagged.sum())
+    known = None if clean is None else clean >= 0
+    if mode == "correct" and plan.distribution is not None:
+        targets = stage.distribution_targets(y, w, plan.distribution, keep=soft_keep)  # eq. T3d
+        moved = float(targets.value[:, 1:].sum())
+        stats["moved_mass"] = moved
+        if known is not None and moved > 0:
+            on_true = targets.value[:, 1:] * (targets.index[:, 1:] == clean[:, None]) * known[:, None]
+            stats["moved_right"] = float(on_true.sum() / moved)
+    elif mode == "correct":
+        try:
+            targets, fixed = stage.corrected_targets(y, w, plan.flagged, *plan.suggestion,
+                                                     min_confidence=min_confidence, soft=soft)  # eq. T3
+        except ValueError as e:
+            raise SinetError(str(e)) from None
+        stats["corrected"] = int(fixed.sum())
+        if known is not None and (fixed & known).any():
+            sel = fixed & known
+            stats["corrected_right"] = float(np.mean(plan.suggestion[0][sel] == clean[sel]))
+    elif mode == "graph":
+        targets = stage.graph_targets(y, w, plan.class_weights, plan.neighbours)  # eq. T4
+    elif mode in stage.SEMI_MODES:
+        targets = stage.hard_targets(y, np.where(plan.flagged, 0.0, w))  # the labeled images keep eq. 1
+        stats["unlabeled"] = int(plan.flagged.sum())
+    return targets, stats
 
 
 def subset_rows(stage, source: Path | str, splits: np.ndarray, subsets: np.ndarray | None, name: str,
@@ -498,44 +584,14 @@ def train(
         except ValueError as e:
             raise SinetError(str(e)) from None
 
-    graph_path = graph or folder / "graph.h5"
-    flagged = unlabeled = suggestion = neighbours = None
-    if mode in ("correct", *stage.SEMI_MODES):
-        flagged, flag_source = flags_of(stage, score_extra, w, y, scores_params, threshold)
-        params["flags"] = flag_source
-    distribution = None
-    if mode == "correct":
-        params.update(correct_target=correct_target, min_confidence=min_confidence)
-        if correct_target == "distribution":  # the whole distribution: the probe's, else eq. 7's
-            del params["min_confidence"]
-            params["soft_keep"] = soft_keep
-            if all(k in score_extra for k in SCORE_PROBE):
-                distribution = stage.probe_probabilities(features_of_rows(), score_extra["probe_W"],
-                                                         score_extra["probe_b"])
-                params["suggestions"] = "scores.h5 probe"
-            else:
-                distribution = stage.prototype_probabilities(eq7_weights())
-                params["suggestions"] = "prototypes (eq. 7)"
-        elif "suggested_class" in score_extra and "suggested_confidence" in score_extra:
-            suggestion = (score_extra["suggested_class"], score_extra["suggested_confidence"])
-            params["suggestions"] = "scores.h5 suggested_class"
-        elif all(k in score_extra for k in SCORE_PROBE):
-            probs = stage.probe_probabilities(features_of_rows(), score_extra["probe_W"], score_extra["probe_b"])
-            suggestion = stage.relabel_suggestions(probs, y)
-            params["suggestions"] = "scores.h5 probe"
-        else:
-            suggestion = stage.relabel_suggestions(stage.prototype_probabilities(eq7_weights()), y)
-            params["suggestions"] = "prototypes (eq. 7)"
-    if semi is not None:
-        unlabeled = flagged
-        params.update(semi.params())
-    if mode == "graph":
-        neighbours, inputs["graph"] = read_graph_neighbours(stage, graph_path, class_names, graph_neighbours)
-        class_weights = eq7_weights()
-        params["graph_neighbours"] = graph_neighbours
-    if topk_neighbours:
-        neighbours, inputs["graph"] = read_graph_neighbours(stage, graph_path, class_names, topk_neighbours)
-        params["topk_neighbours"] = topk_neighbours
+    def neighbours_of(k: int) -> np.ndarray:
+        nb, inputs["graph"] = read_graph_neighbours(stage, graph or folder / "graph.h5", class_names, k)
+        return nb
+
+    plan = plan_mode(stage, mode, y=y, w=w, score_extra=score_extra, scores_params=scores_params, params=params,
+                     features_of_rows=features_of_rows, eq7_weights=eq7_weights, neighbours_of=neighbours_of,
+                     threshold=threshold, correct_target=correct_target, min_confidence=min_confidence,
+                     soft_keep=soft_keep, graph_neighbours=graph_neighbours, topk_neighbours=topk_neighbours, semi=semi)
 
     metrics_path, model_path, ckpt_path = run_dir / "metrics.json", run_dir / "model.pt", run_dir / "checkpoint.pt"
     if not force and finished_run(metrics_path, model_path, params, inputs):
@@ -573,35 +629,11 @@ def train(
             raise SinetError(str(e)) from None
     else:
         targets = stage.hard_targets(y, w)
-    mode_stats: dict[str, Any] = {}
-    if flagged is not None:
-        mode_stats["flagged"] = int(flagged.sum())
-    if mode == "correct" and distribution is not None:
-        targets = stage.distribution_targets(y, w, distribution, keep=soft_keep)  # eq. T3d
-        if tr_clean is not None:  # how much of the moved mass lands on the true class (the demos)
-            dense_known = tr_clean[rows] >= 0
-            moved = targets.value[:, 1:].sum()
-            on_true = (targets.value[:, 1:] * (targets.index[:, 1:] == tr_clean[rows][:, None])
-                       * dense_known[:, None]).sum()
-            mode_stats["moved_mass"] = float(moved)
-            mode_stats["moved_right"] = float(on_true / moved) if moved > 0 else None
-    elif mode == "correct":
-        try:
-            targets, fixed = stage.corrected_targets(y, w, flagged, *suggestion, min_confidence=min_confidence,
-                                                     soft=correct_target == "soft")  # eq. T3
-        except ValueError as e:
-            raise SinetError(str(e)) from None
-        mode_stats["corrected"] = int(fixed.sum())
-        if tr_clean is not None and fixed.any():
-            known = tr_clean[rows][fixed] >= 0
-            if known.any():  # how often a correction lands on the true class (the demos)
-                mode_stats["corrected_right"] = float(np.mean(suggestion[0][fixed][known] == tr_clean[rows][fixed][known]))
-    elif mode == "graph":
-        targets = stage.graph_targets(y, w, class_weights, neighbours)  # eq. T4
-    elif semi is not None:
-        targets = stage.hard_targets(y, np.where(unlabeled, 0.0, w))  # the labeled images keep eq. 1
-        mode_stats["unlabeled"] = int(unlabeled.sum())
-    allowed = stage.neighbour_classes(y, neighbours) if topk_neighbours else None
+    targets, mode_stats = mode_targets(stage, mode, plan, targets, y=y, w=w,
+                                       clean=None if tr_clean is None else tr_clean[rows],
+                                       min_confidence=min_confidence, soft=correct_target == "soft", soft_keep=soft_keep)
+    unlabeled = plan.flagged if semi is not None else None
+    allowed = stage.neighbour_classes(y, plan.neighbours) if topk_neighbours else None
 
     try:
         if on == "features":

@@ -101,6 +101,32 @@ def test_eq7_class_weights_by_hand():
     np.testing.assert_allclose(w, [[1.5**2, (1.5 - math.sqrt(2)) ** 2]], rtol=1e-5)
 
 
+def test_transition_matrix_eq_f1_and_forward_loss_eq_f2():
+    P = np.array([[0.8, 0.2], [0.6, 0.4], [0.1, 0.9]])
+    T = stage.transition_matrix(P, np.array([0, 1, 1]), 2, hard=False)
+    # soft: C = [[0.8, 0.6 + 0.1], [0.2, 0.4 + 0.9]], rows normalized
+    np.testing.assert_allclose(T, [[0.8 / 1.5, 0.7 / 1.5], [0.2 / 1.5, 1.3 / 1.5]], rtol=1e-6)
+    # hard: image 0 and 1 count in row 0 (labels 0, 1), image 2 in row 1 (label 1)
+    np.testing.assert_allclose(stage.transition_matrix(P, np.array([0, 1, 1]), 2), [[0.5, 0.5], [0.0, 1.0]])
+    P3 = np.array([[1.0, 0, 0], [0.5, 0, 0.5], [0, 1.0, 0]])
+    y3 = np.array([0, 2, 1])
+    np.testing.assert_allclose(stage.transition_matrix(P3, y3, 3, hard=False),
+                               [[1 / 1.5, 0, 0.5 / 1.5], [0, 1, 0], [0, 0, 1]], rtol=1e-6)
+    # over S_t neighbours: class 0's labels may not go to class 2 (N(0) = {1})
+    nb = np.array([[1], [0], [1]])
+    np.testing.assert_allclose(stage.transition_matrix(P3, y3, 3, nb, hard=False), np.eye(3), rtol=1e-6)
+    # a class no image belongs to keeps the identity row
+    np.testing.assert_allclose(stage.transition_matrix(np.array([[1.0, 0, 0]]), np.array([1]), 3),
+                               [[0, 1, 0], [0, 1, 0], [0, 0, 1]])
+    Tt = torch.tensor([[0.8, 0.2], [0.3, 0.7]])
+    loss = stage.forward_loss(torch.zeros(1, 2), torch.tensor([[0.0, 1.0]]), Tt, 2.0)
+    assert loss.item() == pytest.approx(-math.log(0.5 * 0.2 + 0.5 * 0.7) / 2.0)
+    # the identity transition is eq. 1
+    logits = torch.randn(3, 2)
+    tg = torch.tensor([[1.0, 0.0], [0.0, 0.5], [0.0, 1.0]])
+    torch.testing.assert_close(stage.forward_loss(logits, tg, torch.eye(2), 3.0), stage.soft_cross_entropy(logits, tg, 3.0))
+
+
 # ------------------------------------------------------------------------------ eq. S1-S6
 
 
@@ -301,12 +327,15 @@ FAST = ["--epochs", "4", "--batch-size", "32", "--lr", "0.5"]
 
 def test_cli_new_modes_on_features_record_their_knobs(sinet, mode_artifacts):
     out = mode_artifacts
-    for mode in ("correct", "fixmatch", "mixmatch", "graph"):
+    for mode in ("correct", "fixmatch", "mixmatch", "graph", "forward"):
         code, _, err = sinet("train", "--mode", mode, "--out", out, *FAST)
         assert code == 0, err
         assert f"train-{mode}" in err and "top-1" in err
     m = {k: json.loads((out / f"train-{k}" / "metrics.json").read_text()) for k in
-         ("correct", "fixmatch", "mixmatch", "graph")}
+         ("correct", "fixmatch", "mixmatch", "graph", "forward")}
+    assert m["forward"]["params"]["transition_neighbours"] == 0 and m["forward"]["mean_weight"] == 1.0
+    assert len(m["forward"]["mode_stats"]["transition_diagonal"]) == 3
+    assert 0 <= m["forward"]["mode_stats"]["transition_error"] <= 2
     assert m["correct"]["params"]["suggestions"] == "scores.h5 probe"
     assert m["correct"]["params"]["flags"].startswith("w <= 0.5")
     assert m["correct"]["params"]["correct_target"] == "soft" and m["correct"]["params"]["min_confidence"] == 0.5
@@ -329,6 +358,10 @@ def test_cli_new_modes_on_features_record_their_knobs(sinet, mode_artifacts):
     code, _, err = sinet("train", "--mode", "fixmatch", "--threshold", "0.3", "--suffix", "t", "--out", out, *FAST)
     assert code == 0, err
     assert json.loads((out / "train-fixmatch-t" / "metrics.json").read_text())["params"]["flags"] == "w <= 0.3"
+    code, _, err = sinet("train", "--mode", "forward", "--transition-neighbours", "1", "--suffix", "g", "--out", out,
+                         *FAST)
+    assert code == 0, err
+    assert json.loads((out / "train-forward-g" / "metrics.json").read_text())["params"]["transition_neighbours"] == 1
     code, _, err = sinet("train", "--mode", "C", "--topk-smoothing", "2", "--topk-neighbours", "1", "--suffix", "tg",
                          "--out", out, *FAST)
     assert code == 0, err
@@ -391,7 +424,7 @@ def test_cli_new_modes_on_images(sinet, tmp_path, stored):
     common = ["--on", "images", "--data", f"manifest:{tmp_path / 'm.tsv'}", "--backbone", "test_efficientnet_gn",
               "--random-init", "--image-size", "24", "--epochs", "1", "--batch-size", "4", "--workers", "0",
               "--device", "cpu", "--out", out]
-    for mode in ("correct", "fixmatch", "mixmatch", "graph"):
+    for mode in ("correct", "fixmatch", "mixmatch", "graph", "forward"):
         code, _, err = sinet("train", "--mode", mode, *common)
         assert code == 0, err
         m = json.loads((out / f"train-{mode}" / "metrics.json").read_text())

@@ -154,7 +154,7 @@ class ModePlan:
 
     flagged: np.ndarray | None = None  # eq. T1 (or scores.h5's flags)
     suggestion: tuple[np.ndarray, np.ndarray] | None = None  # (s_i, q_i), eq. T2 (or scores.h5's)
-    distribution: np.ndarray | None = None  # P (N, C) for --correct-target distribution
+    distribution: np.ndarray | None = None  # P (N, C) for --correct-target distribution and mode forward
     class_weights: np.ndarray | None = None  # eq. 7's w_ic for mode graph
     neighbours: np.ndarray | None = None  # S_t neighbours of every class
 
@@ -162,7 +162,8 @@ class ModePlan:
 def plan_mode(stage, mode: str, *, y: np.ndarray, w: np.ndarray, score_extra: dict, scores_params: dict, params: dict,
               features_of_rows: Callable[[], np.ndarray], eq7_weights: Callable[[], np.ndarray],
               neighbours_of: Callable[[int], np.ndarray], threshold: float | None, correct_target: str,
-              min_confidence: float, soft_keep: int, graph_neighbours: int, topk_neighbours: int, semi) -> ModePlan:
+              min_confidence: float, soft_keep: int, graph_neighbours: int, topk_neighbours: int,
+              transition_neighbours: int, semi) -> ModePlan:
     """Flags, suggestions, eq. 7 weights and graph neighbours a mode needs, each from the first source
     that has it; records the choices (and the mode's knobs) in ``params``."""
     plan = ModePlan()
@@ -190,6 +191,12 @@ def plan_mode(stage, mode: str, *, y: np.ndarray, w: np.ndarray, score_extra: di
                 params["suggestions"] = "scores.h5 probe" if have_probe else "prototypes (eq. 7)"
     if semi is not None:
         params.update(semi.params())
+    if mode == "forward":  # eq. F1 from the probe's probabilities (else eq. 7's), over S_t neighbours if asked
+        plan.distribution = probe() if have_probe else stage.prototype_probabilities(eq7_weights())
+        params["suggestions"] = "scores.h5 probe" if have_probe else "prototypes (eq. 7)"
+        params["transition_neighbours"] = transition_neighbours
+        if transition_neighbours:
+            plan.neighbours = neighbours_of(transition_neighbours)
     if mode == "graph":
         plan.neighbours = neighbours_of(graph_neighbours)
         plan.class_weights = eq7_weights()
@@ -230,7 +237,28 @@ def mode_targets(stage, mode: str, plan: ModePlan, targets, *, y: np.ndarray, w:
     elif mode in stage.SEMI_MODES:
         targets = stage.hard_targets(y, np.where(plan.flagged, 0.0, w))  # the labeled images keep eq. 1
         stats["unlabeled"] = int(plan.flagged.sum())
+    elif mode == "forward":
+        targets = stage.hard_targets(y)  # every image, its noisy label: T carries the noise (eq. F2)
     return targets, stats
+
+
+def forward_transition(stage, mode: str, plan: ModePlan, y: np.ndarray, num_classes: int,
+                       clean: np.ndarray | None, stats: dict) -> np.ndarray | None:
+    """Mode forward's transition matrix (eq. F1); in ``stats`` its diagonal and, where the true labels
+    are known, the true one's (the demos)."""
+    if mode != "forward":
+        return None
+    T = stage.transition_matrix(plan.distribution, y, num_classes,
+                                plan.neighbours if plan.neighbours is not None else None)
+    stats["transition_diagonal"] = [round(float(v), 4) for v in np.diag(T)]
+    if clean is not None and (clean >= 0).any():
+        k = clean >= 0
+        true = np.zeros((num_classes, num_classes))
+        np.add.at(true, (clean[k], y[k]), 1.0)
+        true = true / np.maximum(true.sum(axis=1, keepdims=True), 1.0)
+        stats["true_transition_diagonal"] = [round(float(v), 4) for v in np.diag(true)]
+        stats["transition_error"] = float(np.abs(T - true).sum(axis=1).mean())  # mean L1 per row
+    return T
 
 
 def subset_rows(stage, source: Path | str, splits: np.ndarray, subsets: np.ndarray | None, name: str,
@@ -315,8 +343,10 @@ def train(
                                       "confident suggested class train on it, the rest as C. fixmatch / mixmatch: "
                                       "flagged images become unlabeled data (pseudo-labels between two "
                                       "augmentations / DivideMix's MixMatch). graph: the doubt 1 - w goes to the "
-                                      "label's neighbours in S_t by eq. 7. oracle: the clean labels (only when "
-                                      "known). Equations: docs/training-modes.md.", rich_help_panel=P_MODE)] = "C",
+                                      "label's neighbours in S_t by eq. 7. forward: all images, the output passed "
+                                      "through the noise transition estimated from the probe. oracle: the clean "
+                                      "labels (only when known). Equations: docs/training-modes.md.",
+                                      rich_help_panel=P_MODE)] = "C",
     on: Annotated[str, typer.Option(help="features: a head on cached features (CPU, fast). images: a full timm "
                                     "model on images (GPU; several with torchrun).", rich_help_panel=P_MODE)] = "features",
     threshold: Annotated[Optional[float], typer.Option(
@@ -362,6 +392,9 @@ def train(
                                 "receive an image's doubt.", rich_help_panel=P_MODE)] = 3,
     topk_neighbours: Annotated[int, typer.Option(help="K > 0: top-k smoothing puts mass only on the label and "
                                "its K nearest classes in S_t (graph.h5).", rich_help_panel=P_MODE)] = 0,
+    transition_neighbours: Annotated[int, typer.Option(help="--mode forward, K > 0: a class's labels may only "
+                                     "flip to its K nearest classes in S_t (graph.h5); 0: to any class.",
+                                     rich_help_panel=P_MODE)] = 0,
     suffix: Annotated[str, typer.Option(help="Run name suffix: output in train-<mode>-<suffix>/ and that key "
                       "in metrics.json (e.g. seed1, topk).", rich_help_panel=P_MODE)] = "",
     data: DataOpt = "demo",
@@ -448,6 +481,8 @@ def train(
         raise SinetError(f"--correct-target {correct_target!r}: choose soft, hard or distribution")
     if graph_neighbours < 1:
         raise SinetError("--graph-neighbours must be >= 1")
+    if transition_neighbours < 0:
+        raise SinetError("--transition-neighbours must be >= 0")
     if suffix and not suffix.replace("-", "").replace("_", "").isalnum():
         raise SinetError(f"--suffix {suffix!r}: letters, digits, - and _ only")
     if finetune_subset is not None and finetune_epochs < 1:
@@ -591,7 +626,8 @@ def train(
     plan = plan_mode(stage, mode, y=y, w=w, score_extra=score_extra, scores_params=scores_params, params=params,
                      features_of_rows=features_of_rows, eq7_weights=eq7_weights, neighbours_of=neighbours_of,
                      threshold=threshold, correct_target=correct_target, min_confidence=min_confidence,
-                     soft_keep=soft_keep, graph_neighbours=graph_neighbours, topk_neighbours=topk_neighbours, semi=semi)
+                     soft_keep=soft_keep, graph_neighbours=graph_neighbours, topk_neighbours=topk_neighbours,
+                     transition_neighbours=transition_neighbours, semi=semi)
 
     metrics_path, model_path, ckpt_path = run_dir / "metrics.json", run_dir / "model.pt", run_dir / "checkpoint.pt"
     if not force and finished_run(metrics_path, model_path, params, inputs):
@@ -634,6 +670,8 @@ def train(
                                        min_confidence=min_confidence, soft=correct_target == "soft", soft_keep=soft_keep)
     unlabeled = plan.flagged if semi is not None else None
     allowed = stage.neighbour_classes(y, plan.neighbours) if topk_neighbours else None
+    transition = forward_transition(stage, mode, plan, y, num_classes, None if tr_clean is None else tr_clean[rows],
+                                    mode_stats)
 
     try:
         if on == "features":
@@ -652,7 +690,7 @@ def train(
             with progress_bar(f"train {run}", cfg.total_epochs * len(rows)) as adv:
                 result = stage.train_features(x_train, targets, num_classes, cfg, head=head, hidden=hidden,
                                               dropout=dropout, device=dev, checkpoint=ckpt_path, run_key=main_key,
-                                              progress=adv, semi=semi, unlabeled=unlabeled)
+                                              progress=adv, semi=semi, unlabeled=unlabeled, transition=transition)
             ft_result = None
             if ft_cfg is not None:
                 with progress_bar(f"fine-tune {run} on {finetune_subset}", ft_cfg.total_epochs * len(ft)) as adv:
@@ -671,7 +709,7 @@ def train(
                 backbone=backbone, weight_path=weight_path, random_init=random_init, dropout=dropout, dev=dev,
                 workers=workers, rank=rank, topk=(topk_smoothing, topk_mix, topk_epochs, thr,
                                                   None if not topk_smoothing else w_train[rows], allowed),
-                lr_steps_text=lr_steps, semi=semi, unlabeled=unlabeled)
+                lr_steps_text=lr_steps, semi=semi, unlabeled=unlabeled, transition=transition)
     except ValueError as e:
         raise SinetError(str(e)) from None
     finally:
@@ -750,7 +788,7 @@ def _init_distributed(dev: str) -> tuple[str, int, int]:
 
 def _train_on_images(stage, table, positions, va, y, w, targets, num_classes, cfg, run_dir, ckpt_path, run_key,
                      finetune, *, backbone, weight_path, random_init, dropout, dev, workers, rank, topk, lr_steps_text,
-                     semi=None, unlabeled=None):
+                     semi=None, unlabeled=None, transition=None):
     """Build the timm model (extract-features' build_backbone), train it (DDP under torchrun), fine-tune it
     on ``finetune = (positions, targets, config, checkpoint, run key)`` when given, predict val."""
     import torch
@@ -787,7 +825,7 @@ def _train_on_images(stage, table, positions, va, y, w, targets, num_classes, cf
     with _bar("train", cfg.total_epochs * len(positions), quiet) as adv:
         result = stage.train_images(model, source, positions, targets, num_classes, cfg, mean=pp.mean, std=pp.std,
                                     device=dev, workers=workers, checkpoint=ckpt_path, run_key=run_key,
-                                    progress=adv, semi=semi, unlabeled=unlabeled)
+                                    progress=adv, semi=semi, unlabeled=unlabeled, transition=transition)
     ft_result = None
     if finetune is not None:
         ft_pos, ft_targets, ft_cfg, ft_ckpt, ft_key = finetune

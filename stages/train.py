@@ -9,14 +9,18 @@ Two scales share one training loop:
 
 Targets are sparse per-image "mass" rows (:class:`Targets`): eq. 1 puts w_i on the noisy label
 y_i; eq. 7 puts w_{i,c} on every class c; top-k label smoothing mixes the label with an initial
-model's top-k predictions. The loss is always ``-sum_i sum_c T_{i,c} log p_{i,c}`` divided by a
-*constant* (batch size x mean target mass over the training set, see :func:`loss_normalizer`), so it
-stays an exact sum over images: a zero weight removes an image exactly, DDP gradient averaging
-reproduces the single-process gradient, and modes A/B/C share one learning rate.
+model's top-k predictions; label correction (mode ``correct``, eq. T3) moves a flagged image's
+target to its suggested class; mode ``graph`` (eq. T4) spreads an image's doubt 1 - w_i over its
+label's neighbours in S_t by eq. 7's weights. The loss of these modes is ``-sum_i sum_c T_{i,c} log
+p_{i,c}`` divided by a *constant* (batch size x mean target mass over the training set, see
+:func:`loss_normalizer`), so it stays an exact sum over images: a zero weight removes an image
+exactly, DDP gradient averaging reproduces the single-process gradient, and the modes share one
+learning rate. The semi-supervised modes (``fixmatch``, eq. S1; ``mixmatch``, eq. S2-S6) train the
+flagged images as unlabeled data. Equations: docs/training-modes.md.
 
 Every random draw is derived from (seed, epoch, rank, image): shuffling uses the permutation of
-``DistributedSampler`` (seed + epoch), augmentation a generator per (seed, epoch, image), dropout a
-generator reseeded at each epoch. A run killed after epoch k and resumed from its checkpoint
+``DistributedSampler`` (seed + epoch), augmentation a generator per (seed, epoch, image, view),
+MixMatch's mixing a generator per (seed, epoch, step, rank), dropout a generator reseeded at each epoch. A run killed after epoch k and resumed from its checkpoint
 therefore ends with the same weights as an uninterrupted run.
 """
 
@@ -34,7 +38,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
-MODES = ("A", "B", "C", "oracle")
+MODES = ("A", "B", "C", "oracle", "correct", "fixmatch", "mixmatch", "graph", "forward")
 UNKNOWN, OUTSIDE = -1, -2  # clean-label codes of the dataset table: not known / belongs to no class
 HEADS = ("linear", "mlp")
 Progress = Callable[[int], None]
@@ -134,7 +138,8 @@ def select_rows(
     """Rows, labels and per-image weights each mode trains on (paper table 1).
 
     A: every image, unweighted. B: images with ``w > threshold``, unweighted. C: every image,
-    weighted by w_i (SINet). oracle: every image with its clean label, unweighted; every clean
+    weighted by w_i (SINet); so do correct, fixmatch, mixmatch and graph, whose targets are built
+    from these rows afterwards. oracle: every image with its clean label, unweighted; every clean
     label must be known (``UNKNOWN`` = -1 is an error), images of no class (``OUTSIDE`` = -2) are
     left out.
     Returns ``(rows, labels[rows], w[rows])``.
@@ -150,7 +155,7 @@ def select_rows(
             raise ValueError(f"mode oracle needs the clean label of every training image ({unknown} unknown)")
         rows = np.flatnonzero(clean >= 0)  # images of no class (OUTSIDE, open-set noise) are left out
         return rows, clean[rows], np.ones(len(rows), np.float32)
-    if mode not in ("B", "C"):
+    if mode not in MODES or mode == "A":
         raise ValueError(f"unknown mode {mode!r}; choose one of {', '.join(MODES)}")
     if weights is None:
         raise ValueError(f"mode {mode} needs per-image weights")
@@ -159,7 +164,7 @@ def select_rows(
         raise ValueError(f"{len(w)} weights for {n} images")
     if not np.all(np.isfinite(w)) or (w < 0).any():
         raise ValueError("weights must be finite and non-negative")
-    if mode == "C":
+    if mode != "B":  # C and the modes beyond weighting start from every image and its w_i
         return np.arange(n), labels, w
     t = default_threshold(w) if threshold is None else float(threshold)
     rows = np.flatnonzero(w > t)
@@ -196,6 +201,16 @@ def class_distances(
     return out
 
 
+def prototype_class_weights(features: np.ndarray, prototypes: np.ndarray, prototype_class: np.ndarray,
+                            num_classes: int, *, alpha: float = 1.2, beta: float = 1.5) -> np.ndarray:
+    """Eq. 7's per-class weights ``w_{i,c} = max(0, alpha - ||v_c - g_i||_2)^beta`` (eq. 6 for every
+    class c; the nearest of a class's prototypes). (N, C) float32."""
+    if alpha <= 0 or beta <= 0:
+        raise ValueError(f"alpha ({alpha}) and beta ({beta}) must be positive")
+    d = class_distances(features, prototypes, prototype_class, num_classes)
+    return (np.maximum(0.0, alpha - d) ** beta).astype(np.float32)  # eq. 7 weights w_{i,c}
+
+
 def soft_targets(
     features: np.ndarray,
     labels: np.ndarray,
@@ -220,9 +235,7 @@ def soft_targets(
     if alpha <= 0 or beta <= 0:
         raise ValueError(f"alpha ({alpha}) and beta ({beta}) must be positive")
     labels = np.asarray(labels, dtype=np.int64)
-    d = class_distances(features, prototypes, prototype_class, num_classes)
-    w = np.maximum(0.0, alpha - d) ** beta  # eq. 7 weights w_{i,c} (eq. 6 for every class c)
-    w = w.astype(np.float32)
+    w = prototype_class_weights(features, prototypes, prototype_class, num_classes, alpha=alpha, beta=beta)
     own = w[np.arange(len(w)), labels]
     if keep is None or keep >= num_classes:
         idx = np.broadcast_to(np.arange(num_classes), w.shape)
@@ -260,6 +273,189 @@ def topk_smoothed_targets(
     return Targets(index, value.astype(np.float32))
 
 
+# -------------------------------------------------------------- modes beyond weighting (docs/training-modes.md)
+
+
+def suspect_flags(weights: np.ndarray, labels: np.ndarray, nearest_class: np.ndarray | None = None,
+                  flag_below: float = 0.5) -> np.ndarray:
+    """The flag score-noise's suspect list uses, for scores.h5 files without a stored ``flagged``
+    column: ``w_i <= flag_below`` or the nearest prototype belongs to another class (eq. T1)."""
+    w = np.asarray(weights, dtype=np.float64)
+    flagged = w <= flag_below  # eq. T1
+    if nearest_class is not None:
+        flagged |= np.asarray(nearest_class) != np.asarray(labels)
+    return flagged
+
+
+def probe_probabilities(features: np.ndarray, probe_W: np.ndarray, probe_b: np.ndarray) -> np.ndarray:
+    """p(c | g_i) of the K-fold linear probe stored in scores.h5, by the folds' mean model:
+    ``softmax((g_i / |g_i|) mean_k W_k + mean_k b_k)`` (the same averaged model score-noise applies to
+    rows outside its sample). Returns (N, C) float32."""
+    W = torch.as_tensor(np.asarray(probe_W, dtype=np.float32)).mean(0)
+    b = torch.as_tensor(np.asarray(probe_b, dtype=np.float32)).mean(0)
+    out = np.empty((len(features), W.shape[1]), dtype=np.float32)
+    for s in range(0, len(features), 65536):
+        x = torch.as_tensor(np.asarray(features[s : s + 65536], dtype=np.float32))
+        x = x / torch.linalg.vector_norm(x, dim=1, keepdim=True).clamp_min(1e-12)
+        out[s : s + len(x)] = torch.softmax(x @ W + b, dim=1).numpy()
+    return out
+
+
+def prototype_probabilities(class_weights: np.ndarray) -> np.ndarray:
+    """Eq. 7's per-class weights w_{i,c} normalized over the classes, a class distribution per image
+    (all zero where every w_{i,c} is 0)."""
+    w = np.asarray(class_weights, dtype=np.float64)
+    s = w.sum(axis=1, keepdims=True)
+    return np.where(s > 0, w / np.where(s > 0, s, 1.0), 0.0).astype(np.float32)
+
+
+def relabel_suggestions(probs: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Suggested class and confidence when scores.h5 stores none (eq. T2):
+    ``s_i = argmax_{c != y_i} p_{i,c}``, ``q_i = p_{i,s_i} / (1 - p_{i,y_i})`` (the share of s_i among
+    the classes other than the label: how sure the suggestion is once the label is taken to be wrong)."""
+    p = np.asarray(probs, dtype=np.float64).copy()
+    labels = np.asarray(labels, dtype=np.int64)
+    rows = np.arange(len(p))
+    p_label = p[rows, labels]
+    p[rows, labels] = -1.0
+    s = p.argmax(axis=1)
+    rest = 1.0 - p_label
+    q = np.where(rest > 1e-12, p[rows, s] / np.maximum(rest, 1e-12), 0.0)  # eq. T2
+    return s.astype(np.int64), np.clip(q, 0.0, 1.0).astype(np.float32)
+
+
+def corrected_targets(labels: np.ndarray, weights: np.ndarray, flagged: np.ndarray, suggested: np.ndarray,
+                      confidence: np.ndarray, *, min_confidence: float = 0.5, soft: bool = True) -> tuple[Targets, np.ndarray]:
+    """Label correction (mode ``correct``, eq. T3): a flagged image whose suggested class s_i differs
+    from its label and whose confidence q_i >= ``min_confidence`` trains on s_i,
+
+        hard: T_i = q_i * onehot(s_i)
+        soft: T_i = w~_i * onehot(y_i) + (1 - w~_i) * q_i * onehot(s_i),   w~_i = min(1, w_i)
+
+    every other image as in mode C: T_i = w_i * onehot(y_i) (eq. 1).
+    Returns the targets and the mask of corrected images.
+    """
+    if not 0.0 <= min_confidence <= 1.0:
+        raise ValueError(f"correction confidence {min_confidence} outside [0, 1]")
+    y = np.asarray(labels, dtype=np.int64)
+    w = np.asarray(weights, dtype=np.float32)
+    s = np.asarray(suggested, dtype=np.int64)
+    q = np.asarray(confidence, dtype=np.float32)
+    if not (len(w) == len(y) == len(s) == len(q) == len(flagged)):
+        raise ValueError("labels, weights, flags and suggestions differ in length")
+    fix = np.asarray(flagged, bool) & (s != y) & (s >= 0) & (q >= min_confidence)
+    wt = np.minimum(w, 1.0)
+    index = np.stack([y, np.where(fix, s, y)], axis=1)
+    if soft:  # eq. T3, soft
+        value = np.stack([np.where(fix, wt, w), np.where(fix, (1.0 - wt) * q, 0.0)], axis=1)
+    else:  # eq. T3, hard
+        value = np.stack([np.where(fix, 0.0, w), np.where(fix, q, 0.0)], axis=1)
+    return Targets(index, value.astype(np.float32)), fix
+
+
+def distribution_targets(labels: np.ndarray, weights: np.ndarray, probs: np.ndarray, *,
+                         keep: int | None = None) -> Targets:
+    """Label correction by the whole suggestion distribution (``correct --correct-target
+    distribution``, eq. T3d): every image keeps w_i on its label and spreads its doubt 1 - w~_i over
+    the other classes by P's share of each among them (eq. T2's q for every class, not only the likeliest):
+
+        T_i = w_i onehot(y_i) + (1 - w~_i) sum_{c != y_i} P_ic / (1 - P_{i,y_i}) onehot(c),   w~_i = min(1, w_i)
+
+    ``keep``: only the ``keep`` likeliest other classes (renormalized), to bound memory for many
+    classes (all when None or >= C - 1). Where P puts everything on the label, the doubt is dropped.
+    """
+    y = np.asarray(labels, dtype=np.int64)
+    w = np.asarray(weights, dtype=np.float32)
+    p = np.asarray(probs, dtype=np.float64).copy()
+    n, C = p.shape
+    p[np.arange(n), y] = 0.0
+    k = C if keep is None or keep >= C - 1 else int(keep)
+    idx = np.argsort(-p, axis=1, kind="stable")[:, :k]
+    val = np.take_along_axis(p, idx, axis=1)
+    total = val.sum(axis=1, keepdims=True)
+    share = np.where(total > 1e-12, val / np.where(total > 1e-12, total, 1.0), 0.0)
+    doubt = (1.0 - np.minimum(w, 1.0))[:, None]
+    index = np.concatenate([y[:, None], idx], axis=1)
+    value = np.concatenate([w[:, None], doubt * share], axis=1)  # eq. T3d
+    return Targets(index, value.astype(np.float32))
+
+
+def transition_matrix(probs: np.ndarray, labels: np.ndarray, num_classes: int,
+                      neighbours: np.ndarray | None = None, hard: bool = True) -> np.ndarray:
+    """The noise transition matrix for forward correction (mode ``forward``, eq. F1), estimated from
+    class probabilities P (the probe's) and the noisy labels by counting each image in the row of its
+    likeliest class (``hard``; confident learning's count without its thresholds) or spread over P:
+
+        C_jk = sum_i [argmax_c P_ic = j] [y_i = k]   (hard)   or   sum_i P_ij [y_i = k]   (soft)
+        T_jk = C_jk / sum_k' C_jk'                   (row j: where class j's labels go)
+
+    (On the demos' probe the soft count smears the probe's own uncertainty into T: its diagonal came
+    out at 0.41 against a true 0.60 under 40% uniform flips, the hard count's at 0.51.)
+
+    With ``neighbours`` (C, K) from S_t, a class's labels may only go to itself or its graph
+    neighbours: T_jk = 0 for k outside {j} u N(j), rows renormalized (side information as the prior
+    of which confusions exist). A class no image is likely to belong to keeps the identity row.
+    """
+    P = np.asarray(probs, dtype=np.float64)
+    if hard:
+        P = np.eye(num_classes)[P.argmax(axis=1)]
+    y = np.asarray(labels, dtype=np.int64)
+    Cm = np.zeros((num_classes, num_classes))
+    np.add.at(Cm.T, y, P)  # Cm[:, k] += P_i for every image i labeled k  (eq. F1)
+    if neighbours is not None:
+        allowed = np.eye(num_classes, dtype=bool)
+        nb = np.asarray(neighbours, dtype=np.int64)
+        allowed[np.repeat(np.arange(num_classes), nb.shape[1]), nb.ravel()] = True
+        Cm = np.where(allowed, Cm, 0.0)
+    rows = Cm.sum(axis=1, keepdims=True)
+    T = np.where(rows > 0, Cm / np.where(rows > 0, rows, 1.0), np.eye(num_classes))
+    return T.astype(np.float32)
+
+
+def graph_neighbours(similarity: np.ndarray, k: int) -> np.ndarray:
+    """The ``k`` classes most similar to each class in S_t (itself excluded), most similar first;
+    ties by class index. Returns (C, min(k, C - 1)) int64."""
+    S = np.asarray(similarity, dtype=np.float64)
+    if S.ndim != 2 or S.shape[0] != S.shape[1]:
+        raise ValueError(f"S_t must be square, got {S.shape}")
+    if k < 1:
+        raise ValueError(f"need k >= 1 graph neighbours, got {k}")
+    C = len(S)
+    S = S.copy()
+    np.fill_diagonal(S, -np.inf)
+    order = np.argsort(-S, axis=1, kind="stable")
+    return order[:, : min(k, C - 1)].astype(np.int64)
+
+
+def graph_targets(labels: np.ndarray, weights: np.ndarray, class_weights: np.ndarray,
+                  neighbours: np.ndarray) -> Targets:
+    """Eq. 7 over S_t (mode ``graph``, eq. T4): the label keeps w_i, the doubt 1 - w~_i goes to the
+    label's graph neighbours N(y_i) in proportion to eq. 7's per-class weights w_{i,c}:
+
+        T_i = w_i * onehot(y_i) + (1 - w~_i) * sum_{c in N(y_i)} w_{i,c} / sum_{c' in N(y_i)} w_{i,c'} * onehot(c)
+
+    w~_i = min(1, w_i); where every neighbour's w_{i,c} is 0 the doubt is dropped (T_i = w_i onehot(y_i)).
+    """
+    y = np.asarray(labels, dtype=np.int64)
+    w = np.asarray(weights, dtype=np.float32)
+    cw = np.asarray(class_weights, dtype=np.float64)
+    nb = np.asarray(neighbours, dtype=np.int64)[y]  # (N, K)
+    nw = np.take_along_axis(cw, nb, axis=1)
+    total = nw.sum(axis=1, keepdims=True)
+    share = np.where(total > 0, nw / np.where(total > 0, total, 1.0), 0.0)
+    doubt = (1.0 - np.minimum(w, 1.0))[:, None]
+    index = np.concatenate([y[:, None], nb], axis=1)
+    value = np.concatenate([w[:, None], doubt * share], axis=1)  # eq. T4
+    return Targets(index, value.astype(np.float32))
+
+
+def neighbour_classes(labels: np.ndarray, neighbours: np.ndarray) -> np.ndarray:
+    """Each image's label followed by the label's graph neighbours: the classes top-k smoothing
+    restricted to the graph may put mass on. (N, 1 + K) int64."""
+    y = np.asarray(labels, dtype=np.int64)
+    return np.concatenate([y[:, None], np.asarray(neighbours, dtype=np.int64)[y]], axis=1)
+
+
 # ------------------------------------------------------------------------------------------ loss
 
 
@@ -291,6 +487,304 @@ def loss_normalizer(targets: Targets, batch_size: int) -> float:
     if not m > 0:
         raise ValueError("every training weight is zero: nothing to train on")
     return float(batch_size) * m
+
+
+# ------------------------------------------------------------------ semi-supervised (eq. S1-S6)
+
+SEMI_MODES = ("fixmatch", "mixmatch")
+
+
+@dataclass
+class SemiConfig:
+    """Semi-supervised use of the flagged images: they lose their labels and become unlabeled data
+    (docs/training-modes.md). SINet's flags decide the split once, instead of DivideMix's per-epoch
+    loss GMM.
+
+    ``fixmatch``: pseudo-labels from a weakly augmented view, trained on a strongly augmented one
+    (eq. S1). ``mixmatch``: DivideMix's MixMatch step with its label refinement (eq. S2-S6).
+    """
+
+    method: str
+    lambda_u: float | None = None  # weight of the unlabeled loss; default FixMatch's 1, DivideMix's 25 (CIFAR-10)
+    confidence: float = 0.95  # fixmatch: pseudo-label threshold tau (FixMatch's)
+    temperature: float = 0.5  # mixmatch: sharpening temperature T (MixMatch's, DivideMix's)
+    mix_alpha: float = 4.0  # mixmatch: lambda ~ Beta(alpha, alpha) (DivideMix, CIFAR)
+    rampup: float = 0.1  # mixmatch: lambda_u rises linearly over this share of the epochs
+
+    def __post_init__(self) -> None:
+        if self.method not in SEMI_MODES:
+            raise ValueError(f"unknown semi-supervised method {self.method!r}; choose {' or '.join(SEMI_MODES)}")
+        if self.lambda_u is None:
+            self.lambda_u = 1.0 if self.method == "fixmatch" else 25.0
+        if self.lambda_u < 0:
+            raise ValueError(f"unlabeled loss weight {self.lambda_u} must be >= 0")
+        if not 0.0 <= self.confidence <= 1.0:
+            raise ValueError(f"pseudo-label confidence {self.confidence} outside [0, 1]")
+        if self.temperature <= 0 or self.mix_alpha <= 0:
+            raise ValueError("sharpening temperature and mixup alpha must be positive")
+        if not 0.0 <= self.rampup <= 1.0:
+            raise ValueError(f"ramp-up share {self.rampup} outside [0, 1]")
+
+    @property
+    def views(self) -> tuple[str, ...]:
+        """Augmented views each training image is drawn in: weak + strong (FixMatch), two weak (MixMatch)."""
+        return ("weak", "strong") if self.method == "fixmatch" else ("weak", "weak")
+
+    def params(self) -> dict[str, float]:
+        """The knobs that apply to this method (recorded in metrics.json and provenance)."""
+        if self.method == "fixmatch":
+            return {"lambda_u": self.lambda_u, "pseudo_confidence": self.confidence}
+        return {"lambda_u": self.lambda_u, "sharpen_temperature": self.temperature, "mix_alpha": self.mix_alpha,
+                "rampup": self.rampup}
+
+
+def fixmatch_loss(logits_weak: torch.Tensor, logits_strong: torch.Tensor, targets: torch.Tensor,
+                  unlabeled: torch.Tensor, *, lambda_u: float, confidence: float,
+                  norm: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Eq. S1 (FixMatch with SINet's split):
+
+        L = [ -sum_i sum_c T_ic log p_c(weak(x_i))
+              + lambda_u sum_{i in U} 1[max_c q_ic >= tau] * -log p_{argmax q_i}(strong(x_i)) ] / norm,
+        q_i = softmax(weak(x_i)) without gradient.
+
+    ``logits_weak`` (B, C) for every row, ``targets`` (B, C) dense (zero on unlabeled rows),
+    ``unlabeled`` (B,) weights u_i (1 for an unlabeled image, 0 for a labeled one or padding),
+    ``logits_strong`` (U, C) for the rows with u_i > 0, in order. Returns the loss and the number of
+    unlabeled rows whose pseudo-label passed tau.
+    """
+    logp = F.log_softmax(logits_weak.float(), dim=1)
+    sup = -(targets * logp).sum()
+    rows = torch.nonzero(unlabeled > 0).squeeze(1)
+    q = torch.softmax(logits_weak.detach().float()[rows], dim=1)
+    conf, pseudo = q.max(dim=1)
+    mask = (conf >= confidence).float() * unlabeled[rows].float()
+    ce_u = F.cross_entropy(logits_strong.float(), pseudo, reduction="none")
+    unsup = (mask * ce_u).sum()
+    return (sup + lambda_u * unsup) / norm, (mask > 0).sum()  # eq. S1
+
+
+def label_guess(logits_1: torch.Tensor, logits_2: torch.Tensor) -> torch.Tensor:
+    """Eq. S2: pbar_i = (softmax(G(x'_i)) + softmax(G(x''_i))) / 2 over two weak views."""
+    return (torch.softmax(logits_1.float(), dim=1) + torch.softmax(logits_2.float(), dim=1)) / 2  # eq. S2
+
+
+def sharpen(p: torch.Tensor, temperature: float) -> torch.Tensor:
+    """Eq. S4: Sharpen(p, T)_c = p_c^(1/T) / sum_c' p_c'^(1/T)."""
+    pt = p.clamp_min(0).pow(1.0 / temperature)
+    return pt / pt.sum(dim=1, keepdim=True).clamp_min(1e-12)  # eq. S4
+
+
+def mixmatch_targets(guess: torch.Tensor, targets: torch.Tensor, unlabeled: torch.Tensor,
+                     temperature: float) -> torch.Tensor:
+    """Eq. S2-S4: DivideMix's label refinement with SINet's weight as the clean probability.
+
+    ``guess`` p-bar_i (eq. S2: the mean softmax over the two weak views), ``targets`` T_i (B, C) with
+    mass m_i = sum_c T_ic <= 1 (w_i on the label in mode mixmatch): a labeled row's refined target is
+    Sharpen(T_i + (1 - m_i) p-bar_i) (eq. S3: w_i y_i + (1 - w_i) p-bar_i), an unlabeled row's
+    Sharpen(p-bar_i).
+    """
+    mass = targets.sum(dim=1, keepdim=True).clamp(0.0, 1.0)
+    refined = targets + (1.0 - mass) * guess  # eq. S3
+    base = torch.where(unlabeled[:, None] > 0, guess, refined)
+    return sharpen(base, temperature)
+
+
+def mixup(x: torch.Tensor, t: torch.Tensor, lam: float, perm: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Eq. S5: x~ = l' x + (1 - l') x[perm], t~ = l' t + (1 - l') t[perm], l' = max(l, 1 - l)."""
+    lp = max(lam, 1.0 - lam)
+    return lp * x + (1.0 - lp) * x[perm], lp * t + (1.0 - lp) * t[perm]  # eq. S5
+
+
+def mixmatch_loss(logits: torch.Tensor, mixed: torch.Tensor, unlabeled: torch.Tensor, valid: torch.Tensor,
+                  prior: torch.Tensor, *, lambda_u: float, labeled_norm: float,
+                  unlabeled_norm: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Eq. S6 (DivideMix's loss on a mixed batch):
+
+        L = L_x + lambda_u L_u + R
+        L_x = -sum_{i labeled} sum_c t~_ic log p_ic / labeled_norm
+        L_u =  sum_{i unlabeled} sum_c (p_ic - t~_ic)^2 / C / unlabeled_norm
+        R   =  sum_c pi_c log(pi_c / mean_i p_ic)            (the prior penalty)
+
+    A row counts as labeled or unlabeled by its own image (the larger share l' >= 1/2 of the mix);
+    ``valid`` = 0 leaves a (padding) row out of all three terms. Returns (L, L_x, L_u).
+    """
+    p = torch.softmax(logits.float(), dim=1)
+    logp = F.log_softmax(logits.float(), dim=1)
+    u = (unlabeled > 0).float() * valid.float()
+    lab = (unlabeled <= 0).float() * valid.float()
+    l_x = -(lab[:, None] * mixed * logp).sum() / labeled_norm
+    l_u = (u[:, None] * (p - mixed) ** 2).sum() / p.shape[1] / unlabeled_norm
+    mean_p = (valid.float()[:, None] * p).sum(0) / valid.float().sum().clamp_min(1.0)
+    pos = prior > 0
+    reg = (prior[pos] * torch.log(prior[pos] / mean_p[pos].clamp_min(1e-12))).sum()
+    return l_x + lambda_u * l_u + reg, l_x.detach(), l_u.detach()  # eq. S6
+
+
+def forward_loss(logits: torch.Tensor, targets: torch.Tensor, transition: torch.Tensor, norm: float) -> torch.Tensor:
+    """Eq. F2 (forward correction, Patrini et al. 2017): the network's clean-class probabilities p_i
+    pass through the noise transition T before the cross-entropy with the noisy label,
+
+        L = - sum_i sum_k T~_ik log (p_i T)_k / norm,
+
+    T~_ik the target rows (onehot(y_i) in mode forward)."""
+    p = torch.softmax(logits.float(), dim=1)
+    q = (p @ transition.to(p.device, torch.float32)).clamp_min(1e-12)
+    return -(targets * torch.log(q)).sum() / norm  # eq. F2
+
+
+# ----------------------------------------------------------------------------------- objectives
+
+
+@dataclass
+class Batch:
+    """One (per-process) training batch. ``x2`` is the second augmented view (semi-supervised modes),
+    ``unlabeled`` u_i (1: an unlabeled image, 0: labeled or padding), ``valid`` 0 for DDP padding."""
+
+    x: torch.Tensor
+    t_index: torch.Tensor
+    t_value: torch.Tensor
+    x2: torch.Tensor | None = None
+    unlabeled: torch.Tensor | None = None
+    valid: torch.Tensor | None = None
+
+    def to(self, device: str) -> "Batch":
+        def mv(t: torch.Tensor | None) -> torch.Tensor | None:
+            return None if t is None else t.to(device, non_blocking=True)
+
+        return Batch(mv(self.x), mv(self.t_index), mv(self.t_value), mv(self.x2), mv(self.unlabeled), mv(self.valid))
+
+
+class Supervised:
+    """Eq. 1 / eq. 7 (and the target-only modes: B, correct, graph, top-k smoothing): soft cross-entropy
+    over the target rows divided by the constant :func:`loss_normalizer`."""
+
+    views: tuple[str, ...] = ("weak",)
+
+    def __init__(self, targets: Targets, batch_size: int, num_classes: int):
+        self.norm = loss_normalizer(targets, batch_size)
+        self.mass_mean = float(targets.mass.mean())
+        self.num_classes = num_classes
+        self.stats: dict[str, torch.Tensor] = {}
+
+    def __call__(self, net: nn.Module, b: Batch, epoch: int, step: int) -> torch.Tensor:
+        targets = dense_targets(b.t_index, b.t_value, self.num_classes)
+        return soft_cross_entropy(net(b.x), targets, self.norm)  # eq. 7 (eq. 1 for one-hot rows)
+
+    def epoch_stats(self) -> dict[str, float]:
+        return {}
+
+
+class Forward(Supervised):
+    """Eq. F2 over a batch: the targets are the noisy labels, the network's output passes through T."""
+
+    def __init__(self, targets: Targets, batch_size: int, num_classes: int, transition: np.ndarray):
+        super().__init__(targets, batch_size, num_classes)
+        T = np.asarray(transition, dtype=np.float32)
+        if T.shape != (num_classes, num_classes) or not np.all(np.isfinite(T)) or (T < 0).any():
+            raise ValueError(f"transition matrix must be a non-negative {num_classes} x {num_classes} matrix")
+        self.transition = torch.from_numpy(T)
+
+    def __call__(self, net: nn.Module, b: Batch, epoch: int, step: int) -> torch.Tensor:
+        targets = dense_targets(b.t_index, b.t_value, self.num_classes)
+        return forward_loss(net(b.x), targets, self.transition, self.norm)  # eq. F2
+
+
+class FixMatch(Supervised):
+    """Eq. S1 over a batch: one forward of every weak view and the unlabeled rows' strong views."""
+
+    def __init__(self, targets: Targets, unlabeled: np.ndarray, batch_size: int, num_classes: int, cfg: SemiConfig):
+        self.views = cfg.views
+        self.cfg = cfg
+        u = np.asarray(unlabeled, bool)
+        mass = targets.mass + u  # a labeled image counts w_i, an unlabeled one 1
+        if not mass.mean() > 0:
+            raise ValueError("every training weight is zero and no image is unlabeled: nothing to train on")
+        self.norm = float(batch_size) * float(mass.mean())
+        self.mass_mean = float(mass.mean())
+        self.num_classes = num_classes
+        self.n_unlabeled = int(u.sum())
+        self.passed = torch.zeros((), dtype=torch.float64)
+
+    def __call__(self, net: nn.Module, b: Batch, epoch: int, step: int) -> torch.Tensor:
+        rows = torch.nonzero(b.unlabeled > 0).squeeze(1)
+        n = len(b.x)
+        logits = net(torch.cat([b.x, b.x2[rows]]))
+        targets = dense_targets(b.t_index, b.t_value, self.num_classes)
+        loss, passed = fixmatch_loss(logits[:n], logits[n:], targets, b.unlabeled, lambda_u=self.cfg.lambda_u,
+                                     confidence=self.cfg.confidence, norm=self.norm)
+        self.passed = self.passed.to(passed.device) + passed.double()
+        return loss
+
+    def epoch_stats(self) -> dict[str, float]:
+        """Share of the unlabeled images whose pseudo-label passed tau this epoch (all processes)."""
+        passed = self.passed.clone()
+        self.passed = torch.zeros((), dtype=torch.float64, device=passed.device)
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.all_reduce(passed)
+        return {"pseudo_labeled": float(passed) / max(self.n_unlabeled, 1)}
+
+
+class MixMatch(Supervised):
+    """Eq. S2-S6 over a batch: label guess from two weak views (no gradient), refinement, sharpening,
+    mixup within the batch, one forward of the mixed views. Mixing partners and lambda are drawn from a
+    generator seeded by (seed, epoch, step, rank), so a resumed run replays them."""
+
+    def __init__(self, targets: Targets, unlabeled: np.ndarray, batch_size: int, num_classes: int, cfg: SemiConfig,
+                 epochs: int, seed: int, rank: int = 0):
+        self.views = cfg.views
+        self.cfg = cfg
+        u = np.asarray(unlabeled, bool)
+        if len(u) == 0:
+            raise ValueError("no training images")
+        rho_u = float(u.mean())
+        self.labeled_norm = float(batch_size) * max(1.0 - rho_u, 1e-12)
+        self.unlabeled_norm = float(batch_size) * max(rho_u, 1e-12)
+        self.norm, self.mass_mean = float(batch_size), 1.0  # history: mean loss per image
+        self.num_classes = num_classes
+        # the prior of the penalty R: the label distribution of the weighted training set
+        y = targets.index[:, 0]
+        w = np.where(u, 0.0, targets.mass)
+        prior = np.bincount(y, weights=w, minlength=num_classes).astype(np.float64)
+        if not prior.sum() > 0:
+            prior = np.ones(num_classes)
+        self.prior = torch.as_tensor(prior / prior.sum(), dtype=torch.float32)
+        self.ramp_epochs = max(1, round(cfg.rampup * epochs)) if cfg.rampup > 0 else 0
+        self.seed, self.rank = seed, rank
+        self.sums = torch.zeros(3, dtype=torch.float64)
+
+    def lambda_u_at(self, epoch: int) -> float:
+        """lambda_u, rising linearly to its value over the first ``rampup`` share of the epochs."""
+        if self.ramp_epochs == 0:
+            return float(self.cfg.lambda_u)
+        return float(self.cfg.lambda_u) * min(1.0, (epoch + 1) / self.ramp_epochs)
+
+    def __call__(self, net: nn.Module, b: Batch, epoch: int, step: int) -> torch.Tensor:
+        n = len(b.x)
+        valid = b.valid if b.valid is not None else torch.ones(n, device=b.x.device)
+        with torch.no_grad():
+            logits = net(torch.cat([b.x, b.x2])).float()
+            guess = label_guess(logits[:n], logits[n:])  # eq. S2
+            targets = dense_targets(b.t_index, b.t_value, self.num_classes)
+            t = mixmatch_targets(guess, targets, b.unlabeled, self.cfg.temperature)
+        rng = np.random.default_rng(_mix_seed(self.seed, epoch, step, self.rank))
+        lam = float(rng.beta(self.cfg.mix_alpha, self.cfg.mix_alpha))
+        perm = torch.from_numpy(rng.permutation(n)).to(b.x.device)
+        x_mix, t_mix = mixup(b.x, t, lam, perm)
+        loss, l_x, l_u = mixmatch_loss(net(x_mix), t_mix, b.unlabeled, valid, self.prior.to(b.x.device),
+                                       lambda_u=self.lambda_u_at(epoch), labeled_norm=self.labeled_norm,
+                                       unlabeled_norm=self.unlabeled_norm)
+        one = torch.ones((), dtype=torch.float64, device=l_x.device)
+        self.sums = self.sums.to(l_x.device) + torch.stack([l_x.double(), l_u.double(), one])
+        return loss
+
+    def epoch_stats(self) -> dict[str, float]:
+        """Mean L_x and L_u over this epoch's steps (all processes), and the epoch's lambda_u."""
+        s = self.sums.clone()
+        self.sums = torch.zeros(3, dtype=torch.float64, device=s.device)
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.all_reduce(s)
+        steps = max(float(s[2]), 1.0)
+        return {"loss_x": float(s[0]) / steps, "loss_u": float(s[1]) / steps}
 
 
 # ----------------------------------------------------------------------------------------- models
@@ -467,12 +961,10 @@ def _fit(
     net: nn.Module,
     module: nn.Module,
     cfg: TrainConfig,
-    batches: Callable[[int], Iterable[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]],
+    batches: Callable[[int], Iterable[Batch]],
+    objective: Supervised,
     *,
-    num_classes: int,
-    norm: float,
     n_train: int,
-    mass_mean: float,
     device: str,
     checkpoint: Path | None,
     run_key: str,
@@ -500,22 +992,22 @@ def _fit(
         torch.manual_seed(_mix_seed(cfg.seed, epoch, rank))
         net.train()
         loss_sum = torch.zeros((), dtype=torch.float64, device=device)
-        for x, t_index, t_value in batches(epoch):
-            x = x.to(device, non_blocking=True)
-            targets = dense_targets(t_index.to(device), t_value.to(device), num_classes)
-            loss = soft_cross_entropy(net(x), targets, norm)  # eq. 7 (eq. 1 for one-hot rows)
+        for step, batch in enumerate(batches(epoch)):
+            batch = batch.to(device)
+            loss = objective(net, batch, epoch, step)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
-            loss_sum += loss.detach().double() * norm
+            loss_sum += loss.detach().double() * objective.norm
             if progress:
-                progress(len(x))
+                progress(len(batch.x))
         lr = optimizer.param_groups[0]["lr"]
         scheduler.step()
         if world > 1:
             torch.distributed.all_reduce(loss_sum)
-        # mean weighted CE per image, comparable across world sizes
-        history.append({"epoch": epoch + 1, "lr": lr, "loss": float(loss_sum) / (n_train * mass_mean)})
+        # mean (weighted) loss per image, comparable across world sizes
+        history.append({"epoch": epoch + 1, "lr": lr, "loss": float(loss_sum) / (n_train * objective.mass_mean),
+                        **objective.epoch_stats()})
         if checkpoint is not None and rank == 0:
             save_checkpoint(checkpoint, {
                 "run_key": run_key,
@@ -534,6 +1026,39 @@ def _fit(
     return TrainResult(module, history, start)
 
 
+def make_objective(targets: Targets, num_classes: int, batch_size: int, cfg: TrainConfig,
+                   semi: SemiConfig | None = None, unlabeled: np.ndarray | None = None,
+                   rank: int = 0, transition: np.ndarray | None = None) -> Supervised:
+    """The loss a run minimizes: eq. 1/7 over ``targets``; with ``transition`` eq. F2 (forward
+    correction); with ``semi`` eq. S1 (fixmatch) / eq. S2-S6 (mixmatch), the images marked
+    ``unlabeled`` as unlabeled data."""
+    if transition is not None:
+        return Forward(targets, batch_size, num_classes, transition)
+    if semi is None:
+        return Supervised(targets, batch_size, num_classes)
+    if unlabeled is None or len(unlabeled) != len(targets):
+        raise ValueError("semi-supervised training needs an unlabeled mask with one entry per image")
+    if semi.method == "fixmatch":
+        return FixMatch(targets, unlabeled, batch_size, num_classes, semi)
+    return MixMatch(targets, unlabeled, batch_size, num_classes, semi, cfg.total_epochs, cfg.seed, rank)
+
+
+def feature_views(x: torch.Tensor, views: Sequence[str], g: torch.Generator) -> list[torch.Tensor]:
+    """Augmented views of cached features for the semi-supervised modes (the feature-space stand-in
+    for image augmentation): ``weak`` drops 10 % of the dimensions, ``strong`` 50 % and adds Gaussian
+    noise of half the row's RMS; kept dimensions are rescaled to keep the expectation."""
+    out = []
+    for v in views:
+        p = 0.1 if v == "weak" else 0.5
+        keep = (torch.rand(x.shape, generator=g) >= p).to(x.dtype).to(x.device)
+        y = x * keep / (1.0 - p)
+        if v == "strong":
+            rms = x.pow(2).mean(dim=1, keepdim=True).sqrt()
+            y = y + 0.5 * rms * torch.randn(x.shape, generator=g).to(x.device, x.dtype)
+        out.append(y)
+    return out
+
+
 def train_features(
     features: np.ndarray,
     targets: Targets,
@@ -549,13 +1074,18 @@ def train_features(
     progress: Progress | None = None,
     on_epoch_end: EpochCallback | None = None,
     model: nn.Module | None = None,
+    semi: SemiConfig | None = None,
+    unlabeled: np.ndarray | None = None,
+    transition: np.ndarray | None = None,
 ) -> TrainResult:
     """Fit a head on cached features (one row per training image, aligned with ``targets``).
 
     Resumes from ``checkpoint`` when it holds a run with the same ``run_key``; writes it after every
     epoch. ``on_epoch_end(epoch, stats)`` runs after the checkpoint is written. ``model``: continue
     training this head (e.g. the result of a main phase, for fine-tuning) instead of a new one; the
-    optimizer starts afresh.
+    optimizer starts afresh. ``semi``: train the rows marked ``unlabeled`` as unlabeled data
+    (eq. S1-S6), the augmented views made by :func:`feature_views`. ``transition``: forward
+    correction through this noise transition matrix (eq. F2).
     """
     if len(features) != len(targets):
         raise ValueError(f"{len(features)} feature rows for {len(targets)} targets")
@@ -564,28 +1094,36 @@ def train_features(
     x_all = torch.from_numpy(np.asarray(features, dtype=np.float32))
     t_index = torch.from_numpy(targets.index)
     t_value = torch.from_numpy(targets.value)
+    u_all = torch.zeros(len(targets)) if unlabeled is None else torch.from_numpy(np.asarray(unlabeled, np.float32))
     if model is None:
         model = build_head(head, x_all.shape[1], num_classes, dropout=dropout, hidden=hidden, seed=cfg.seed)
     model = model.to(device)
     x_all = x_all.to(device)
     n = len(x_all)
+    objective = make_objective(targets, num_classes, cfg.batch_size, cfg, semi, unlabeled, transition=transition)
 
-    def batches(epoch: int) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    def batches(epoch: int) -> Iterator[Batch]:
         g = torch.Generator()
         g.manual_seed(cfg.seed + epoch)  # the permutation DistributedSampler draws
         perm = torch.randperm(n, generator=g)
+        ga = torch.Generator()
+        ga.manual_seed(_mix_seed(cfg.seed, epoch, 1))  # feature views: their own stream
         for s in range(0, n, cfg.batch_size):
             idx = perm[s : s + cfg.batch_size]
-            yield x_all[idx.to(device)], t_index[idx], t_value[idx]
+            x = x_all[idx.to(device)]
+            if semi is None:
+                yield Batch(x, t_index[idx], t_value[idx])
+            else:
+                x1, x2 = feature_views(x, objective.views, ga)
+                yield Batch(x1, t_index[idx], t_value[idx], x2, u_all[idx], torch.ones(len(idx)))
 
     threads = torch.get_num_threads()
     if device == "cpu":
         torch.set_num_threads(1)  # a head's ops are too small to gain from threads; they only add contention
     try:
-        return _fit(model, model, cfg, batches, num_classes=num_classes,
-                    norm=loss_normalizer(targets, cfg.batch_size), n_train=n, mass_mean=float(targets.mass.mean()),
-                    device=device, checkpoint=Path(checkpoint) if checkpoint else None, run_key=run_key,
-                    progress=progress, on_epoch_end=on_epoch_end)
+        return _fit(model, model, cfg, batches, objective, n_train=n, device=device,
+                    checkpoint=Path(checkpoint) if checkpoint else None, run_key=run_key, progress=progress,
+                    on_epoch_end=on_epoch_end)
     finally:
         torch.set_num_threads(threads)
 
@@ -601,10 +1139,21 @@ def predict_features(model: nn.Module, features: np.ndarray, *, batch_size: int 
     return torch.cat(out).numpy() if out else np.zeros((0, 0), np.float32)
 
 
-def topk_predictions(logits: np.ndarray | torch.Tensor, k: int) -> tuple[np.ndarray, np.ndarray]:
-    """Indices and softmax probabilities of the k most likely classes, most likely first."""
+def restrict_classes(p: torch.Tensor, allowed: torch.Tensor | None) -> torch.Tensor:
+    """``p`` (B, C) with every class outside the row's ``allowed`` (B, m) class indices set to 0
+    (top-k smoothing restricted to the label's graph neighbours)."""
+    if allowed is None:
+        return p
+    keep = torch.zeros_like(p).scatter_(1, allowed.to(p.device).long(), 1.0)
+    return p * keep
+
+
+def topk_predictions(logits: np.ndarray | torch.Tensor, k: int,
+                     allowed: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Indices and softmax probabilities of the k most likely classes, most likely first; with
+    ``allowed`` (N, m) only among each row's allowed classes (the others get probability 0)."""
     lg = torch.as_tensor(logits).float()
-    p = torch.softmax(lg, dim=1)
+    p = restrict_classes(torch.softmax(lg, dim=1), None if allowed is None else torch.as_tensor(allowed))
     val, idx = p.topk(min(k, p.shape[1]), dim=1)
     return idx.numpy(), val.numpy()
 
@@ -659,11 +1208,10 @@ class ImageSource:
         return x.expand(3, -1, -1) if x.shape[0] == 1 else x
 
 
-def random_resized_crop_flip(img: torch.Tensor, size: int, min_scale: float, g: torch.Generator,
-                             ratio: tuple[float, float] = (3 / 4, 4 / 3)) -> torch.Tensor:
-    """Random-resized-crop (area in [min_scale, 1], aspect in ``ratio``) to size x size, then a random
-    horizontal flip; all draws from ``g``."""
-    _, h, w = img.shape
+def crop_flip_params(h: int, w: int, min_scale: float, g: torch.Generator,
+                     ratio: tuple[float, float] = (3 / 4, 4 / 3)) -> tuple[int, int, int, int, bool]:
+    """Random-resized-crop box (area in [min_scale, 1] of h x w, aspect in ``ratio``; the whole image
+    after 10 misses) and a horizontal flip, all drawn from ``g``: ``(top, left, height, width, flip)``."""
     area = h * w
 
     def u(lo: float, hi: float) -> float:
@@ -679,28 +1227,145 @@ def random_resized_crop_flip(img: torch.Tensor, size: int, min_scale: float, g: 
             top = int(torch.randint(0, h - ch + 1, (), generator=g))
             left = int(torch.randint(0, w - cw + 1, (), generator=g))
             break
+    return top, left, ch, cw, float(torch.rand((), generator=g)) < 0.5
+
+
+def random_resized_crop_flip(img: torch.Tensor, size: int, min_scale: float, g: torch.Generator,
+                             ratio: tuple[float, float] = (3 / 4, 4 / 3)) -> torch.Tensor:
+    """Random-resized-crop (area in [min_scale, 1], aspect in ``ratio``) to size x size, then a random
+    horizontal flip; all draws from ``g`` (:func:`crop_flip_params`)."""
+    _, h, w = img.shape
+    top, left, ch, cw, flip = crop_flip_params(h, w, min_scale, g, ratio)
     crop = img[:, top : top + ch, left : left + cw]
     out = F.interpolate(crop[None], size=(size, size), mode="bilinear", align_corners=False, antialias=True)[0]
-    if float(torch.rand((), generator=g)) < 0.5:
+    if flip:
         out = out.flip(-1)
     return out.clamp_(0, 1)
+
+
+def crop_flip_batch(images: torch.Tensor, params: torch.Tensor, size: int) -> torch.Tensor:
+    """:func:`random_resized_crop_flip` for a batch of equal-size images (B, C, H, W) in [0, 1] at once,
+    ``params`` (B, 5) = (top, left, height, width, flip) from :func:`crop_flip_params`.
+
+    The crop is resampled by ``roi_align`` (bilinear at the bin centres; a bin larger than a pixel
+    averages ceil(bin) x ceil(bin) samples), which equals the bilinear resize where the crop is enlarged
+    and approximates its antialiased filter where it is shrunk.
+    """
+    from torchvision.ops import roi_align
+
+    p = params.to(images.device, torch.float32)
+    boxes = torch.stack([torch.arange(len(p), device=p.device, dtype=torch.float32), p[:, 1], p[:, 0],
+                         p[:, 1] + p[:, 3], p[:, 0] + p[:, 2]], dim=1)
+    out = roi_align(images.float(), boxes, (size, size), spatial_scale=1.0, sampling_ratio=-1, aligned=True)
+    flip = p[:, 4] > 0
+    out[flip] = out[flip].flip(-1)
+    return out.clamp_(0, 1)
+
+
+# FixMatch's strong augmentation (RandAugment with random magnitudes, then Cutout), batched on tensors.
+# Equalize and PIL's exact resampling are left out; the geometric ops act first, then the photometric ones.
+STRONG_OPS = ("identity", "autocontrast", "brightness", "contrast", "color", "sharpness", "posterize",
+              "solarize", "rotate", "shear_x", "shear_y", "translate_x", "translate_y")
+_GEOMETRIC = {"rotate", "shear_x", "shear_y", "translate_x", "translate_y"}
+
+
+def strong_params(g: torch.Generator) -> torch.Tensor:
+    """One image's strong augmentation, drawn from ``g``: two ops of :data:`STRONG_OPS` (uniform), each
+    with a magnitude m ~ U(0, 1) and a sign, then a Cutout square of side U(0, 0.5) x size at a uniform
+    centre: ``(op1, m1, sign1, op2, m2, sign2, centre_x, centre_y, side)``."""
+    ops = torch.randint(0, len(STRONG_OPS), (2,), generator=g)
+    r = torch.rand(7, generator=g)
+    sign = torch.where(r[2:4] < 0.5, -1.0, 1.0)
+    return torch.stack([ops[0].float(), r[0], sign[0], ops[1].float(), r[1], sign[1], r[4], r[5], 0.5 * r[6]])
+
+
+def apply_strong(x: torch.Tensor, params: torch.Tensor) -> torch.Tensor:
+    """Apply :func:`strong_params` rows to a batch (B, 3, H, W) in [0, 1] (before normalization)."""
+    B, _, H, W = x.shape
+    p = params.to(x.device, torch.float32)
+    eye = torch.eye(3, device=x.device).repeat(B, 1, 1)
+    theta = eye.clone()
+    for k in (0, 1):
+        op, m, sg = p[:, 3 * k].long(), p[:, 3 * k + 1], p[:, 3 * k + 2]
+        t = eye.clone()
+        ang = sg * m * math.radians(30.0)
+        rot = op == STRONG_OPS.index("rotate")
+        t[rot, 0, 0], t[rot, 0, 1] = torch.cos(ang[rot]), -torch.sin(ang[rot])
+        t[rot, 1, 0], t[rot, 1, 1] = torch.sin(ang[rot]), torch.cos(ang[rot])
+        sx, sy = op == STRONG_OPS.index("shear_x"), op == STRONG_OPS.index("shear_y")
+        t[sx, 0, 1] = (sg * m * 0.3)[sx]
+        t[sy, 1, 0] = (sg * m * 0.3)[sy]
+        tx, ty = op == STRONG_OPS.index("translate_x"), op == STRONG_OPS.index("translate_y")
+        t[tx, 0, 2] = (sg * m * 0.3 * 2)[tx]  # up to 30 % of the side (normalized coordinates span 2)
+        t[ty, 1, 2] = (sg * m * 0.3 * 2)[ty]
+        theta = theta @ t
+    geo = torch.zeros(B, dtype=torch.bool, device=x.device)
+    for k in (0, 1):
+        for name in _GEOMETRIC:
+            geo |= p[:, 3 * k].long() == STRONG_OPS.index(name)
+    if geo.any():
+        grid = F.affine_grid(theta[geo, :2], [int(geo.sum()), x.shape[1], H, W], align_corners=False)
+        # pixels moved in from outside are grey (0.5), as RandAugment fills with 128
+        x = x.clone()
+        x[geo] = F.grid_sample(x[geo] - 0.5, grid, mode="bilinear", padding_mode="zeros", align_corners=False) + 0.5
+    gray_w = torch.tensor([0.299, 0.587, 0.114], device=x.device).view(1, 3, 1, 1)
+    smooth = torch.tensor([[1.0, 1.0, 1.0], [1.0, 5.0, 1.0], [1.0, 1.0, 1.0]], device=x.device) / 13.0
+    for k in (0, 1):
+        op, m, sg = p[:, 3 * k].long(), p[:, 3 * k + 1], p[:, 3 * k + 2]
+        f = (1.0 + sg * 0.9 * m).view(B, 1, 1, 1)  # enhance factor in [0.1, 1.9]
+        mv = m.view(B, 1, 1, 1)
+
+        def pick(name: str) -> torch.Tensor:
+            return (op == STRONG_OPS.index(name)).view(B, 1, 1, 1)
+
+        lo, hi = x.amin(dim=(2, 3), keepdim=True), x.amax(dim=(2, 3), keepdim=True)
+        auto = torch.where(hi > lo, (x - lo) / (hi - lo).clamp_min(1e-6), x)
+        gray = (x * gray_w).sum(1, keepdim=True)
+        mean = gray.mean(dim=(2, 3), keepdim=True)
+        blur = F.conv2d(F.pad(x, (1, 1, 1, 1), mode="replicate"), smooth.expand(3, 1, 3, 3), groups=3)
+        q = torch.pow(2.0, torch.round(4 * mv))  # posterize: keep 8 - round(4 m) bits
+        x = torch.where(pick("autocontrast"), auto, x)
+        x = torch.where(pick("brightness"), x * f, x)
+        x = torch.where(pick("contrast"), mean + (x - mean) * f, x)
+        x = torch.where(pick("color"), gray + (x - gray) * f, x)
+        x = torch.where(pick("sharpness"), blur + (x - blur) * f, x)
+        x = torch.where(pick("posterize"), torch.floor(x * 255.0 / q) * q / 255.0, x)
+        x = torch.where(pick("solarize"), torch.where(x >= 1.0 - mv, 1.0 - x, x), x)
+        x = x.clamp(0, 1)
+    ys = torch.arange(H, device=x.device, dtype=torch.float32).view(1, H, 1) + 0.5
+    xs = torch.arange(W, device=x.device, dtype=torch.float32).view(1, 1, W) + 0.5
+    half = (p[:, 8] * min(H, W) / 2).view(B, 1, 1)
+    cut = ((xs - (p[:, 6] * W).view(B, 1, 1)).abs() < half) & ((ys - (p[:, 7] * H).view(B, 1, 1)).abs() < half)
+    return torch.where(cut[:, None], torch.full_like(x, 0.5), x)
+
+
+def _view_generator(seed: int, epoch: int, j: int, view: int) -> torch.Generator:
+    """The generator of image ``j``'s view ``view`` in ``epoch``: the same on any rank and after a resume
+    (view 0 keeps the seeding of single-view training)."""
+    g = torch.Generator()
+    g.manual_seed(_mix_seed(seed, epoch, j) if view == 0 else _mix_seed(seed, epoch, j, view))
+    return g
 
 
 class TrainImages(Dataset):
     """Augmented training images with their targets; the weights travel inside each sample.
 
     Item ``i >= len(self)`` is padding added by :class:`PaddedDistributedSampler`: the image
-    ``i - len(self)`` with zero weight, so padding never changes the loss.
+    ``i - len(self)`` with zero weight, so padding never changes the loss. Each item is a dict: one
+    cropped view per entry of ``views`` (``x``, ``x2``; in [0, 1], normalized by :func:`finish_views`
+    after a strong view's ops are applied batched), the strong views' :func:`strong_params` (``p2``),
+    the target row, ``unlabeled`` and ``valid``.
     """
 
     def __init__(self, source: ImageSource, positions: np.ndarray, targets: Targets, mean: Sequence[float],
-                 std: Sequence[float], min_crop: float, seed: int):
+                 std: Sequence[float], min_crop: float, seed: int, views: Sequence[str] = ("weak",),
+                 unlabeled: np.ndarray | None = None):
         if len(positions) != len(targets):
             raise ValueError(f"{len(positions)} images for {len(targets)} targets")
         self.source, self.positions, self.targets = source, np.asarray(positions), targets
-        self.mean = torch.tensor(mean, dtype=torch.float32).view(3, 1, 1)
-        self.std = torch.tensor(std, dtype=torch.float32).view(3, 1, 1)
-        self.min_crop, self.seed = min_crop, seed
+        self.mean, self.std = tuple(mean), tuple(std)
+        self.min_crop, self.seed, self.views = min_crop, seed, tuple(views)
+        self.unlabeled = None if unlabeled is None else np.asarray(unlabeled, np.float32)
         self.epoch, self.size = 0, 224
 
     def set_epoch(self, epoch: int, size: int) -> None:
@@ -709,15 +1374,73 @@ class TrainImages(Dataset):
     def __len__(self) -> int:
         return len(self.positions)
 
-    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
         pad = i >= len(self.positions)
         j = i - len(self.positions) if pad else i
-        g = torch.Generator()
-        g.manual_seed(_mix_seed(self.seed, self.epoch, j))  # same augmentation on any rank / after resume
         img = self.source.load(int(self.positions[j]), short_side=math.ceil(self.size / 0.875))
-        x = (random_resized_crop_flip(img, self.size, self.min_crop, g) - self.mean) / self.std
+        item: dict[str, torch.Tensor] = {}
+        for v, kind in enumerate(self.views):
+            g = _view_generator(self.seed, self.epoch, j, v)  # same augmentation on any rank / after resume
+            key = "x" if v == 0 else f"x{v + 1}"
+            item[key] = random_resized_crop_flip(img, self.size, self.min_crop, g)
+            if kind == "strong":
+                item[f"p{v + 1}"] = strong_params(g)
         value = torch.from_numpy(self.targets.value[j])
-        return x, torch.from_numpy(self.targets.index[j]), value * 0 if pad else value
+        item["t_index"] = torch.from_numpy(self.targets.index[j])
+        item["t_value"] = value * 0 if pad else value
+        u = 0.0 if self.unlabeled is None or pad else float(self.unlabeled[j])
+        item["unlabeled"] = torch.tensor(u)
+        item["valid"] = torch.tensor(0.0 if pad else 1.0)
+        return item
+
+
+def finish_views(item: dict[str, torch.Tensor], views: Sequence[str], mean: Sequence[float], std: Sequence[float],
+                 device: str) -> Batch:
+    """A collated :class:`TrainImages` batch (or :class:`PixelBatches`' dict) -> :class:`Batch` on
+    ``device``: strong views get their ops (:func:`apply_strong`), every view is normalized."""
+    m = torch.tensor(mean, dtype=torch.float32, device=device).view(1, 3, 1, 1)
+    s = torch.tensor(std, dtype=torch.float32, device=device).view(1, 3, 1, 1)
+    xs = []
+    for v, kind in enumerate(views):
+        x = item["x" if v == 0 else f"x{v + 1}"].to(device, non_blocking=True)
+        if kind == "strong":
+            x = apply_strong(x, item[f"p{v + 1}"])
+        xs.append((x - m) / s)
+    return Batch(xs[0], item["t_index"].to(device), item["t_value"].to(device), xs[1] if len(xs) > 1 else None,
+                 item["unlabeled"].to(device), item["valid"].to(device))
+
+
+class PixelBatches:
+    """Training batches of in-memory pixels (all images the same size) augmented batch-wise on the
+    training device (:func:`crop_flip_batch`, :func:`apply_strong`): the per-image crop boxes, flips and
+    strong ops are :class:`TrainImages`' (the same generators), without a DataLoader."""
+
+    def __init__(self, ds: TrainImages, device: str):
+        px = torch.from_numpy(np.ascontiguousarray(ds.source.pixels))
+        px = px[:, None] if px.ndim == 3 else px.permute(0, 3, 1, 2)
+        self.ds, self.device = ds, device
+        self.pixels = px.to(device)
+
+    def batch(self, items: Sequence[int]) -> dict[str, torch.Tensor]:
+        ds, n = self.ds, len(self.ds)
+        js = [i - n if i >= n else i for i in items]
+        imgs = self.pixels[torch.as_tensor(ds.positions[js], device=self.device)].float().div_(255.0)
+        _, _, h, w = imgs.shape
+        out: dict[str, torch.Tensor] = {}
+        for v, kind in enumerate(ds.views):
+            gens = [_view_generator(ds.seed, ds.epoch, j, v) for j in js]
+            boxes = torch.tensor([crop_flip_params(h, w, ds.min_crop, g) for g in gens], dtype=torch.float32)
+            x = crop_flip_batch(imgs, boxes, ds.size)
+            out["x" if v == 0 else f"x{v + 1}"] = x.expand(-1, 3, -1, -1) if x.shape[1] == 1 else x
+            if kind == "strong":
+                out[f"p{v + 1}"] = torch.stack([strong_params(g) for g in gens])
+        pad = torch.tensor([i >= n for i in items])
+        out["t_index"] = torch.from_numpy(ds.targets.index[js])
+        out["t_value"] = torch.from_numpy(ds.targets.value[js]) * (~pad)[:, None].float()
+        u = torch.zeros(len(js)) if ds.unlabeled is None else torch.from_numpy(ds.unlabeled[js])
+        out["unlabeled"] = u * (~pad).float()
+        out["valid"] = (~pad).float()
+        return out
 
 
 class PaddedDistributedSampler(DistributedSampler):
@@ -756,13 +1479,19 @@ def train_images(
     run_key: str = "",
     progress: Progress | None = None,
     on_epoch_end: EpochCallback | None = None,
+    semi: SemiConfig | None = None,
+    unlabeled: np.ndarray | None = None,
+    transition: np.ndarray | None = None,
 ) -> TrainResult:
     """Train ``model`` (images -> logits, e.g. :class:`ImageClassifier`) on the images at ``positions``.
 
     Under an initialized process group (``torchrun``) the model is wrapped in DDP and each rank
     reads its share through :class:`PaddedDistributedSampler`; ``cfg.batch_size`` is the global
     batch and must be divisible by the world size. Epochs ``>= cfg.epochs`` run at
-    ``cfg.finetune_size`` (progressive resolution).
+    ``cfg.finetune_size`` (progressive resolution). In-memory pixels are augmented batch-wise on
+    ``device`` (:class:`PixelBatches`), files by ``workers`` DataLoader processes. ``semi``: the
+    images marked ``unlabeled`` are unlabeled data (eq. S1-S6). ``transition``: forward correction
+    through this noise transition matrix (eq. F2).
     """
     rank, world = _dist()
     if cfg.batch_size % world:
@@ -776,18 +1505,26 @@ def train_images(
         from torch.nn.parallel import DistributedDataParallel as DDP
 
         net = DDP(model, device_ids=[torch.device(device).index] if device.startswith("cuda") else None)
-    ds = TrainImages(source, positions, targets, mean, std, cfg.min_crop, cfg.seed)
+    # per rank; DDP's gradient mean over ranks -> batch_size * mean w
+    objective = make_objective(targets, num_classes, local_bs, cfg, semi, unlabeled, rank, transition)
+    views = objective.views
+    ds = TrainImages(source, positions, targets, mean, std, cfg.min_crop, cfg.seed, views, unlabeled)
     sampler = PaddedDistributedSampler(ds, num_replicas=world, rank=rank, shuffle=True, seed=cfg.seed)
+    pixels = PixelBatches(ds, device) if source.pixels is not None else None
 
-    def batches(epoch: int) -> Iterable[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    def batches(epoch: int) -> Iterator[Batch]:
         ds.set_epoch(epoch, cfg.size_at(epoch))
         sampler.set_epoch(epoch)
-        return DataLoader(ds, batch_size=local_bs, sampler=sampler, num_workers=workers, drop_last=False,
-                          pin_memory=device.startswith("cuda"))
+        if pixels is not None:
+            order = list(sampler)
+            for s in range(0, len(order), local_bs):
+                yield finish_views(pixels.batch(order[s : s + local_bs]), views, mean, std, device)
+            return
+        for item in DataLoader(ds, batch_size=local_bs, sampler=sampler, num_workers=workers, drop_last=False,
+                               pin_memory=device.startswith("cuda")):
+            yield finish_views(item, views, mean, std, device)
 
-    norm = loss_normalizer(targets, local_bs)  # per rank; DDP's gradient mean over ranks -> batch_size * mean w
-    return _fit(net, model, cfg, batches, num_classes=num_classes, norm=norm, n_train=len(positions),
-                mass_mean=float(targets.mass.mean()), device=device,
+    return _fit(net, model, cfg, batches, objective, n_train=len(positions), device=device,
                 checkpoint=Path(checkpoint) if checkpoint else None, run_key=run_key, progress=progress,
                 on_epoch_end=on_epoch_end)
 
@@ -805,8 +1542,10 @@ def predict_images_topk(
     batch_size: int = 256,
     device: str = "cpu",
     progress: Progress | None = None,
+    allowed: np.ndarray | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Top-k classes and probabilities for the images at ``positions`` (eval transform, no augmentation).
+    """Top-k classes and probabilities for the images at ``positions`` (eval transform, no augmentation);
+    with ``allowed`` (N, m) only among each image's allowed classes (:func:`restrict_classes`).
 
     ``transform`` maps one uint8 image ``(1, H, W, C)`` to the model's input ``(1, 3, s, s)``
     (extract-features' ``Preprocess``: timm's eval transform); files are decoded with their shorter
@@ -829,6 +1568,8 @@ def predict_images_topk(
                        for r in rows])
         logits = model(x.to(device)).float()
         p = torch.softmax(logits, dim=1)
+        if allowed is not None:
+            p = restrict_classes(p, torch.from_numpy(np.asarray(allowed)[rows]))
         kk = min(k, p.shape[1])
         v, i = p.topk(kk, dim=1)
         rows_t = torch.from_numpy(rows).to(device)

@@ -1,5 +1,6 @@
 """DDP on CPU (gloo, 2 processes): identical weights on every rank, and the same weighted loss and
-weights as one process on the same data (padding carries zero weight, the loss is an exact sum)."""
+weights as one process on the same data (padding carries zero weight, the loss is an exact sum),
+for eq. 1 and for the semi-supervised FixMatch mode (eq. S1)."""
 
 import json
 import os
@@ -22,7 +23,7 @@ pytestmark = pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_avai
 N, C = 7, 3  # 7 images on 2 ranks: one zero-weight padding sample
 
 
-def _train() -> stage.TrainResult:
+def _train(semi: str | None = None) -> stage.TrainResult:
     import timm
 
     torch.manual_seed(0)
@@ -30,17 +31,24 @@ def _train() -> stage.TrainResult:
     model = stage.ImageClassifier(backbone, C, dropout=0.0, seed=0)
     r = np.random.default_rng(0)
     pixels = r.integers(0, 255, (N, 28, 28), dtype=np.uint8)
-    targets = stage.hard_targets(np.arange(N) % C, r.uniform(0.1, 1.0, N))  # unequal weights
+    w = r.uniform(0.1, 1.0, N)  # unequal weights
+    unlabeled = None
+    if semi is not None:  # images 1, 4, 5 are unlabeled (their weight goes to zero)
+        unlabeled = np.isin(np.arange(N), [1, 4, 5])
+        w = np.where(unlabeled, 0.0, w)
+    targets = stage.hard_targets(np.arange(N) % C, w)
     cfg = stage.TrainConfig(epochs=2, lr=0.1, lr_steps=(1,), batch_size=4, image_size=32, min_crop=0.3, seed=5)
     return stage.train_images(model, stage.ImageSource(pixels=pixels), np.arange(N), targets, C, cfg,
-                              mean=(0.5,) * 3, std=(0.25,) * 3)
+                              mean=(0.5,) * 3, std=(0.25,) * 3,
+                              semi=None if semi is None else stage.SemiConfig(semi, confidence=0.0),
+                              unlabeled=unlabeled)
 
 
-def _worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
+def _worker(rank: int, world: int, init_file: str, out_dir: str, semi: str | None = None) -> None:
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     try:
-        res = _train()
+        res = _train(semi)
         torch.save({"state": res.model.state_dict(), "loss": [h["loss"] for h in res.history]},
                    Path(out_dir) / f"rank{rank}.pt")
     finally:
@@ -63,6 +71,30 @@ def test_ddp_two_ranks_match_each_other_and_one_process(tmp_path):
     np.testing.assert_allclose(r0["loss"], [h["loss"] for h in single.history], rtol=1e-5)
     for k, v in single.model.state_dict().items():
         torch.testing.assert_close(r0["state"][k], v, rtol=1e-4, atol=1e-5, msg=k)
+
+
+def test_ddp_fixmatch_matches_one_process_and_mixmatch_ranks_agree(tmp_path):
+    # FixMatch (eq. S1) is a sum over images with a constant normalizer: two ranks give the
+    # single-process run (every pseudo-label counts: tau = 0). MixMatch mixes within each rank's
+    # share of the batch, so only the ranks' agreement is exact.
+    for semi in ("fixmatch", "mixmatch"):
+        out = tmp_path / semi
+        out.mkdir()
+        mp.spawn(_worker, args=(2, str(out / "init"), str(out), semi), nprocs=2, join=True)
+        r0 = torch.load(out / "rank0.pt", weights_only=True)
+        r1 = torch.load(out / "rank1.pt", weights_only=True)
+        for k in r0["state"]:
+            assert torch.equal(r0["state"][k], r1["state"][k]), (semi, k)
+        if semi == "fixmatch":
+            n = torch.get_num_threads()
+            torch.set_num_threads(1)
+            try:
+                single = _train(semi)
+            finally:
+                torch.set_num_threads(n)
+            np.testing.assert_allclose(r0["loss"], [h["loss"] for h in single.history], rtol=1e-5)
+            for k, v in single.model.state_dict().items():
+                torch.testing.assert_close(r0["state"][k], v, rtol=1e-4, atol=1e-5, msg=k)
 
 
 def _free_port() -> int:

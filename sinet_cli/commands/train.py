@@ -8,8 +8,9 @@ import json
 import os
 import time
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated, Any, Iterator, Optional
+from typing import Annotated, Any, Callable, Iterator, Optional
 
 import numpy as np
 import typer
@@ -59,11 +60,22 @@ def parse_steps(text: str | None, epochs: int) -> tuple[int, ...]:
     return steps
 
 
-def read_weights(scores_path: Path, source: Path | str, ids: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, dict, str]:
-    """w_i of every training image (matched by id), the scores' params and fingerprint."""
+SCORE_ROW_COLUMNS = ("flagged", "suggested_class", "suggested_confidence", "nearest_class")
+SCORE_PROBE = ("probe_W", "probe_b")
+
+
+def read_weights(scores_path: Path, source: Path | str, ids: np.ndarray, labels: np.ndarray,
+                 extra: dict[str, np.ndarray] | None = None) -> tuple[np.ndarray, dict, str]:
+    """w_i of every training image (matched by id), the scores' params and fingerprint. When ``extra``
+    is a dict, the per-row columns of :data:`SCORE_ROW_COLUMNS` and the probe (:data:`SCORE_PROBE`)
+    that scores.h5 holds are put in it (rows in the order of ``ids``)."""
     with store.open_artifact(scores_path, "scores") as art:
         sid, w, slab = art.read("ids"), art.read("weight").astype(np.float32), art.read("labels")
         params, fp = art.params, art.fingerprint
+        if extra is not None:
+            for name in SCORE_ROW_COLUMNS + SCORE_PROBE:
+                if name in art:
+                    extra[name] = art.read(name)
     order = np.argsort(sid, kind="stable")
     sorted_ids = sid[order]
     pos = np.clip(np.searchsorted(sorted_ids, ids), 0, max(len(sid) - 1, 0))
@@ -75,6 +87,10 @@ def read_weights(scores_path: Path, source: Path | str, ids: np.ndarray, labels:
             "training images missing; rerun sinet score-noise on these features)"
         )
     rows = order[pos]
+    if extra is not None:
+        for name in SCORE_ROW_COLUMNS:
+            if name in extra:
+                extra[name] = extra[name][rows]
     bad = np.flatnonzero(slab[rows] != labels)
     if len(bad):
         i = bad[0]
@@ -106,6 +122,144 @@ def read_prototypes(path: Path, classes: list[str]) -> tuple[np.ndarray, np.ndar
 
 
 
+
+
+def read_graph_neighbours(stage, path: Path, classes: list[str], k: int) -> tuple[np.ndarray, str]:
+    """The ``k`` nearest classes of every class in graph.h5's S_t, and the graph's fingerprint."""
+    with store.open_artifact(path, "graph") as art:
+        if list(art.read("classes")) != list(classes):
+            raise SinetError(f"{path}: classes differ from the training data's; rebuild the graph")
+        S_t, fp = art.read("S_t"), art.fingerprint
+    try:
+        return stage.graph_neighbours(S_t, k), fp
+    except ValueError as e:
+        raise SinetError(f"{path}: {e}") from None
+
+
+def flags_of(stage, extra: dict, w: np.ndarray, y: np.ndarray, scores_params: dict,
+             threshold: float | None = None) -> tuple[np.ndarray, str]:
+    """Which training images are flagged: w <= ``threshold`` when given; else scores.h5's ``flagged``
+    when stored; else the suspect rule of score-noise (w <= 0.5 with the default score, w = 0 with
+    eq. 6 alone, or a nearer prototype of another class). Returns the mask and where it came from."""
+    if threshold is not None:
+        return np.asarray(w) <= threshold, f"w <= {threshold:g}"
+    if "flagged" in extra:
+        return extra["flagged"].astype(bool), "scores.h5 flagged"
+    below = 0.5 if scores_params.get("score") == "fused" else 0.0
+    return stage.suspect_flags(w, y, extra.get("nearest_class"), below), f"w <= {below:g} or a nearer prototype"
+
+
+@dataclass
+class ModePlan:
+    """What a mode beyond weighting needs besides w (docs/training-modes.md)."""
+
+    flagged: np.ndarray | None = None  # eq. T1 (or scores.h5's flags)
+    suggestion: tuple[np.ndarray, np.ndarray] | None = None  # (s_i, q_i), eq. T2 (or scores.h5's)
+    distribution: np.ndarray | None = None  # P (N, C) for --correct-target distribution and mode forward
+    class_weights: np.ndarray | None = None  # eq. 7's w_ic for mode graph
+    neighbours: np.ndarray | None = None  # S_t neighbours of every class
+
+
+def plan_mode(stage, mode: str, *, y: np.ndarray, w: np.ndarray, score_extra: dict, scores_params: dict, params: dict,
+              features_of_rows: Callable[[], np.ndarray], eq7_weights: Callable[[], np.ndarray],
+              neighbours_of: Callable[[int], np.ndarray], threshold: float | None, correct_target: str,
+              min_confidence: float, soft_keep: int, graph_neighbours: int, topk_neighbours: int,
+              transition_neighbours: int, semi) -> ModePlan:
+    """Flags, suggestions, eq. 7 weights and graph neighbours a mode needs, each from the first source
+    that has it; records the choices (and the mode's knobs) in ``params``."""
+    plan = ModePlan()
+    if mode in ("correct", *stage.SEMI_MODES):
+        plan.flagged, params["flags"] = flags_of(stage, score_extra, w, y, scores_params, threshold)
+    have_probe = all(k in score_extra for k in SCORE_PROBE)
+
+    def probe() -> np.ndarray:
+        return stage.probe_probabilities(features_of_rows(), score_extra["probe_W"], score_extra["probe_b"])
+
+    if mode == "correct":
+        params["correct_target"] = correct_target
+        if correct_target == "distribution":  # the whole distribution: the probe's, else eq. 7's
+            params["soft_keep"] = soft_keep
+            plan.distribution = probe() if have_probe else stage.prototype_probabilities(eq7_weights())
+            params["suggestions"] = "scores.h5 probe" if have_probe else "prototypes (eq. 7)"
+        else:
+            params["min_confidence"] = min_confidence
+            if "suggested_class" in score_extra and "suggested_confidence" in score_extra:
+                plan.suggestion = (score_extra["suggested_class"], score_extra["suggested_confidence"])
+                params["suggestions"] = "scores.h5 suggested_class"
+            else:
+                p = probe() if have_probe else stage.prototype_probabilities(eq7_weights())
+                plan.suggestion = stage.relabel_suggestions(p, y)  # eq. T2
+                params["suggestions"] = "scores.h5 probe" if have_probe else "prototypes (eq. 7)"
+    if semi is not None:
+        params.update(semi.params())
+    if mode == "forward":  # eq. F1 from the probe's probabilities (else eq. 7's), over S_t neighbours if asked
+        plan.distribution = probe() if have_probe else stage.prototype_probabilities(eq7_weights())
+        params["suggestions"] = "scores.h5 probe" if have_probe else "prototypes (eq. 7)"
+        params["transition_neighbours"] = transition_neighbours
+        if transition_neighbours:
+            plan.neighbours = neighbours_of(transition_neighbours)
+    if mode == "graph":
+        plan.neighbours = neighbours_of(graph_neighbours)
+        plan.class_weights = eq7_weights()
+        params["graph_neighbours"] = graph_neighbours
+    if topk_neighbours:
+        plan.neighbours = neighbours_of(topk_neighbours)
+        params["topk_neighbours"] = topk_neighbours
+    return plan
+
+
+def mode_targets(stage, mode: str, plan: ModePlan, targets, *, y: np.ndarray, w: np.ndarray,
+                 clean: np.ndarray | None, min_confidence: float, soft: bool, soft_keep: int) -> tuple[Any, dict]:
+    """The targets of ``mode`` (``targets`` as built for C / eq. 7 otherwise) and its ``mode_stats``,
+    with how well the moved labels match the true ones where ``clean`` labels are known (the demos)."""
+    stats: dict[str, Any] = {}
+    if plan.flagged is not None:
+        stats["flagged"] = int(plan.flagged.sum())
+    known = None if clean is None else clean >= 0
+    if mode == "correct" and plan.distribution is not None:
+        targets = stage.distribution_targets(y, w, plan.distribution, keep=soft_keep)  # eq. T3d
+        moved = float(targets.value[:, 1:].sum())
+        stats["moved_mass"] = moved
+        if known is not None and moved > 0:
+            on_true = targets.value[:, 1:] * (targets.index[:, 1:] == clean[:, None]) * known[:, None]
+            stats["moved_right"] = float(on_true.sum() / moved)
+    elif mode == "correct":
+        try:
+            targets, fixed = stage.corrected_targets(y, w, plan.flagged, *plan.suggestion,
+                                                     min_confidence=min_confidence, soft=soft)  # eq. T3
+        except ValueError as e:
+            raise SinetError(str(e)) from None
+        stats["corrected"] = int(fixed.sum())
+        if known is not None and (fixed & known).any():
+            sel = fixed & known
+            stats["corrected_right"] = float(np.mean(plan.suggestion[0][sel] == clean[sel]))
+    elif mode == "graph":
+        targets = stage.graph_targets(y, w, plan.class_weights, plan.neighbours)  # eq. T4
+    elif mode in stage.SEMI_MODES:
+        targets = stage.hard_targets(y, np.where(plan.flagged, 0.0, w))  # the labeled images keep eq. 1
+        stats["unlabeled"] = int(plan.flagged.sum())
+    elif mode == "forward":
+        targets = stage.hard_targets(y)  # every image, its noisy label: T carries the noise (eq. F2)
+    return targets, stats
+
+
+def forward_transition(stage, mode: str, plan: ModePlan, y: np.ndarray, num_classes: int,
+                       clean: np.ndarray | None, stats: dict) -> np.ndarray | None:
+    """Mode forward's transition matrix (eq. F1); in ``stats`` its diagonal and, where the true labels
+    are known, the true one's (the demos)."""
+    if mode != "forward":
+        return None
+    T = stage.transition_matrix(plan.distribution, y, num_classes,
+                                plan.neighbours if plan.neighbours is not None else None)
+    stats["transition_diagonal"] = [round(float(v), 4) for v in np.diag(T)]
+    if clean is not None and (clean >= 0).any():
+        k = clean >= 0
+        true = np.zeros((num_classes, num_classes))
+        np.add.at(true, (clean[k], y[k]), 1.0)
+        true = true / np.maximum(true.sum(axis=1, keepdims=True), 1.0)
+        stats["true_transition_diagonal"] = [round(float(v), 4) for v in np.diag(true)]
+        stats["transition_error"] = float(np.abs(T - true).sum(axis=1).mean())  # mean L1 per row
+    return T
 
 
 def subset_rows(stage, source: Path | str, splits: np.ndarray, subsets: np.ndarray | None, name: str,
@@ -214,20 +368,27 @@ def _plan(a: dict) -> Plan:
 @locked("train", _plan)
 def train(
     mode: Annotated[str, typer.Option(help="A: all images, unweighted. B: only images with w > --threshold, "
-                                      "unweighted. C: weighted by w (SINet, eq. 1). oracle: the clean labels "
-                                      "(only when known).", rich_help_panel=P_MODE)] = "C",
+                                      "unweighted. C: weighted by w (SINet, eq. 1). correct: flagged images with a "
+                                      "confident suggested class train on it, the rest as C. fixmatch / mixmatch: "
+                                      "flagged images become unlabeled data (pseudo-labels between two "
+                                      "augmentations / DivideMix's MixMatch). graph: the doubt 1 - w goes to the "
+                                      "label's neighbours in S_t by eq. 7. forward: all images, the output passed "
+                                      "through the noise transition estimated from the probe. oracle: the clean "
+                                      "labels (only when known). Equations: docs/training-modes.md.",
+                                      rich_help_panel=P_MODE)] = "C",
     on: Annotated[str, typer.Option(help="features: a head on cached features (CPU, fast). images: a full timm "
                                     "model on images (GPU; several with torchrun).", rich_help_panel=P_MODE)] = "features",
     threshold: Annotated[Optional[float], typer.Option(
         help="Mode B / top-k smoothing: confident images have w above this. Default: the median training "
-             "weight (B keeps the more confident half).", rich_help_panel=P_MODE)] = None,
+             "weight (B keeps the more confident half). Modes correct, fixmatch, mixmatch: images with w <= "
+             "this are flagged (default: scores.h5's flags).", rich_help_panel=P_MODE)] = None,
     soft_targets: Annotated[bool, typer.Option("--soft-targets", help="Mode C: eq. 7's per-class weights "
                             "w_ic = max(0, alpha - ||v_c - g_i||)^beta from prototypes.h5 instead of eq. 1.",
                             rich_help_panel=P_MODE)] = False,
     soft_mix: Annotated[float, typer.Option(help="--soft-targets: share of the target moved onto the label "
                         "(0: eq. 7 as is, 1: eq. 1).", rich_help_panel=P_MODE)] = 0.0,
-    soft_keep: Annotated[int, typer.Option(help="--soft-targets: keep each image's K largest class weights "
-                         "(all when K >= classes).", rich_help_panel=P_MODE)] = 16,
+    soft_keep: Annotated[int, typer.Option(help="--soft-targets, --correct-target distribution: keep each "
+                         "image's K largest class weights (all when K >= classes).", rich_help_panel=P_MODE)] = 16,
     alpha: Annotated[Optional[float], typer.Option(help="--soft-targets: eq. 6 alpha (default: scores.h5's, "
                      "else 1.2).", rich_help_panel=P_MODE)] = None,
     beta: Annotated[Optional[float], typer.Option(help="--soft-targets: eq. 6 beta (default: scores.h5's, "
@@ -239,6 +400,30 @@ def train(
                         "(1 - it stays on the label); 0.5 trusts both equally.", rich_help_panel=P_MODE)] = 0.5,
     topk_epochs: Annotated[Optional[int], typer.Option(help="Epochs of the initial top-k model (default "
                            "--epochs).", rich_help_panel=P_MODE)] = None,
+    correct_target: Annotated[str, typer.Option(help="--mode correct: soft (w on the label, the rest of the "
+                              "mass on the suggestion), hard (only the suggestion), or distribution (every image: "
+                              "w on the label, 1 - w over the other classes by the probe's probabilities).",
+                              rich_help_panel=P_MODE)] = "soft",
+    min_confidence: Annotated[float, typer.Option(help="--mode correct: smallest confidence of a suggestion "
+                              "that is used.", rich_help_panel=P_MODE)] = 0.5,
+    lambda_u: Annotated[Optional[float], typer.Option(help="--mode fixmatch / mixmatch: weight of the unlabeled "
+                        "loss (default 1 for fixmatch, as FixMatch; 25 for mixmatch, as DivideMix on CIFAR-10).",
+                        rich_help_panel=P_MODE)] = None,
+    pseudo_confidence: Annotated[float, typer.Option(help="--mode fixmatch: a pseudo-label counts when its "
+                                 "probability reaches this (FixMatch: 0.95).", rich_help_panel=P_MODE)] = 0.95,
+    sharpen: Annotated[float, typer.Option(help="--mode mixmatch: sharpening temperature T.",
+                       rich_help_panel=P_MODE)] = 0.5,
+    mix_alpha: Annotated[float, typer.Option(help="--mode mixmatch: mixup lambda ~ Beta(alpha, alpha).",
+                         rich_help_panel=P_MODE)] = 4.0,
+    rampup: Annotated[float, typer.Option(help="--mode mixmatch: share of the epochs over which lambda_u rises "
+                      "linearly to its value.", rich_help_panel=P_MODE)] = 0.1,
+    graph_neighbours: Annotated[int, typer.Option(help="--mode graph: neighbours of each class in S_t that may "
+                                "receive an image's doubt.", rich_help_panel=P_MODE)] = 3,
+    topk_neighbours: Annotated[int, typer.Option(help="K > 0: top-k smoothing puts mass only on the label and "
+                               "its K nearest classes in S_t (graph.h5).", rich_help_panel=P_MODE)] = 0,
+    transition_neighbours: Annotated[int, typer.Option(help="--mode forward, K > 0: a class's labels may only "
+                                     "flip to its K nearest classes in S_t (graph.h5); 0: to any class.",
+                                     rich_help_panel=P_MODE)] = 0,
     suffix: Annotated[str, typer.Option(help="Run name suffix: output in train-<mode>-<suffix>/ and that key "
                       "in metrics.json (e.g. seed1, topk).", rich_help_panel=P_MODE)] = "",
     data: DataOpt = None,
@@ -251,8 +436,10 @@ def train(
                         rich_help_panel=P_IN)] = None,
     scores: Annotated[Optional[Path], typer.Option(help="scores.h5 with w_i (default: in the artifact folder).",
                       rich_help_panel=P_IN)] = None,
-    prototypes: Annotated[Optional[Path], typer.Option(help="prototypes.h5 for --soft-targets (default: in "
-                          "the artifact folder).", rich_help_panel=P_IN)] = None,
+    prototypes: Annotated[Optional[Path], typer.Option(help="prototypes.h5 for --soft-targets and --mode graph "
+                          "(default: in the artifact folder).", rich_help_panel=P_IN)] = None,
+    graph: Annotated[Optional[Path], typer.Option(help="graph.h5 (S_t) for --mode graph and --topk-neighbours "
+                     "(default: in the artifact folder).", rich_help_panel=P_IN)] = None,
     head: Annotated[str, typer.Option(help="--on features: linear or mlp (hidden layer, ReLU).",
                     rich_help_panel=P_OPT)] = "linear",
     hidden: Annotated[int, typer.Option(help="--head mlp: hidden units.", rich_help_panel=P_OPT)] = 512,
@@ -314,10 +501,18 @@ def train(
         raise SinetError("--soft-targets replaces mode C's eq. 1 by eq. 7: use it with --mode C")
     if topk_smoothing < 0:
         raise SinetError("--topk-smoothing must be >= 0")
-    if topk_smoothing and mode in ("B", "oracle"):
+    if topk_smoothing and mode not in ("A", "C"):
         raise SinetError(f"--topk-smoothing smooths the labels of the non-confident images: use --mode A or C, not {mode}")
     if topk_smoothing and soft_targets:
         raise SinetError("--topk-smoothing and --soft-targets both replace the targets: choose one")
+    if topk_neighbours < 0 or (topk_neighbours and not topk_smoothing):
+        raise SinetError("--topk-neighbours K restricts --topk-smoothing: give both, K >= 1")
+    if correct_target not in ("soft", "hard", "distribution"):
+        raise SinetError(f"--correct-target {correct_target!r}: choose soft, hard or distribution")
+    if graph_neighbours < 1:
+        raise SinetError("--graph-neighbours must be >= 1")
+    if transition_neighbours < 0:
+        raise SinetError("--transition-neighbours must be >= 0")
     if suffix and not suffix.replace("-", "").replace("_", "").isalnum():
         raise SinetError(f"--suffix {suffix!r}: letters, digits, - and _ only")
     if finetune_subset is not None and finetune_epochs < 1:
@@ -345,7 +540,14 @@ def train(
     folder = artifact_dir(out, data)
     features_path = features or folder / "features.h5"
     scores_path = scores or folder / "scores.h5"
-    needs_scores = mode in ("B", "C") or topk_smoothing > 0
+    needs_scores = mode not in ("A", "oracle") or topk_smoothing > 0
+    semi = None
+    if mode in stage.SEMI_MODES:
+        try:
+            semi = stage.SemiConfig(mode, lambda_u=lambda_u, confidence=pseudo_confidence, temperature=sharpen,
+                                    mix_alpha=mix_alpha, rampup=rampup)
+        except ValueError as e:
+            raise SinetError(str(e)) from None
     run = mode + (f"-{suffix}" if suffix else "")
     run_dir = folder / f"train-{run}"
 
@@ -387,8 +589,10 @@ def train(
 
     w_train = None
     scores_params: dict = {}
+    score_extra: dict[str, np.ndarray] = {}
     if needs_scores:
-        w_train, scores_params, inputs["scores"] = read_weights(scores_path, source_name, ids[tr], labels[tr])
+        w_train, scores_params, inputs["scores"] = read_weights(scores_path, source_name, ids[tr], labels[tr],
+                                                                score_extra)
     thr = None
     if mode == "B" or topk_smoothing:
         thr = stage.default_threshold(w_train) if threshold is None else float(threshold)
@@ -434,6 +638,38 @@ def train(
             g, inputs["features"] = read_features_for(features_path, ids[tr][rows])
         proto = (g, pv, pc, a, b)
 
+    # ---- modes beyond weighting (docs/training-modes.md): flags, suggestions, graph neighbours
+    g_rows = proto[0] if proto is not None else None
+
+    def features_of_rows() -> np.ndarray:
+        nonlocal g_rows
+        if g_rows is None:
+            if on == "features":
+                g_rows = np.asarray(feats_all[tr][rows], np.float32)
+            else:
+                g_rows, inputs["features"] = read_features_for(features_path, ids[tr][rows])
+        return g_rows
+
+    def eq7_weights() -> np.ndarray:
+        a = alpha if alpha is not None else float(scores_params.get("alpha", DEFAULT_ALPHA))
+        b = beta if beta is not None else float(scores_params.get("beta", DEFAULT_BETA))
+        params.update(alpha=a, beta=b)
+        pv, pc, inputs["prototypes"] = read_prototypes(prototypes or folder / "prototypes.h5", class_names)
+        try:
+            return stage.prototype_class_weights(features_of_rows(), pv, pc, num_classes, alpha=a, beta=b)
+        except ValueError as e:
+            raise SinetError(str(e)) from None
+
+    def neighbours_of(k: int) -> np.ndarray:
+        nb, inputs["graph"] = read_graph_neighbours(stage, graph or folder / "graph.h5", class_names, k)
+        return nb
+
+    plan = plan_mode(stage, mode, y=y, w=w, score_extra=score_extra, scores_params=scores_params, params=params,
+                     features_of_rows=features_of_rows, eq7_weights=eq7_weights, neighbours_of=neighbours_of,
+                     threshold=threshold, correct_target=correct_target, min_confidence=min_confidence,
+                     soft_keep=soft_keep, graph_neighbours=graph_neighbours, topk_neighbours=topk_neighbours,
+                     transition_neighbours=transition_neighbours, semi=semi)
+
     metrics_path, model_path, ckpt_path = run_dir / "metrics.json", run_dir / "model.pt", run_dir / "checkpoint.pt"
     if not force and finished_run(metrics_path, model_path, params, inputs) and \
             store.outputs_current(run_dir, [model_path, metrics_path]):
@@ -472,6 +708,13 @@ def train(
             raise SinetError(str(e)) from None
     else:
         targets = stage.hard_targets(y, w)
+    targets, mode_stats = mode_targets(stage, mode, plan, targets, y=y, w=w,
+                                       clean=None if tr_clean is None else tr_clean[rows],
+                                       min_confidence=min_confidence, soft=correct_target == "soft", soft_keep=soft_keep)
+    unlabeled = plan.flagged if semi is not None else None
+    allowed = stage.neighbour_classes(y, plan.neighbours) if topk_neighbours else None
+    transition = forward_transition(stage, mode, plan, y, num_classes, None if tr_clean is None else tr_clean[rows],
+                                    mode_stats)
 
     try:
         if on == "features":
@@ -484,12 +727,13 @@ def train(
                                                 head=head, hidden=hidden, dropout=dropout, device=dev,
                                                 checkpoint=run_dir / "topk-init.pt", run_key=run_key + "-init",
                                                 progress=adv)
-                pi, pp = stage.topk_predictions(stage.predict_features(init.model, x_train, device=dev), topk_smoothing)
+                pi, pp = stage.topk_predictions(stage.predict_features(init.model, x_train, device=dev), topk_smoothing,
+                                                allowed)
                 targets = stage.topk_smoothed_targets(y, w, ~conf, pi, pp, topk_mix)
             with progress_bar(f"train {run}", cfg.total_epochs * len(rows)) as adv:
                 result = stage.train_features(x_train, targets, num_classes, cfg, head=head, hidden=hidden,
                                               dropout=dropout, device=dev, checkpoint=ckpt_path, run_key=main_key,
-                                              progress=adv)
+                                              progress=adv, semi=semi, unlabeled=unlabeled, transition=transition)
             ft_result = None
             if ft_cfg is not None:
                 with progress_bar(f"fine-tune {run} on {finetune_subset}", ft_cfg.total_epochs * len(ft)) as adv:
@@ -507,8 +751,8 @@ def train(
                 stage, table, tr[rows], va, y, w, targets, num_classes, cfg, run_dir, ckpt_path, main_key, finetune,
                 backbone=backbone, weight_path=weight_path, random_init=random_init, dropout=dropout, dev=dev,
                 workers=workers, rank=rank, topk=(topk_smoothing, topk_mix, topk_epochs, thr,
-                                                  None if not topk_smoothing else w_train[rows]),
-                lr_steps_text=lr_steps)
+                                                  None if not topk_smoothing else w_train[rows], allowed),
+                lr_steps_text=lr_steps, semi=semi, unlabeled=unlabeled, transition=transition)
     except ValueError as e:
         raise SinetError(str(e)) from None
     finally:
@@ -548,7 +792,7 @@ def train(
     metrics = {
         "run": run, "mode": mode, "on": on, **stats, "eval_labels": eval_labels, "train_subset": train_subset,
         "n_train": int(len(rows)), "n_val": int(len(va)), "threshold": thr, "mean_weight": float(targets.mass.mean()),
-        "train_noise_rate": selected_noise, "seconds": round(time.time() - t0, 2),
+        "train_noise_rate": selected_noise, "mode_stats": mode_stats, "seconds": round(time.time() - t0, 2),
         "resumed_from_epoch": result.resumed_from, "history": result.history, "finetune": finetune_info,
         "classes": class_names, "params": params, "inputs": inputs,
     }
@@ -589,7 +833,8 @@ def _init_distributed(dev: str) -> tuple[str, int, int]:
 
 
 def _train_on_images(stage, table, positions, va, y, w, targets, num_classes, cfg, run_dir, ckpt_path, run_key,
-                     finetune, *, backbone, weight_path, random_init, dropout, dev, workers, rank, topk, lr_steps_text):
+                     finetune, *, backbone, weight_path, random_init, dropout, dev, workers, rank, topk, lr_steps_text,
+                     semi=None, unlabeled=None, transition=None):
     """Build the timm model (extract-features' build_backbone), train it (DDP under torchrun), fine-tune it
     on ``finetune = (positions, targets, config, checkpoint, run key)`` when given, predict val."""
     import torch
@@ -609,7 +854,7 @@ def _train_on_images(stage, table, positions, va, y, w, targets, num_classes, cf
     final_size = cfg.size_at(cfg.total_epochs - 1) if finetune is None else finetune[2].image_size
     eval_pp = fx.Preprocess.for_model(net, final_size)
     source = stage.ImageSource(paths=table.paths, pixels=table.pixels)
-    k, mix, k_epochs, thr, w_sel = topk
+    k, mix, k_epochs, thr, w_sel, allowed = topk
     quiet = rank != 0
     if k:
         conf = w_sel > thr
@@ -621,12 +866,12 @@ def _train_on_images(stage, table, positions, va, y, w, targets, num_classes, cf
                                checkpoint=run_dir / "topk-init.pt", run_key=run_key + "-init", progress=adv)
         eval_init = fx.Preprocess.for_model(net, init_cfg.image_size)
         pi, pv = stage.predict_images_topk(init_model, source, positions, eval_init, k=k, decode_size=eval_init.resize,
-                                           decode_interpolation=eval_init.interpolation, device=dev)
+                                           decode_interpolation=eval_init.interpolation, device=dev, allowed=allowed)
         targets = stage.topk_smoothed_targets(y, w, ~conf, pi, pv, mix)
     with _bar("train", cfg.total_epochs * len(positions), quiet) as adv:
         result = stage.train_images(model, source, positions, targets, num_classes, cfg, mean=pp.mean, std=pp.std,
                                     device=dev, workers=workers, checkpoint=ckpt_path, run_key=run_key,
-                                    progress=adv)
+                                    progress=adv, semi=semi, unlabeled=unlabeled, transition=transition)
     ft_result = None
     if finetune is not None:
         ft_pos, ft_targets, ft_cfg, ft_ckpt, ft_key = finetune

@@ -171,7 +171,7 @@ report: $(ART)/report/index.html
 
 # every scored image as CSV and Parquet, and a cleaned manifest (--data manifest: reads it back)
 $(ART)/export/images.csv: $(ART)/scores.h5 FORCE
-	$(SINET) export --out $(ART)
+	$(SINET) export --data $(DATA) --out $(ART)
 
 export: $(ART)/export/images.csv
 

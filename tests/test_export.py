@@ -120,3 +120,11 @@ def test_export_refuses_stale_scores(tmp_path, sinet):
     code, _, err = sinet("export", "--out", tmp_path)
     assert code == 1 and "run sinet score-noise" in err and err.count("\n") == 1
     assert not (tmp_path / "export" / "images.csv").exists()
+
+
+def test_export_of_pixels_without_data_says_which_data_to_pass(tmp_path, sinet):
+    scored_folder(tmp_path)  # features.h5 with pixels only (no paths), as the demos write it
+    code, _, err = sinet("export", "--out", tmp_path)
+    assert code == 1 and err.count("\n") == 1 and "Traceback" not in err, err
+    assert "features.h5 has no image paths" in err and "pass the --data it was extracted from" in err
+    assert not (tmp_path / "export" / "images.csv").exists()

@@ -136,7 +136,8 @@ def test_make_all_command_lines_for_each_dataset_kind(kind, root):
     for command in ("build-graph", "extract-features", "make-prototypes", "score-noise", "train", "summary", "report",
                     "export"):
         assert f"-m sinet_cli {command} " in out, command
-    assert out.count(f"--data {kind}:{root} ") == 3  # graph, features, train (an environment DATA is ignored)
+    # graph, features, train, export (an environment DATA is ignored)
+    assert out.count(f"--data {kind}:{root} ") == 4
     assert out.count(f"--out {art}") == 8
     # the summary comes last: what a run ends with
     assert out.index("sinet_cli report ") < out.index("sinet_cli export ") < out.index("sinet_cli summary ")

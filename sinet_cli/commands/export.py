@@ -115,9 +115,9 @@ def export(
             classes = sc.read("classes").astype(str)
             class_noise = sc.read("class_noise").astype(np.float64)
             in_memory = "paths" not in fe
-            if in_memory and data.partition(":")[0] not in ("demo", "demo-mnist"):
-                raise SinetError(f"{features_path} has no image paths and --data {data} is no embedded demo: "
-                                 "nothing to write the cleaned images from")
+            if in_memory and (data or "").partition(":")[0] not in ("demo", "demo-mnist"):
+                raise SinetError(f"{features_path} has no image paths and --data {data or '(not given)'} is no "
+                                 "embedded demo: pass the --data it was extracted from (demo or demo-mnist)")
             pixels = _demo_pixels(data) if in_memory else None
             root = None
             if not in_memory:  # the common folder of every image: the manifest's paths go through it

@@ -157,7 +157,7 @@ def test_make_variables_reach_the_commands():
                  "--taxonomy /d/tax.tsv", "--show 3", "--hierarchy auto", "for seed in 0 1", "--suffix seed$seed"):
         assert flag in out, flag
     demo = dry("demo")
-    assert "--data demo " in demo and "--out artifacts/demo" in demo and "for mode in A B C oracle;" in demo
+    assert "--data demo " in demo and "--out artifacts/demo" in demo and "for mode in A B C correct oracle;" in demo
 
 
 def test_make_stops_early_without_a_dataset_path_or_a_crawl():

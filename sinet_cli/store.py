@@ -1364,6 +1364,52 @@ def append_feature_batches(writer: "ArtifactWriter", table: Any, batches: Any, *
     return appended
 
 
+def finish_features(writer: "ArtifactWriter", table: Any, skipped: list[list[str]], attrs: Mapping[str, Any]) -> str:
+    """Write what features.h5 holds besides its rows (classes, the skipped images, the table's
+    provenance and class table, ``attrs``) and commit it; returns its fingerprint."""
+    writer.write("classes", table.classes.names)
+    if skipped:
+        writer.write("skipped_ids", [s[0] for s in skipped])
+        writer.write("skipped_reasons", [s[1] for s in skipped])
+    for key, value in attrs.items():
+        writer.set_attr(key, value)
+    writer.set_attr("dataset_provenance", table.provenance)
+    writer.set_attr("class_table", {"names": table.classes.names, "synsets": table.classes.synsets,
+                                    "descriptions": table.classes.descriptions, "parents": table.classes.parents})
+    return writer.commit()
+
+
+FEATURE_FILE_ATTRS = ("backbone", "preprocess", "decode", "dataset_provenance", "class_table")
+
+
+def merge_features(target: Path, parts: list["Artifact"], params: Mapping[str, Any], inputs: Mapping[str, str]) -> str:
+    """features.h5 from the shard files ``parts`` (their rows in order, their skipped images, the
+    first one's classes and attributes); returns its fingerprint."""
+    first = parts[0]
+    writer = ArtifactWriter(target, "features", params, inputs, mode="new")
+    try:
+        names = [f.name for f in SCHEMAS["features"] if f.dims[0] == "N" and f.name in first]
+        skipped_ids: list[str] = []
+        skipped_reasons: list[str] = []
+        for part in parts:
+            for _, rows in part.iter_rows(names, 65536):
+                writer.append_rows(rows)
+            if "skipped_ids" in part:
+                skipped_ids += list(part.read("skipped_ids"))
+                skipped_reasons += list(part.read("skipped_reasons"))
+        writer.write("classes", first.read("classes"))
+        if skipped_ids:
+            writer.write("skipped_ids", skipped_ids)
+            writer.write("skipped_reasons", skipped_reasons)
+        for key in FEATURE_FILE_ATTRS:
+            if first.attr(key) is not None:
+                writer.set_attr(key, first.attr(key))
+        return writer.commit()
+    except BaseException:
+        writer.abort()
+        raise
+
+
 def write_artifact(
     path: Path | str,
     kind: str,

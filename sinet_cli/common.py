@@ -203,3 +203,12 @@ def missing_val_split(on: str, features_path: Path, data: str | None = None, cla
         return str(features_path)
     table = load_table(data, classes, noise, noise_rate, noise_seed, captions)
     return None if (np.asarray(table.splits) == "val").any() else f"--data {data}"
+
+
+def build_config(cls, what: str = "", **options):
+    """``cls(**options)``: a stage's config dataclass, whose own validation (``__post_init__``) raises
+    ValueError; that becomes the one-line CLI error (prefixed with ``what``, e.g. the command)."""
+    try:
+        return cls(**options)
+    except ValueError as e:
+        raise SinetError(f"{what}: {e}" if what else str(e)) from None

@@ -553,9 +553,8 @@ class Artifact:
 
     def take(self, name: str, positions: np.ndarray, chunk_rows: int) -> np.ndarray:
         """Rows ``positions`` (sorted, unique) of a numeric row dataset, in one pass of
-        ``chunk_rows``-row reads into one reused buffer (a fresh array per read page-faults:
-        1 GB of float16 took 0.50-0.56 s so, 0.34-0.41 s into a reused buffer); blocks holding
-        none of the positions are not read."""
+        ``chunk_rows``-row reads into one reused buffer (a fresh array per read page-faults every
+        block again); blocks holding none of the positions are not read."""
         ds = self.dataset(name)
         positions = np.asarray(positions, dtype=np.int64)
         n = ds.shape[0]
@@ -636,14 +635,93 @@ def artifact_fingerprint(path: Path | str, kind: str) -> str:
         return art.fingerprint
 
 
-def is_up_to_date(path: Path | str, kind: str, params: Mapping[str, Any], inputs: Mapping[str, str]) -> bool:
-    """True when ``path`` is a valid artifact built from these exact params and input fingerprints."""
-    prov = read_provenance(path)
-    if prov is None or prov["kind"] != kind or prov["schema_version"] != SCHEMA_VERSION:
+JSON_RECORD = "json"  # is_up_to_date's kind for a JSON output that records its own params and inputs
+
+
+def _json_provenance(path: Path | str) -> dict[str, Any] | None:
+    """``params`` and ``inputs`` of a JSON output (a train run's metrics.json, a report's manifest)."""
+    try:
+        record = json.loads(Path(path).read_text())
+    except (OSError, ValueError):
+        return None
+    if not isinstance(record, dict):
+        return None
+    return {"params": record.get("params"), "inputs": record.get("inputs")}
+
+
+def is_up_to_date(path: Path | str, kind: str, params: Mapping[str, Any], inputs: Mapping[str, str], *,
+                  unit: Path | str | None = None, files: tuple[Path, ...] | list[Path] = ()) -> bool:
+    """The one staleness rule of every output: True when ``path`` was built from these exact params
+    and input fingerprints. ``kind`` names the HDF5 schema (the file must be a valid artifact of it),
+    or is :data:`JSON_RECORD` for a JSON file holding ``params`` and ``inputs`` keys. ``files`` are
+    the other outputs written with it: each must exist, and with ``unit`` all of them (``path``
+    included) must be the outputs of one completed :func:`commit_outputs` of that unit."""
+    if kind == JSON_RECORD:
+        prov = _json_provenance(path)
+        if prov is None:
+            return False
+    else:
+        prov = read_provenance(path)
+        if prov is None or prov["kind"] != kind or prov["schema_version"] != SCHEMA_VERSION:
+            return False
+    if canonical_json(prov["params"]) != canonical_json(dict(params)) or \
+            canonical_json(prov["inputs"]) != canonical_json(dict(inputs)):
         return False
-    return canonical_json(prov["params"]) == canonical_json(dict(params)) and canonical_json(
-        prov["inputs"]
-    ) == canonical_json(dict(inputs))
+    if not all(Path(f).exists() for f in files):
+        return False
+    return unit is None or outputs_current(unit, [Path(path), *map(Path, files)])
+
+
+# -- ids and classes shared by artifacts ----------------------------------------------------------
+
+
+def match_ids(have: np.ndarray, wanted: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Where each of ``wanted`` is in ``have``: ``(rows, found)``, ``have[rows[i]] == wanted[i]``
+    where ``found[i]`` (``rows`` is 0 elsewhere). One sort of ``have`` and one binary search per
+    wanted id, no Python loop over rows; works for any sortable ids (strings, integers, 64-bit id
+    hashes). Of repeated ids in ``have`` the first row is returned."""
+    have, wanted = np.asarray(have), np.asarray(wanted)
+    if len(have) == 0:
+        return np.zeros(len(wanted), dtype=np.int64), np.zeros(len(wanted), dtype=bool)
+    order = np.argsort(have, kind="stable")
+    pos = np.minimum(np.searchsorted(have[order], wanted), len(have) - 1)
+    found = have[order][pos] == wanted
+    return np.where(found, order[pos], 0), found
+
+
+def rows_of_ids(path: Path | str, have: np.ndarray, wanted: np.ndarray, what: str) -> np.ndarray:
+    """The rows of ``have`` (the ids of the artifact at ``path``) holding ``wanted``, in their order;
+    an :class:`ArtifactError` naming the first missing id otherwise (``what``: the fix, e.g. "rerun
+    extract-features")."""
+    rows, found = match_ids(have, wanted)
+    if not found.all():
+        miss = np.asarray(wanted)[~found]
+        raise ArtifactError(f"{path}: no row for image {str(miss[0])!r} ({len(miss)} of {len(found)} missing); {what}")
+    return rows
+
+
+def ids_in(art: "Artifact", wanted: np.ndarray, chunk: int = 65536) -> np.ndarray:
+    """Which of ``wanted`` are ids of ``art``, reading its ids in blocks (memory grows with
+    ``wanted``, not with the artifact)."""
+    found = np.zeros(len(wanted), dtype=bool)
+    for _, rows in art.iter_rows(["ids"], chunk):
+        pos, hit = match_ids(wanted, rows["ids"])
+        found[pos[hit]] = True
+    return found
+
+
+def check_classes(path: Path | str, classes: Any, other: Path | str, other_classes: Any, fix: str) -> None:
+    """The one class-list check: ``path`` and ``other`` must name the same classes in the same order
+    (a label is an index into that list). An :class:`ArtifactError` naming both files and the first
+    difference otherwise; ``fix`` says what to rebuild."""
+    a, b = [str(c) for c in classes], [str(c) for c in other_classes]
+    if len(a) != len(b):
+        raise ArtifactError(f"{path} has {len(a)} classes but {other} has {len(b)}; {fix}")
+    diff = [i for i, (x, y) in enumerate(zip(a, b)) if x != y]
+    if diff:
+        i = diff[0]
+        raise ArtifactError(f"{path} and {other} disagree on class {i}: {a[i]!r} vs {b[i]!r} "
+                            f"({len(diff)} classes differ); {fix}")
 
 
 def _abandon_on_write_failure(method: Any) -> Any:
@@ -1055,6 +1133,281 @@ class BackgroundAppender:
                 self._pending = None
         finally:
             self._pool.shutdown(wait=True)
+
+
+# -- typed readers of the artifacts -------------------------------------------------------------
+
+
+@dataclass
+class GraphArrays:
+    """What graph.h5 gives the stages after it: the classes and S_t (eq. 3)."""
+
+    path: Path
+    classes: np.ndarray
+    S_t: np.ndarray  # (C, C) float32
+    fingerprint: str
+
+
+def read_graph(path: Path | str) -> GraphArrays:
+    with open_artifact(path, "graph") as art:
+        return GraphArrays(Path(path), art.read("classes"), art.read("S_t").astype(np.float32), art.fingerprint)
+
+
+@dataclass
+class PrototypeArrays:
+    """prototypes.h5's prototypes (float32, P x D) and their classes."""
+
+    path: Path
+    classes: np.ndarray
+    prototypes: np.ndarray
+    prototype_class: np.ndarray
+    fingerprint: str
+
+
+def read_prototypes(path: Path | str) -> PrototypeArrays:
+    with open_artifact(path, "prototypes") as art:
+        return PrototypeArrays(Path(path), art.read("classes"), art.read("prototypes").astype(np.float32),
+                               art.read("prototype_class"), art.fingerprint)
+
+
+def _rows_equal(art: "Artifact", name: str, value: str, chunk: int) -> np.ndarray:
+    ds = art.dataset(name)  # raw bytes: no per-row decoding
+    n = art.dims["N"]
+    mask = np.zeros(n, dtype=bool)
+    step = max(chunk, 65536)
+    for start in range(0, n, step):
+        block = np.asarray(ds[start : start + step])
+        mask[start : start + len(block)] = (block == value.encode()) | (block == value)
+    return mask
+
+
+def train_mask(art: "Artifact", chunk: int, subset: str = "all") -> np.ndarray:
+    """Rows of features.h5's train split (every row when the file records no splits), restricted
+    to rows of ``subset`` (its ``subset`` column, e.g. Clothing1M's ``clean``) unless it is ``all``."""
+    n = art.dims["N"]
+    mask = _rows_equal(art, "splits", "train", chunk) if "splits" in art else np.ones(n, dtype=bool)
+    if subset != "all":
+        if "subset" not in art:
+            raise ArtifactError(f"{art.path}: --prototypes-from {subset}: the file records no subsets "
+                                "(only Clothing1M and WebVision readers write them)")
+        mask &= _rows_equal(art, "subset", subset, chunk)
+    return mask
+
+
+def feature_blocks(art: "Artifact", chunk: int, cache_mb: float = 0) -> Any:
+    """A callable a stage calls once per pass: streams ``features`` in blocks of ``chunk`` rows.
+
+    The raw blocks of the first pass are kept in memory while they fit in ``cache_mb`` megabytes,
+    so later passes replay them instead of re-reading the file; past the cap nothing is cached
+    and every pass streams from disk (memory stays bounded either way).
+    """
+    cap = cache_mb * 2**20
+    cache: list[tuple[int, np.ndarray]] = []
+    state = {"complete": False, "bytes": 0, "overflow": cap <= 0}
+
+    def source() -> Iterator[tuple[int, np.ndarray]]:
+        if state["complete"]:
+            yield from cache
+            return
+        # the next block is read while the stage computes on this one (passes past the cache's cap)
+        for start, rows in art.iter_rows(["features"], chunk, prefetch=True):
+            block = rows["features"]
+            if not state["overflow"]:
+                if state["bytes"] + block.nbytes <= cap:
+                    cache.append((start, block))
+                    state["bytes"] += block.nbytes
+                else:
+                    state["overflow"] = True
+                    cache.clear()
+            yield start, block
+        state["complete"] = not state["overflow"]
+
+    return source
+
+
+def labeled_confidence(art: "Artifact", labels: np.ndarray, chunk: int) -> np.ndarray:
+    """p(y_i | x_i) from features.h5's stored ``probs`` (one streamed pass)."""
+    conf = np.empty(len(labels), dtype=np.float32)
+    lab = np.clip(labels, 0, None)
+    for start, rows in art.iter_rows(["probs"], chunk):
+        p = rows["probs"]
+        conf[start : start + len(p)] = np.take_along_axis(p, lab[start : start + len(p), None], 1)[:, 0]
+    return conf
+
+
+def prototype_index(prototypes: np.ndarray, device: str = "cpu") -> Any:
+    """Exact inner-product FAISS index over the (unit) prototypes: nearest by IP = nearest by L2.
+    Built on the GPU when faiss-gpu and CUDA are present (:func:`write_faiss_index` writes it back
+    as CPU)."""
+    import faiss
+
+    index = faiss.IndexFlatIP(prototypes.shape[1])
+    if device.startswith("cuda") and hasattr(faiss, "StandardGpuResources") and faiss.get_num_gpus() > 0:
+        res = faiss.StandardGpuResources()
+        index = faiss.index_cpu_to_gpu(res, 0, index)
+    index.add(np.ascontiguousarray(prototypes, dtype=np.float32))
+    return index
+
+
+def write_prototypes(target: Path, index_path: Path, feats: "Artifact", result: Any, train: np.ndarray,
+                     params: Mapping[str, Any], inputs: Mapping[str, str], attrs: Mapping[str, Any],
+                     device: str = "cpu", chunk: int = 65536) -> str:
+    """prototypes.h5 (from a ``stages.make_prototypes.PrototypeResult``; per-row values of the
+    ``train`` rows of ``feats``, with their ids) and prototypes.faiss, committed as one unit.
+    Returns prototypes.h5's fingerprint."""
+    writer = ArtifactWriter(target, "prototypes", params, inputs, mode="new")
+    try:
+        writer.write("classes", feats.read("classes"))
+        writer.write("prototypes", result.prototypes)
+        writer.write("prototype_class", result.prototype_class)
+        writer.write("initial_prototypes", result.initial_prototypes)
+        for start, rows in feats.iter_rows(["ids"], max(chunk, 65536)):
+            sl = slice(start, start + len(rows["ids"]))
+            t = train[sl]
+            if t.any():
+                writer.append_rows({
+                    "ids": rows["ids"][t],
+                    "consistency": result.consistency[sl][t].astype(np.float32),
+                    "selected": result.selected[sl][t].astype(np.int8),
+                })
+        for key, value in attrs.items():
+            writer.set_attr(key, value)
+        index_tmp = write_faiss_index(index_path, prototype_index(result.prototypes, device), stage=True)
+        fp = writer.commit(rename=False)
+    except BaseException:
+        writer.abort()
+        raise
+    # prototypes.h5 and prototypes.faiss together: a kill between the renames is completed by the next run
+    commit_outputs(target, {target: writer.partial, index_path: index_tmp}, params, inputs)
+    return fp
+
+
+# -- features.h5 rows from extracted batches ---------------------------------------------------
+
+FEATURE_ROW_FILL = {"paths": "", "clean_labels": -1, "side_text": "", "subset": ""}  # a column the table lacks
+
+
+def feature_row_names(table: Any, with_probs: bool) -> list[str]:
+    """The per-image datasets features.h5 gets from a dataset table (SCHEMAS order): the required
+    ones, each optional column the table has, and ``probs`` when extracted."""
+    names = []
+    for f in SCHEMAS["features"]:
+        if f.dims[0] != "N":
+            continue
+        if f.name == "probs":
+            if with_probs:
+                names.append(f.name)
+        elif f.required or getattr(table, f.name, None) is not None:
+            names.append(f.name)
+    return names
+
+
+def append_feature_batches(writer: "ArtifactWriter", table: Any, batches: Any, *, names: list[str],
+                           feature_dtype: Any, chunk_rows: int, on_skip: Any = None, end: int | None = None,
+                           marks: Any = None) -> int:
+    """The one feature-append loop (extract-features, rescore): append the readable images of
+    ``batches`` (``stages.extract_features.extract``'s) to features.h5 every ``chunk_rows`` images.
+
+    Args:
+        writer: features.h5's writer (mode resume or append).
+        table: the dataset table the batches' ``positions`` index (ids, labels, splits, ... columns).
+        batches: iterable of feature batches (``positions``, ``ok``, ``features``, ``probs``, ``reasons``).
+        names: the row datasets to write (:func:`feature_row_names`, or those the file already has);
+            a column the table lacks is filled with :data:`FEATURE_ROW_FILL`.
+        feature_dtype: on-disk dtype of ``features``.
+        chunk_rows: images per flushed chunk.
+        on_skip: called ``on_skip(position, reason)`` for each image that could not be read.
+        end: the position after the last one (the last flush's mark); default the last batch's.
+        marks: ``marks(upto) -> dict`` of attributes committed with each chunk (a resume point).
+
+    Returns:
+        The number of rows appended.
+    """
+    buf: list = []
+    appended = 0
+
+    def flush(upto: int) -> None:
+        nonlocal appended
+        attrs = marks(upto) if marks is not None else {}
+        pos = np.concatenate([b.positions[b.ok] for b in buf]) if buf else np.zeros(0, dtype=np.int64)
+        if len(pos) == 0:
+            for key, value in attrs.items():
+                writer.set_attr(key, value)
+            buf.clear()
+            return
+        rows: dict[str, Any] = {}
+        for name in names:
+            if name == "features":
+                rows[name] = np.concatenate([b.features[b.ok] for b in buf]).astype(feature_dtype)
+            elif name == "probs":
+                rows[name] = np.concatenate([b.probs[b.ok] for b in buf]).astype(np.float32)
+            else:
+                column = getattr(table, name, None)
+                rows[name] = column[pos] if column is not None else np.full(len(pos), FEATURE_ROW_FILL[name])
+        buf.clear()
+        writer.append_rows(rows, **attrs)
+        appended += len(pos)
+
+    pending, last = 0, None
+    for batch in batches:
+        if on_skip is not None:
+            for p in np.flatnonzero(~batch.ok):
+                on_skip(int(batch.positions[p]), batch.reasons[p])
+        buf.append(batch)
+        pending += len(batch.positions)
+        if len(batch.positions):
+            last = int(batch.positions[-1]) + 1
+        if pending >= chunk_rows:
+            flush(last)
+            pending = 0
+    flush(end if end is not None else (last or 0))
+    return appended
+
+
+def finish_features(writer: "ArtifactWriter", table: Any, skipped: list[list[str]], attrs: Mapping[str, Any]) -> str:
+    """Write what features.h5 holds besides its rows (classes, the skipped images, the table's
+    provenance and class table, ``attrs``) and commit it; returns its fingerprint."""
+    writer.write("classes", table.classes.names)
+    if skipped:
+        writer.write("skipped_ids", [s[0] for s in skipped])
+        writer.write("skipped_reasons", [s[1] for s in skipped])
+    for key, value in attrs.items():
+        writer.set_attr(key, value)
+    writer.set_attr("dataset_provenance", table.provenance)
+    writer.set_attr("class_table", {"names": table.classes.names, "synsets": table.classes.synsets,
+                                    "descriptions": table.classes.descriptions, "parents": table.classes.parents})
+    return writer.commit()
+
+
+FEATURE_FILE_ATTRS = ("backbone", "preprocess", "decode", "dataset_provenance", "class_table")
+
+
+def merge_features(target: Path, parts: list["Artifact"], params: Mapping[str, Any], inputs: Mapping[str, str]) -> str:
+    """features.h5 from the shard files ``parts`` (their rows in order, their skipped images, the
+    first one's classes and attributes); returns its fingerprint."""
+    first = parts[0]
+    writer = ArtifactWriter(target, "features", params, inputs, mode="new")
+    try:
+        names = [f.name for f in SCHEMAS["features"] if f.dims[0] == "N" and f.name in first]
+        skipped_ids: list[str] = []
+        skipped_reasons: list[str] = []
+        for part in parts:
+            for _, rows in part.iter_rows(names, 65536):
+                writer.append_rows(rows)
+            if "skipped_ids" in part:
+                skipped_ids += list(part.read("skipped_ids"))
+                skipped_reasons += list(part.read("skipped_reasons"))
+        writer.write("classes", first.read("classes"))
+        if skipped_ids:
+            writer.write("skipped_ids", skipped_ids)
+            writer.write("skipped_reasons", skipped_reasons)
+        for key in FEATURE_FILE_ATTRS:
+            if first.attr(key) is not None:
+                writer.set_attr(key, first.attr(key))
+        return writer.commit()
+    except BaseException:
+        writer.abort()
+        raise
 
 
 def write_artifact(

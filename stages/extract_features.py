@@ -16,6 +16,7 @@ from __future__ import annotations
 import io
 import math
 import warnings
+import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO, Callable, Collection, Iterable, Iterator, Sequence
@@ -701,6 +702,53 @@ def prepare_for_inference(model: torch.nn.Module, example: torch.Tensor, *, fold
         model, folded, _ = _checked_copy(model, example, fold_bn=True, static_padding=False, rtol=rtol)
         net, _, padded = _checked_copy(model, example, fold_bn=False, static_padding=True, rtol=rtol)
     return net, {"batch_norms_folded": folded, "same_convs_static": padded}
+
+
+MEMORY_FORMATS = {"auto": None, "channels-last": True, "contiguous": False}  # -> extract's channels_last
+FEATURE_DTYPES = ("float16", "float32")
+
+
+@dataclass
+class ExtractConfig:
+    """Options of one extraction; the first six change the output (:meth:`provenance`), the rest
+    only how fast it runs."""
+
+    backbone: str
+    image_size: int = 64
+    probs: bool = False
+    dtype: str = "float16"  # on-disk feature dtype
+    random_init: bool = False
+    shard: tuple[int, int] = (0, 1)  # (i, n): the i-th of n contiguous slices of the images
+    max_pixels: int = MAX_PIXELS
+    batch_size: int = 64
+    workers: int = 2
+    memory_format: str = "auto"
+
+    def __post_init__(self) -> None:
+        if self.dtype not in FEATURE_DTYPES:
+            raise ValueError(f"--dtype {self.dtype!r}: choose float16 or float32")
+        if self.memory_format not in MEMORY_FORMATS:
+            raise ValueError(f"--memory-format {self.memory_format!r}: choose one of {', '.join(MEMORY_FORMATS)}")
+        if self.max_pixels < 1:
+            raise ValueError(f"--max-pixels {self.max_pixels}: must be >= 1")
+        i, n = self.shard
+        if not 0 <= i < n:
+            raise ValueError(f"--shard {i}/{n}: expected i/n with 0 <= i < n, e.g. 0/4")
+
+    def provenance(self) -> dict:
+        """The params features.h5 records: the fields that change the output; ``max_pixels`` only
+        when not the default (files from before that option stay current)."""
+        params = {k: v for k, v in dataclasses.asdict(self).items() if k not in ("batch_size", "workers",
+                                                                                 "memory_format")}
+        params["shard"] = list(self.shard)
+        if self.max_pixels == MAX_PIXELS:
+            del params["max_pixels"]
+        return params
+
+    def rows(self, n: int) -> tuple[int, int]:
+        """The positions ``[lo, hi)`` of this shard among ``n`` images."""
+        i, k = self.shard
+        return i * n // k, (i + 1) * n // k
 
 
 @torch.inference_mode()

@@ -20,6 +20,7 @@ Passes:
 
 from __future__ import annotations
 
+import dataclasses
 import warnings
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -33,6 +34,8 @@ ProgressFn = Callable[[int], None]
 
 PSI_KINDS = ("softmax", "l2")
 WEIGHTINGS = ("consistency", "constant")
+INIT_SOURCES = ("auto", "probs", "probe")
+PROBE_FIELDS = ("probe_rows", "probe_epochs", "probe_lr", "probe_batch", "probe_scale")
 L2_FLOOR = 1e-12  # psi = L2: squared entries are floored here before the log (zero similarities)
 
 
@@ -60,8 +63,35 @@ class PrototypeConfig:
     seed: int = 0
     kmeans_iters: int = 20
     kmeans_rows: int = 256  # cap of clustered rows per prototype (per class: per_class * this)
+    init_source: str = "auto"  # what ranks the initial top-k: stored probs (auto: when given), or the probe
+    prototypes_from: str = "all"  # the subset whose train rows the caller labels (the others get -1)
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def provenance(self, init_source: str) -> dict:
+        """The params an artifact built with this config records: every field, ``init_source`` as
+        resolved (``probs`` or ``probe``); the probe's options only when the probe ranked (they do
+        not change the output otherwise); ``prototypes_from`` only when not ``all`` (artifacts from
+        before that option stay current)."""
+        params = dataclasses.asdict(self)
+        params["init_source"] = init_source
+        if self.prototypes_from == "all":
+            del params["prototypes_from"]
+        if init_source == "probs":
+            for name in PROBE_FIELDS:
+                del params[name]
+        return params
+
+    def resolve_init_source(self, have_probs: bool) -> str:
+        """``probs`` or ``probe``: what ranks the initial top-k given whether probabilities are stored."""
+        if self.init_source == "probs" and not have_probs:
+            raise ValueError("--init-source probs: no probs are stored (extract with --probs, or use probe)")
+        return "probs" if self.init_source == "probs" or (self.init_source == "auto" and have_probs) else "probe"
 
     def validate(self) -> None:
+        if self.init_source not in INIT_SOURCES:
+            raise ValueError(f"init_source {self.init_source!r}: choose one of {', '.join(INIT_SOURCES)}")
         if self.psi not in PSI_KINDS:
             raise ValueError(f"psi {self.psi!r}: choose one of {', '.join(PSI_KINDS)}")
         if self.weighting not in WEIGHTINGS:

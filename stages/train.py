@@ -26,6 +26,7 @@ therefore ends with the same weights as an uninterrupted run.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 from dataclasses import dataclass, field
@@ -1581,3 +1582,439 @@ def predict_images_topk(
         torch.distributed.all_reduce(idx_all)
         torch.distributed.all_reduce(val_all)
     return idx_all.cpu().numpy() - 1, val_all.cpu().numpy()
+
+
+# -- a whole training run: options, the mode's plan, the phases ----------------------------------
+
+DEFAULT_ALPHA, DEFAULT_BETA = 1.2, 1.5  # eq. 6 defaults (tables 4-5), used when scores.h5 does not record them
+CORRECT_TARGETS = ("soft", "hard", "distribution")
+
+
+@dataclass
+class TrainOptions:
+    """Every option of a training run (``sinet train``), validated together; the optimization
+    settings of its phases come from :meth:`configs`, the recorded params from :meth:`provenance`."""
+
+    # what is trained, on what (docs/training-modes.md)
+    mode: str = "C"
+    on: str = "features"
+    suffix: str = ""
+    threshold: float | None = None
+    train_subset: str = "all"
+    # targets: eq. 7, top-k smoothing, correction, semi-supervised, graph, forward
+    soft_targets: bool = False
+    soft_mix: float = 0.0
+    soft_keep: int = 16
+    alpha: float | None = None
+    beta: float | None = None
+    topk_smoothing: int = 0
+    topk_mix: float = 0.5
+    topk_epochs: int | None = None
+    correct_target: str = "soft"
+    min_confidence: float = 0.5
+    lambda_u: float | None = None
+    pseudo_confidence: float = 0.95
+    sharpen: float = 0.5
+    mix_alpha: float = 4.0
+    rampup: float = 0.1
+    graph_neighbours: int = 3
+    topk_neighbours: int = 0
+    transition_neighbours: int = 0
+    # the model and its optimization
+    head: str = "linear"
+    hidden: int = 512
+    dropout: float = 0.25
+    epochs: int = 100
+    lr: float = 0.1
+    momentum: float = 0.9
+    weight_decay: float = 1e-4
+    batch_size: int = 256
+    lr_steps: tuple[int, ...] | None = None  # None: the paper's, scaled to epochs
+    lr_gamma: float = 0.1
+    seed: int = 0
+    # images (--on images) and fine-tuning
+    backbone: str = ""
+    random_init: bool = False
+    image_size: int = 224
+    min_crop: float = 0.08
+    workers: int = 2
+    finetune_subset: str | None = None
+    finetune_epochs: int = 0
+    finetune_lr: float | None = None
+    finetune_size: int = 0
+
+    def __post_init__(self) -> None:
+        checks = [
+            (self.mode in MODES, f"--mode {self.mode!r}: choose one of {', '.join(MODES)}"),
+            (self.on in ("features", "images"), f"--on {self.on!r}: choose features or images"),
+            (not self.soft_targets or self.mode == "C",
+             "--soft-targets replaces mode C's eq. 1 by eq. 7: use it with --mode C"),
+            (self.topk_smoothing >= 0, "--topk-smoothing must be >= 0"),
+            (not self.topk_smoothing or self.mode in ("A", "C"), "--topk-smoothing smooths the labels of the "
+             f"non-confident images: use --mode A or C, not {self.mode}"),
+            (not (self.topk_smoothing and self.soft_targets),
+             "--topk-smoothing and --soft-targets both replace the targets: choose one"),
+            (self.topk_neighbours >= 0 and (not self.topk_neighbours or self.topk_smoothing),
+             "--topk-neighbours K restricts --topk-smoothing: give both, K >= 1"),
+            (self.correct_target in CORRECT_TARGETS,
+             f"--correct-target {self.correct_target!r}: choose soft, hard or distribution"),
+            (self.graph_neighbours >= 1, "--graph-neighbours must be >= 1"),
+            (self.transition_neighbours >= 0, "--transition-neighbours must be >= 0"),
+            (not self.suffix or self.suffix.replace("-", "").replace("_", "").isalnum(),
+             f"--suffix {self.suffix!r}: letters, digits, - and _ only"),
+            (self.finetune_subset is None or self.finetune_epochs >= 1, f"--finetune-subset {self.finetune_subset}: "
+             "give the fine-tuning length with --finetune-epochs N"),
+            (self.on != "features" or not self.finetune_size, "--finetune-size applies to --on images"),
+            (self.on != "features" or not self.finetune_epochs or self.finetune_subset is not None,
+             "--finetune-epochs on features needs --finetune-subset (what to fine-tune on)"),
+            (self.on != "images" or not self.finetune_epochs or self.finetune_subset is not None
+             or self.finetune_size >= 1,
+             "--finetune-epochs needs --finetune-size (progressive resolution) or --finetune-subset"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise ValueError(message)
+        self.configs()  # the optimization settings validate themselves
+        self.semi()
+
+    @property
+    def run(self) -> str:
+        """The run's name: its folder train-<run>/ and its key in metrics.json."""
+        return self.mode + (f"-{self.suffix}" if self.suffix else "")
+
+    @property
+    def needs_scores(self) -> bool:
+        return self.mode not in ("A", "oracle") or self.topk_smoothing > 0
+
+    def configs(self) -> tuple[TrainConfig, TrainConfig | None]:
+        """The main phase's settings and the fine-tuning phase's (None without --finetune-subset).
+        With --finetune-subset the fine-tuning is a phase of its own on other rows; without it,
+        progressive resolution stays inside the main loop."""
+        in_loop = self.finetune_subset is None
+        cfg = TrainConfig(
+            epochs=self.epochs, lr=self.lr, momentum=self.momentum, weight_decay=self.weight_decay,
+            batch_size=self.batch_size, lr_steps=scaled_lr_steps(self.epochs) if self.lr_steps is None
+            else self.lr_steps, lr_gamma=self.lr_gamma, seed=self.seed, image_size=self.image_size,
+            finetune_size=self.finetune_size if in_loop else 0, finetune_epochs=self.finetune_epochs if in_loop else 0,
+            finetune_lr=self.finetune_lr if in_loop else None, min_crop=self.min_crop)
+        ft = None if in_loop else finetune_config(cfg, self.finetune_epochs, self.finetune_lr, self.finetune_size or None)
+        return cfg, ft
+
+    def initial_config(self, cfg: TrainConfig) -> TrainConfig:
+        """The top-k smoothing's initial model: same settings, its own epochs, no fine-tuning phase."""
+        n = self.topk_epochs or cfg.epochs
+        steps = scaled_lr_steps(n) if self.lr_steps is None else tuple(s for s in cfg.lr_steps if s < n)
+        return dataclasses.replace(cfg, epochs=n, lr_steps=steps, finetune_epochs=0, finetune_size=0)
+
+    def semi(self) -> "SemiConfig | None":
+        if self.mode not in SEMI_MODES:
+            return None
+        return SemiConfig(self.mode, lambda_u=self.lambda_u, confidence=self.pseudo_confidence,
+                          temperature=self.sharpen, mix_alpha=self.mix_alpha, rampup=self.rampup)
+
+    def provenance(self, threshold: float | None) -> dict[str, Any]:
+        """The params a run records (``threshold``: the one applied), before the mode's own choices
+        (:func:`plan_mode`) and eq. 7's alpha, beta. Options recorded only when set (train_subset)
+        keep runs from before them current."""
+        o = dataclasses.asdict(self)
+        keys = ["on", "mode", "seed", "epochs", "lr", "momentum", "weight_decay", "batch_size", "lr_gamma", "dropout",
+                "topk_smoothing"]
+        params = {k: o[k] for k in keys}
+        params.update(threshold=threshold, lr_steps=list(self.configs()[0].lr_steps))
+        if self.topk_smoothing:
+            params.update(topk_mix=self.topk_mix, topk_epochs=self.topk_epochs or self.epochs)
+        if self.train_subset != "all":
+            params["train_subset"] = self.train_subset
+        if self.on == "features":
+            params.update(head=self.head, hidden=self.hidden if self.head == "mlp" else None)
+        else:
+            tuned = bool(self.finetune_epochs)
+            params.update({k: o[k] for k in ("backbone", "random_init", "image_size", "finetune_epochs", "min_crop")})
+            params.update(finetune_size=self.finetune_size if tuned else 0, finetune_lr=self.finetune_lr if tuned else None)
+        if self.finetune_subset is not None:
+            params.update({k: o[k] for k in ("finetune_subset", "finetune_epochs", "finetune_lr")})
+        return params
+
+    def eq6(self, scores_params: dict) -> tuple[float, float]:
+        """eq. 6's alpha and beta for eq. 7: the options', else scores.h5's, else the defaults."""
+        a = self.alpha if self.alpha is not None else float(scores_params.get("alpha", DEFAULT_ALPHA))
+        b = self.beta if self.beta is not None else float(scores_params.get("beta", DEFAULT_BETA))
+        return a, b
+
+
+SCORE_ROW_COLUMNS = ("flagged", "suggested_class", "suggested_confidence", "nearest_class")
+SCORE_PROBE = ("probe_W", "probe_b")
+
+
+def flags_of(extra: dict, w: np.ndarray, y: np.ndarray, scores_params: dict,
+             threshold: float | None = None) -> tuple[np.ndarray, str]:
+    """Which training images are flagged: w <= ``threshold`` when given; else scores.h5's ``flagged``
+    when stored; else the suspect rule of score-noise (w <= 0.5 with the default score, w = 0 with
+    eq. 6 alone, or a nearer prototype of another class). Returns the mask and where it came from."""
+    if threshold is not None:
+        return np.asarray(w) <= threshold, f"w <= {threshold:g}"
+    if "flagged" in extra:
+        return extra["flagged"].astype(bool), "scores.h5 flagged"
+    below = 0.5 if scores_params.get("score") == "fused" else 0.0
+    return suspect_flags(w, y, extra.get("nearest_class"), below), f"w <= {below:g} or a nearer prototype"
+
+
+@dataclass
+class ModePlan:
+    """What a mode beyond weighting needs besides w (docs/training-modes.md)."""
+
+    flagged: np.ndarray | None = None  # eq. T1 (or scores.h5's flags)
+    suggestion: tuple[np.ndarray, np.ndarray] | None = None  # (s_i, q_i), eq. T2 (or scores.h5's)
+    distribution: np.ndarray | None = None  # P (N, C) for --correct-target distribution and mode forward
+    class_weights: np.ndarray | None = None  # eq. 7's w_ic for mode graph
+    neighbours: np.ndarray | None = None  # S_t neighbours of every class
+
+
+def plan_mode(opts: TrainOptions, *, y: np.ndarray, w: np.ndarray, score_extra: dict, scores_params: dict,
+              params: dict, features_of_rows: Callable[[], np.ndarray], eq7_weights: Callable[[], np.ndarray],
+              neighbours_of: Callable[[int], np.ndarray]) -> ModePlan:
+    """Flags, suggestions, eq. 7 weights and graph neighbours a mode needs, each from the first source
+    that has it; records the choices (and the mode's knobs) in ``params``. The callables load what
+    only some modes need (the rows' features, eq. 7's weights, S_t's neighbours)."""
+    mode, plan, semi = opts.mode, ModePlan(), opts.semi()
+    if mode in ("correct", *SEMI_MODES):
+        plan.flagged, params["flags"] = flags_of(score_extra, w, y, scores_params, opts.threshold)
+    have_probe = all(k in score_extra for k in SCORE_PROBE)
+
+    def probe() -> np.ndarray:
+        return probe_probabilities(features_of_rows(), score_extra["probe_W"], score_extra["probe_b"])
+
+    def distribution() -> np.ndarray:
+        params["suggestions"] = "scores.h5 probe" if have_probe else "prototypes (eq. 7)"
+        return probe() if have_probe else prototype_probabilities(eq7_weights())
+
+    if mode == "correct":
+        params["correct_target"] = opts.correct_target
+        if opts.correct_target == "distribution":  # the whole distribution: the probe's, else eq. 7's
+            params["soft_keep"] = opts.soft_keep
+            plan.distribution = distribution()
+        else:
+            params["min_confidence"] = opts.min_confidence
+            if "suggested_class" in score_extra and "suggested_confidence" in score_extra:
+                plan.suggestion = (score_extra["suggested_class"], score_extra["suggested_confidence"])
+                params["suggestions"] = "scores.h5 suggested_class"
+            else:
+                plan.suggestion = relabel_suggestions(distribution(), y)  # eq. T2
+    if semi is not None:
+        params.update(semi.params())
+    if mode == "forward":  # eq. F1 from the probe's probabilities (else eq. 7's), over S_t neighbours if asked
+        plan.distribution = distribution()
+        params["transition_neighbours"] = opts.transition_neighbours
+        if opts.transition_neighbours:
+            plan.neighbours = neighbours_of(opts.transition_neighbours)
+    if mode == "graph":
+        plan.neighbours = neighbours_of(opts.graph_neighbours)
+        plan.class_weights = eq7_weights()
+        params["graph_neighbours"] = opts.graph_neighbours
+    if opts.topk_neighbours:
+        plan.neighbours = neighbours_of(opts.topk_neighbours)
+        params["topk_neighbours"] = opts.topk_neighbours
+    return plan
+
+
+def mode_targets(opts: TrainOptions, plan: ModePlan, targets: Targets, *, y: np.ndarray, w: np.ndarray,
+                 clean: np.ndarray | None) -> tuple[Targets, dict]:
+    """The targets of the mode (``targets`` as built for C / eq. 7 otherwise) and its ``mode_stats``,
+    with how well the moved labels match the true ones where ``clean`` labels are known (the demos)."""
+    mode = opts.mode
+    stats: dict[str, Any] = {}
+    if plan.flagged is not None:
+        stats["flagged"] = int(plan.flagged.sum())
+    known = None if clean is None else clean >= 0
+    if mode == "correct" and plan.distribution is not None:
+        targets = distribution_targets(y, w, plan.distribution, keep=opts.soft_keep)  # eq. T3d
+        moved = float(targets.value[:, 1:].sum())
+        stats["moved_mass"] = moved
+        if known is not None and moved > 0:
+            on_true = targets.value[:, 1:] * (targets.index[:, 1:] == clean[:, None]) * known[:, None]
+            stats["moved_right"] = float(on_true.sum() / moved)
+    elif mode == "correct":
+        targets, fixed = corrected_targets(y, w, plan.flagged, *plan.suggestion, min_confidence=opts.min_confidence,
+                                           soft=opts.correct_target == "soft")  # eq. T3
+        stats["corrected"] = int(fixed.sum())
+        if known is not None and (fixed & known).any():
+            sel = fixed & known
+            stats["corrected_right"] = float(np.mean(plan.suggestion[0][sel] == clean[sel]))
+    elif mode == "graph":
+        targets = graph_targets(y, w, plan.class_weights, plan.neighbours)  # eq. T4
+    elif mode in SEMI_MODES:
+        targets = hard_targets(y, np.where(plan.flagged, 0.0, w))  # the labeled images keep eq. 1
+        stats["unlabeled"] = int(plan.flagged.sum())
+    elif mode == "forward":
+        targets = hard_targets(y)  # every image, its noisy label: T carries the noise (eq. F2)
+    return targets, stats
+
+
+def forward_transition(opts: TrainOptions, plan: ModePlan, y: np.ndarray, num_classes: int,
+                       clean: np.ndarray | None, stats: dict) -> np.ndarray | None:
+    """Mode forward's transition matrix (eq. F1); in ``stats`` its diagonal and, where the true labels
+    are known, the true one's (the demos)."""
+    if opts.mode != "forward":
+        return None
+    T = transition_matrix(plan.distribution, y, num_classes, plan.neighbours)
+    stats["transition_diagonal"] = [round(float(v), 4) for v in np.diag(T)]
+    if clean is not None and (clean >= 0).any():
+        k = clean >= 0
+        true = np.zeros((num_classes, num_classes))
+        np.add.at(true, (clean[k], y[k]), 1.0)
+        true = true / np.maximum(true.sum(axis=1, keepdims=True), 1.0)
+        stats["true_transition_diagonal"] = [round(float(v), 4) for v in np.diag(true)]
+        stats["transition_error"] = float(np.abs(T - true).sum(axis=1).mean())  # mean L1 per row
+    return T
+
+
+def init_distributed(device: str) -> tuple[str, int, int]:
+    """Join the torchrun process group when WORLD_SIZE > 1 (gloo on CPU, nccl on CUDA); returns the
+    device of this process, its rank and the world size."""
+    import torch.distributed as dist
+
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return device, 0, 1
+    if device.startswith("cuda"):
+        local = int(os.environ.get("LOCAL_RANK", "0"))
+        torch.cuda.set_device(local)
+        device = f"cuda:{local}"
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
+    return device, dist.get_rank(), dist.get_world_size()
+
+
+def leave_distributed(world: int) -> None:
+    import torch.distributed as dist
+
+    if world > 1 and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+@dataclass
+class Phases:
+    """What :func:`run_features` / :func:`run_images` train: the rows, their targets, the phases'
+    settings and checkpoints."""
+
+    targets: Targets
+    cfg: TrainConfig
+    ft_cfg: TrainConfig | None
+    checkpoint: Path
+    run_key: str  # the main phase's (without the fine-tuning options: changing them resumes after it)
+    ft_key: str
+    init_key: str  # top-k smoothing's initial model's
+    topk_init: Path  # the top-k smoothing's initial model's checkpoint
+    ft_checkpoint: Path
+    confident: np.ndarray | None = None  # top-k smoothing: the rows the initial model trains on
+    allowed: np.ndarray | None = None  # top-k smoothing over S_t: the classes each row may take
+    semi: "SemiConfig | None" = None
+    unlabeled: np.ndarray | None = None
+    transition: np.ndarray | None = None
+    mode_stats: dict = field(default_factory=dict)
+    targets_used: Targets | None = None  # what the main run of a head on features trained on (after top-k smoothing)
+
+    def __post_init__(self) -> None:
+        if self.targets_used is None:
+            self.targets_used = self.targets
+
+
+Bar = Callable[[str, int], Any]  # (description, total) -> context manager yielding a progress callback
+
+
+def run_features(opts: TrainOptions, ph: Phases, y: np.ndarray, w: np.ndarray, x: np.ndarray, num_classes: int,
+                 finetune: tuple[np.ndarray, np.ndarray] | None, x_val: np.ndarray | None, *, device: str,
+                 bar: Bar, run: str) -> tuple[TrainResult, np.ndarray | None, TrainResult | None]:
+    """The phases of a head on cached features: top-k smoothing's initial model (when asked), the
+    main run, fine-tuning on ``finetune = (features, labels)``, then the top-5 predictions on ``x_val``."""
+    targets = ph.targets
+    if opts.topk_smoothing:
+        init_cfg = opts.initial_config(ph.cfg)
+        conf = ph.confident
+        with bar("train top-k initial model", init_cfg.total_epochs * int(conf.sum())) as adv:
+            init = train_features(x[conf], hard_targets(y[conf]), num_classes, init_cfg, head=opts.head,
+                                  hidden=opts.hidden, dropout=opts.dropout, device=device, checkpoint=ph.topk_init,
+                                  run_key=ph.init_key, progress=adv)
+        pi, pp = topk_predictions(predict_features(init.model, x, device=device), opts.topk_smoothing, ph.allowed)
+        targets = topk_smoothed_targets(y, w, ~conf, pi, pp, opts.topk_mix)
+        ph.targets_used = targets
+    with bar(f"train {run}", ph.cfg.total_epochs * len(y)) as adv:
+        result = train_features(x, targets, num_classes, ph.cfg, head=opts.head, hidden=opts.hidden,
+                                dropout=opts.dropout, device=device, checkpoint=ph.checkpoint, run_key=ph.run_key,
+                                progress=adv, semi=ph.semi, unlabeled=ph.unlabeled, transition=ph.transition)
+    ft_result = None
+    if ph.ft_cfg is not None:
+        ft_x, ft_y = finetune
+        with bar(f"fine-tune {run} on {opts.finetune_subset}", ph.ft_cfg.total_epochs * len(ft_y)) as adv:
+            ft_result = train_features(ft_x, hard_targets(ft_y), num_classes, ph.ft_cfg, device=device,
+                                       checkpoint=ph.ft_checkpoint, run_key=ph.ft_key, progress=adv,
+                                       model=result.model)
+        result.model = ft_result.model
+    val_pred = None
+    if x_val is not None and len(x_val):
+        val_pred, _ = topk_predictions(predict_features(result.model, x_val, device=device), 5)
+    return result, val_pred, ft_result
+
+
+def run_images(opts: TrainOptions, ph: Phases, net: nn.Module, preprocess_for: Callable[[int], Any],
+               source: "ImageSource", positions: np.ndarray, va: np.ndarray, y: np.ndarray, w: np.ndarray,
+               num_classes: int, finetune: tuple[np.ndarray, np.ndarray] | None, *, device: str, bar: Bar,
+               ) -> tuple[TrainResult, np.ndarray | None, TrainResult | None]:
+    """The phases of a full network on images (DDP under torchrun): top-k smoothing's initial model
+    (when asked), the main run, fine-tuning on ``finetune = (positions, labels)``, then the top-5
+    predictions on the val rows ``va``. ``net`` is the backbone (no classifier), ``preprocess_for(size)``
+    its preprocessing at an input size."""
+    import copy
+
+    cfg = ph.cfg
+    model = ImageClassifier(net, num_classes, dropout=opts.dropout, seed=cfg.seed)
+    pp = preprocess_for(cfg.image_size)
+    eval_pp = preprocess_for(cfg.size_at(cfg.total_epochs - 1) if ph.ft_cfg is None else ph.ft_cfg.image_size)
+    targets = ph.targets
+    if opts.topk_smoothing:
+        conf = ph.confident
+        init_cfg = opts.initial_config(cfg)
+        init_model = copy.deepcopy(model)
+        with bar("train top-k initial model", init_cfg.total_epochs * int(conf.sum())) as adv:
+            train_images(init_model, source, positions[conf], hard_targets(y[conf]), num_classes, init_cfg,
+                         mean=pp.mean, std=pp.std, device=device, workers=opts.workers, checkpoint=ph.topk_init,
+                         run_key=ph.init_key, progress=adv)
+        eval_init = preprocess_for(init_cfg.image_size)
+        pi, pv = predict_images_topk(init_model, source, positions, eval_init, k=opts.topk_smoothing,
+                                     decode_size=eval_init.resize, decode_interpolation=eval_init.interpolation,
+                                     device=device, allowed=ph.allowed)
+        targets = topk_smoothed_targets(y, w, ~conf, pi, pv, opts.topk_mix)
+    with bar("train", cfg.total_epochs * len(positions)) as adv:
+        result = train_images(model, source, positions, targets, num_classes, cfg, mean=pp.mean, std=pp.std,
+                              device=device, workers=opts.workers, checkpoint=ph.checkpoint, run_key=ph.run_key,
+                              progress=adv, semi=ph.semi, unlabeled=ph.unlabeled, transition=ph.transition)
+    ft_result = None
+    if ph.ft_cfg is not None:
+        ft_pos, ft_y = finetune
+        with bar("fine-tune", ph.ft_cfg.total_epochs * len(ft_pos)) as adv:
+            ft_result = train_images(result.model, source, ft_pos, hard_targets(ft_y), num_classes, ph.ft_cfg,
+                                     mean=pp.mean, std=pp.std, device=device, workers=opts.workers,
+                                     checkpoint=ph.ft_checkpoint, run_key=ph.ft_key, progress=adv)
+        result.model = ft_result.model
+    val_pred = None
+    if len(va):
+        val_pred, _ = predict_images_topk(result.model, source, va, eval_pp, k=5, decode_size=eval_pp.resize,
+                                          decode_interpolation=eval_pp.interpolation, device=device)
+    return result, val_pred, ft_result
+
+
+def evaluation(val_pred: np.ndarray | None, labels_val: np.ndarray, clean_val: np.ndarray | None
+               ) -> tuple[dict[str, Any], str]:
+    """Top-1/top-5 on the val rows against the clean label where known, else the given one (val
+    images of no class left out), and which labels that was: clean_labels, labels or mixed."""
+    stats: dict[str, Any] = {"top1": None, "top5": None}
+    if val_pred is None:
+        return stats, "none"
+    c_val = clean_val if clean_val is not None else np.full(len(labels_val), UNKNOWN)
+    y_val = np.where(c_val >= 0, c_val, labels_val)
+    keep = c_val != OUTSIDE
+    n_clean = int((c_val >= 0).sum())
+    eval_labels = "clean_labels" if n_clean == keep.sum() else ("labels" if n_clean == 0 else "mixed")
+    if keep.any():
+        stats = topk_accuracy(val_pred[keep], y_val[keep], ks=(1, 5))
+    return stats, eval_labels

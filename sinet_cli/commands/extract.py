@@ -24,6 +24,7 @@ from ..common import (
     OutOpt,
     WaitOpt,
     artifact_dir,
+    build_config,
     load_table,
     require_two_classes,
     resolve_device,
@@ -47,7 +48,6 @@ def shard_path(out: Path, i: int, n: int) -> Path:
     return out / f"features.shard-{i}-of-{n}.h5"
 
 
-MEMORY_FORMATS = {"auto": None, "channels-last": True, "contiguous": False}  # --memory-format -> stage.extract
 MAX_PIXELS = 89_478_485  # stages.extract_features.MAX_PIXELS (the default; torch is not imported for --help)
 
 
@@ -89,12 +89,13 @@ def extract_features(
         typer.Option("--probs", help="Also store class probabilities (the weights' classifier must have C outputs).",
                      rich_help_panel="Model"),
     ] = False,
-    batch_size: Annotated[int, typer.Option(help="Images per forward pass (64 is fastest on CPU here).", rich_help_panel="Compute")] = 64,
+    batch_size: Annotated[int, typer.Option(help="Images per forward pass.", rich_help_panel="Compute")] = 64,
     workers: Annotated[int, typer.Option(help="DataLoader decoding processes (image files; for shards each takes "
                                          "whole shards).", rich_help_panel="Compute")] = 2,
     device: DeviceOpt = "auto",
-    memory_format: Annotated[str, typer.Option(help="auto (channels-last on the CPU: 1.2-1.6x faster there; "
-                             "contiguous on a GPU), channels-last or contiguous.", rich_help_panel="Compute")] = "auto",
+    memory_format: Annotated[str, typer.Option(help="auto (channels-last on the CPU, where it is faster: "
+                             "bench/bench_extract_features.py; contiguous on a GPU), channels-last or contiguous.",
+                             rich_help_panel="Compute")] = "auto",
     dtype: Annotated[str, typer.Option(help="On-disk feature dtype: float16 or float32.", rich_help_panel="Artifacts")] = "float16",
     chunk_rows: Annotated[int, typer.Option(help="Rows per flushed (resumable) chunk.", rich_help_panel="Artifacts")] = 4096,
     shard: Annotated[
@@ -117,128 +118,51 @@ def extract_features(
     """
     from stages import extract_features as stage
 
-    if dtype not in ("float16", "float32"):
-        raise SinetError(f"--dtype {dtype!r}: choose float16 or float32")
-    if memory_format not in MEMORY_FORMATS:
-        raise SinetError(f"--memory-format {memory_format!r}: choose one of {', '.join(MEMORY_FORMATS)}")
-    if max_pixels < 1:
-        raise SinetError(f"--max-pixels {max_pixels}: must be >= 1")
-    decode = stage.Decode(max_pixels=max_pixels)
+    cfg = build_config(stage.ExtractConfig, backbone=backbone, image_size=image_size, probs=probs, dtype=dtype,
+                       random_init=random_init, shard=parse_shard(shard), max_pixels=max_pixels,
+                       batch_size=batch_size, workers=workers, memory_format=memory_format)
     table = load_table(data, classes, noise, noise_rate, noise_seed, captions, label_field=label_field)
     require_two_classes(table.classes.names, f"--data {data}")
-    shard_i, shard_n = parse_shard(shard)
     folder = artifact_dir(out, data)
-    target = folder / "features.h5" if shard_n == 1 else shard_path(folder, shard_i, shard_n)
-    weight_path = None if random_init else (weights or default_weights(backbone))
+    target = folder / "features.h5" if cfg.shard[1] == 1 else shard_path(folder, *cfg.shard)
     if weights is not None and random_init:
         raise SinetError("--weights and --random-init exclude each other")
-    params = {
-        "backbone": backbone,
-        "image_size": image_size,
-        "probs": probs,
-        "dtype": dtype,
-        "random_init": random_init,
-        "shard": [shard_i, shard_n],
-    }
-    if max_pixels != stage.MAX_PIXELS:  # recorded only when set: files from before the option stay up to date
-        params["max_pixels"] = max_pixels
-    inputs = {"dataset": table.fingerprint()}
+    weight_path = None if random_init else (weights or default_weights(backbone))
+    params, inputs = cfg.provenance(), {"dataset": table.fingerprint()}
     if weight_path is not None:
         inputs["weights"] = store.fingerprint_file(weight_path)
     if not force and store.is_up_to_date(target, "features", params, inputs):
         console.info(f"{target}: up to date, nothing to do (use --force to recompute)")
         return
-
-    num_classes = len(table.classes) if probs else 0
     try:
-        model, info = stage.build_backbone(backbone, weight_path, random_init=random_init, num_classes=num_classes)
+        model, info = stage.build_backbone(backbone, weight_path, random_init=random_init,
+                                           num_classes=len(table.classes) if probs else 0)
     except ValueError as e:
         raise SinetError(str(e)) from None
-    preprocess = stage.Preprocess.for_model(model, image_size)
+    preprocess, decode = stage.Preprocess.for_model(model, image_size), stage.Decode(max_pixels=max_pixels)
     dev = resolve_device(device)
-
-    n = len(table)
-    lo, hi = shard_i * n // shard_n, (shard_i + 1) * n // shard_n
+    lo, hi = cfg.rows(len(table))
     writer = store.ArtifactWriter(target, "features", params, inputs, mode="resume")
-    next_pos = int(writer.get_attr("next_position", lo)) if writer.resumed else lo
+    start = int(writer.get_attr("next_position", lo)) if writer.resumed else lo
     skipped: list[list[str]] = store_json(writer.get_attr("skipped_json", "[]"))
     if writer.resumed:
-        console.info(f"{target}: resuming at image {next_pos - lo} of {hi - lo} ({writer.rows_committed} rows kept)")
-    fdtype = np.float16 if dtype == "float16" else np.float32
-    buf: list = []
-
-    def flush(upto: int) -> None:
-        if not buf:
-            writer.set_attr("next_position", upto)
-            return
-        pos = np.concatenate([b.positions[b.ok] for b in buf])
-        rows = {
-            "ids": table.ids[pos],
-            "labels": table.labels[pos],
-            "features": np.concatenate([b.features[b.ok] for b in buf]).astype(fdtype),
-            "splits": table.splits[pos],
-        }
-        if table.paths is not None:
-            rows["paths"] = table.paths[pos]
-        if table.clean_labels is not None:
-            rows["clean_labels"] = table.clean_labels[pos]
-        if table.side_text is not None:
-            rows["side_text"] = table.side_text[pos]
-        if table.subset is not None:
-            rows["subset"] = table.subset[pos]
-        if probs:
-            rows["probs"] = np.concatenate([b.probs[b.ok] for b in buf]).astype(np.float32)
-        if len(pos):
-            writer.append_rows(rows, next_position=upto, skipped_json=skipped)
-        else:
-            writer.set_attr("next_position", upto)
-            writer.set_attr("skipped_json", skipped)
-        buf.clear()
-
-    archives = archive_images(stage, table)
+        console.info(f"{target}: resuming at image {start - lo} of {hi - lo} ({writer.rows_committed} rows kept)")
     try:
-        with progress_bar("extract-features", hi - next_pos) as advance:
-            pending = 0
-            for batch in stage.extract(
-                model,
-                preprocess,
-                paths=None if table.pixels is not None or archives is not None else table.paths,
-                pixels=table.pixels,
-                archives=archives,
-                positions=range(next_pos, hi),
-                batch_size=batch_size,
-                workers=workers,
-                device=dev,
-                with_probs=probs,
-                channels_last=MEMORY_FORMATS[memory_format],
-                progress=advance,
-                decode=decode,
-            ):
-                for p in np.flatnonzero(~batch.ok):
-                    image_id = table.ids[batch.positions[p]]
-                    skipped.append([str(image_id), batch.reasons[p]])
-                    where = f" ({table.paths[batch.positions[p]]})" if table.paths is not None else ""
-                    console.warn(f"skipped image {image_id}{where}: {batch.reasons[p]}")
-                buf.append(batch)
-                pending += len(batch.positions)
-                if pending >= chunk_rows:
-                    flush(int(batch.positions[-1]) + 1)
-                    pending = 0
-            flush(hi)
+        with progress_bar("extract-features", hi - start) as advance:
+            batches = stage.extract(model, preprocess, **image_sources(stage, table), positions=range(start, hi),
+                                    batch_size=batch_size, workers=workers, device=dev, with_probs=probs,
+                                    channels_last=stage.MEMORY_FORMATS[memory_format], progress=advance,
+                                    decode=decode)
+            store.append_feature_batches(
+                writer, table, batches, names=store.feature_row_names(table, probs), feature_dtype=dtype,
+                chunk_rows=chunk_rows, on_skip=skip_logger(table, skipped), end=hi,
+                marks=lambda upto: {"next_position": upto, "skipped_json": skipped})
         if writer.rows_committed == 0:
             raise SinetError(f"{target}: no image could be read ({len(skipped)} skipped"
                              f"{f'; the first: {skipped[0][1]}' if skipped else ''})")
-        writer.write("classes", table.classes.names)
-        if skipped:
-            writer.write("skipped_ids", [s[0] for s in skipped])
-            writer.write("skipped_reasons", [s[1] for s in skipped])
-        writer.set_attr("backbone", info.__dict__)
-        writer.set_attr("preprocess", preprocess.as_dict())
-        writer.set_attr("decode", decode.as_dict())  # rescore decodes new images with the same recipe
-        writer.set_attr("dataset_provenance", table.provenance)
-        writer.set_attr("class_table", {"names": table.classes.names, "synsets": table.classes.synsets,
-                                        "descriptions": table.classes.descriptions, "parents": table.classes.parents})
-        fp = writer.commit()
+        fp = store.finish_features(writer, table, skipped, attrs={
+            "backbone": info.__dict__, "preprocess": preprocess.as_dict(),
+            "decode": decode.as_dict()})  # rescore decodes new images with the same recipe
     except BaseException as e:
         # keep the committed chunks: the next run resumes from them
         rows = writer.rows_committed
@@ -251,6 +175,25 @@ def extract_features(
         f"{target}: {writer.rows_committed} images, {info.feature_dim}-d features"
         f"{f', {len(skipped)} skipped' if skipped else ''} (fingerprint {fp[:12]})"
     )
+
+
+def skip_logger(table, skipped: list[list[str]]):
+    """``on_skip`` of the append loop: records ``[id, reason]`` and warns with the image's path."""
+
+    def on_skip(position: int, reason: str) -> None:
+        image_id = table.ids[position]
+        skipped.append([str(image_id), reason])
+        where = f" ({table.paths[position]})" if table.paths is not None else ""
+        console.warn(f"skipped image {image_id}{where}: {reason}")
+
+    return on_skip
+
+
+def image_sources(stage, table) -> dict:
+    """Where ``stage.extract`` reads the table's images: pixels, WebDataset archives, or files."""
+    archives = archive_images(stage, table)
+    return {"paths": None if table.pixels is not None or archives is not None else table.paths,
+            "pixels": table.pixels, "archives": archives}
 
 
 def archive_images(stage, table):
@@ -290,6 +233,7 @@ def merge_features(
     Example: sinet merge-features --data demo --shards 2
     """
     folder = artifact_dir(out, data)
+    target = folder / "features.h5"
     paths = [shard_path(folder, i, shards) for i in range(shards)]
     missing = [str(p) for p in paths if not p.exists()]
     if missing:
@@ -299,39 +243,17 @@ def merge_features(
         first = arts[0]
         params = dict(first.params, shard=[0, 1], merged_from=shards)
         inputs = {f"shard{i}": a.fingerprint for i, a in enumerate(arts)}
-        target = folder / "features.h5"
         for a in arts[1:]:
-            if a.dims["D"] != first.dims["D"] or list(a.read("classes")) != list(first.read("classes")):
-                raise SinetError(f"{a.path}: feature dim or classes differ from {first.path}")
+            if a.dims["D"] != first.dims["D"]:
+                raise SinetError(f"{a.path}: feature dim differs from {first.path}")
+            store.check_classes(a.path, a.read("classes"), first.path, first.read("classes"),
+                                "extract every shard for the same class table")
             if {k: v for k, v in a.params.items() if k != "shard"} != {k: v for k, v in first.params.items() if k != "shard"}:
                 raise SinetError(f"{a.path}: extracted with other parameters than {first.path}")
         if not force and store.is_up_to_date(target, "features", params, inputs):
             console.info(f"{target}: up to date, nothing to do")
             return
-        writer = store.ArtifactWriter(target, "features", params, inputs, mode="new")
-        try:
-            row_names = [n for n in ("ids", "labels", "features", "splits", "paths", "clean_labels", "side_text", "subset",
-                                     "probs")
-                         if n in first]
-            skipped_ids: list[str] = []
-            skipped_reasons: list[str] = []
-            for a in arts:
-                for _, rows in a.iter_rows(row_names, 65536):
-                    writer.append_rows(rows)
-                if "skipped_ids" in a:
-                    skipped_ids += list(a.read("skipped_ids"))
-                    skipped_reasons += list(a.read("skipped_reasons"))
-            writer.write("classes", first.read("classes"))
-            if skipped_ids:
-                writer.write("skipped_ids", skipped_ids)
-                writer.write("skipped_reasons", skipped_reasons)
-            for key in ("backbone", "preprocess", "decode", "dataset_provenance", "class_table"):
-                if first.attr(key) is not None:
-                    writer.set_attr(key, first.attr(key))
-            writer.commit()
-        except BaseException:
-            writer.abort()
-            raise
+        store.merge_features(target, arts, params, inputs)
     finally:
         for a in arts:
             a.close()

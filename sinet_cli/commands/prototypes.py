@@ -11,7 +11,7 @@ import typer
 
 from .. import console, store
 from ..app import app
-from ..common import DataOpt, DeviceOpt, ForceOpt, OutOpt, WaitOpt, artifact_dir, resolve_device
+from ..common import DataOpt, DeviceOpt, ForceOpt, OutOpt, WaitOpt, artifact_dir, build_config, resolve_device
 from ..errors import SinetError
 from ..locks import Plan, locked
 from ..progress import progress_bar
@@ -19,105 +19,50 @@ from ..progress import progress_bar
 PANEL_INIT = "Initial prototypes"
 PANEL_EQ4 = "Consistency (eq. 4)"
 PANEL_EQ5 = "Prototypes (eq. 5)"
-
-
-def _rows_equal(art: store.Artifact, name: str, value: str, chunk: int) -> np.ndarray:
-    ds = art.dataset(name)  # raw bytes: no per-row decoding
-    n = art.dims["N"]
-    mask = np.zeros(n, dtype=bool)
-    step = max(chunk, 65536)
-    for start in range(0, n, step):
-        block = np.asarray(ds[start : start + step])
-        mask[start : start + len(block)] = (block == value.encode()) | (block == value)
-    return mask
-
-
-def train_mask(art: store.Artifact, chunk: int, subset: str = "all") -> np.ndarray:
-    """Rows of the train split (every row when the file records no splits), restricted to rows of
-    ``subset`` (features.h5 ``subset``, e.g. Clothing1M's ``clean``) unless it is ``all``."""
-    n = art.dims["N"]
-    mask = _rows_equal(art, "splits", "train", chunk) if "splits" in art else np.ones(n, dtype=bool)
-    if subset != "all":
-        if "subset" not in art:
-            raise SinetError(f"{art.path}: --prototypes-from {subset}: the file records no subsets "
-                             "(only Clothing1M and WebVision readers write them)")
-        mask &= _rows_equal(art, "subset", subset, chunk)
-    return mask
-
-
-def row_source(art: store.Artifact, chunk: int, cache_mb: float = 0):
-    """A callable the stage calls once per pass: streams ``features`` in blocks of ``chunk`` rows.
-
-    The raw blocks of the first pass are kept in memory while they fit in ``cache_mb`` megabytes,
-    so later passes replay them instead of re-reading the file; past the cap nothing is cached
-    and every pass streams from disk (memory stays bounded either way).
-    """
-    cap = cache_mb * 2**20
-    cache: list[tuple[int, np.ndarray]] = []
-    state = {"complete": False, "bytes": 0, "overflow": cap <= 0}
-
-    def source():
-        if state["complete"]:
-            yield from cache
-            return
-        # the next block is read while the stage computes on this one (passes past the cache's cap)
-        for start, rows in art.iter_rows(["features"], chunk, prefetch=True):
-            block = rows["features"]
-            if not state["overflow"]:
-                if state["bytes"] + block.nbytes <= cap:
-                    cache.append((start, block))
-                    state["bytes"] += block.nbytes
-                else:
-                    state["overflow"] = True
-                    cache.clear()
-            yield start, block
-        state["complete"] = not state["overflow"]
-
-    return source
-
-
-def labeled_confidence(art: store.Artifact, labels: np.ndarray, chunk: int) -> np.ndarray:
-    """p(y_i | x_i) from the stored ``probs`` (one streamed pass)."""
-    conf = np.empty(len(labels), dtype=np.float32)
-    lab = np.clip(labels, 0, None)
-    for start, rows in art.iter_rows(["probs"], chunk):
-        p = rows["probs"]
-        conf[start : start + len(p)] = np.take_along_axis(p, lab[start : start + len(p), None], 1)[:, 0]
-    return conf
-
-
-def build_index(prototypes: np.ndarray, device: str):
-    """Exact inner-product index over the (unit) prototypes: nearest by IP = nearest by L2.
-    Built on the GPU when faiss-gpu and CUDA are present (the store writes it back as CPU)."""
-    import faiss
-
-    index = faiss.IndexFlatIP(prototypes.shape[1])
-    if device.startswith("cuda") and hasattr(faiss, "StandardGpuResources") and faiss.get_num_gpus() > 0:
-        res = faiss.StandardGpuResources()
-        index = faiss.index_cpu_to_gpu(res, 0, index)
-    index.add(np.ascontiguousarray(prototypes, dtype=np.float32))
-    return index
-
-
-def check_classes(features_path: Path, f_classes: np.ndarray, other_path: Path, o_classes: np.ndarray) -> None:
-    if len(f_classes) != len(o_classes):
-        raise SinetError(
-            f"{features_path} has {len(f_classes)} classes but {other_path} has {len(o_classes)}; "
-            "rebuild one of them for the same class table"
-        )
-    diff = np.flatnonzero(np.asarray(f_classes) != np.asarray(o_classes))
-    if len(diff):
-        i = int(diff[0])
-        raise SinetError(
-            f"{features_path} and {other_path} disagree on class {i}: {f_classes[i]!r} vs {o_classes[i]!r} "
-            f"({len(diff)} classes differ); rebuild one of them for the same class table"
-        )
+CLASS_FIX = "rebuild one of them for the same class table"
 
 
 def format_detection(name: str, m: dict | None) -> str:
     if not m:
         return ""
     return f"{name} ROC-AUC {m['roc_auc']:.4f} AP {m['average_precision']:.4f}"
+
+
+def detection(feats: store.Artifact, result, labels: np.ndarray, train: np.ndarray, source, device: str) -> dict:
+    """Where features.h5 knows the clean labels (the demos): how well the consistency p_i (eq. 4) and
+    the distance to the own class's prototype (eq. 6's d_i, as score-noise computes it) find the
+    noisy training labels."""
+    from stages import score_noise as scoring
+
+    if "clean_labels" not in feats:
+        return {}
+    clean = feats.read("clean_labels")
+    known = scoring.noise_mask(labels, clean)[0] & train
+    if not known.any():
+        return {}
+    p = np.nan_to_num(result.consistency, nan=0.0)
+    found = {"consistency": scoring.detection_metrics(labels, clean, -p, train)}
+    dist = np.full(len(labels), np.nan, dtype=np.float32)
+    index = store.prototype_index(result.prototypes, "cpu")
+    slots = scoring.class_slots(result.prototype_class, len(result.initial_prototypes))
+    for start, block in source():
+        k = known[start : start + len(block)]
+        if k.any():
+            b = scoring.score_block(block[k], labels[start : start + len(k)][k], result.prototypes, slots,
+                                    result.prototype_class, index, device=device)
+            dist[start : start + len(k)][k] = b.distance
+    found["distance"] = scoring.detection_metrics(labels, clean, dist, known)
+    return found
+
+
+def summary(target: Path, result, cfg, n_train: int, seconds: float, fp: str, found: dict) -> str:
+    msg = (f"{target}: {len(result.prototypes)} prototypes ({cfg.per_class}/class) from {n_train} training "
+           f"images, {int(result.selected.sum())} selected, init from {result.init_source}, {seconds:.1f}s "
+           f"(fingerprint {fp[:12]})")
+    if found:
+        parts = [format_detection(k, v) for k, v in found.items() if v]
+        msg += f"; noise detection on train ({found['consistency']['noise_rate']:.0%} noisy): " + ", ".join(parts)
+    return msg
 
 
 def _plan(a: dict) -> Plan:
@@ -202,124 +147,49 @@ def make_prototypes(
     Example: sinet make-prototypes --data demo
     """
     from stages import make_prototypes as stage
-    from stages import score_noise as scoring
 
-    folder = artifact_dir(out, data)
-    features_path = features or folder / "features.h5"
-    graph_path = graph or folder / "graph.h5"
-    target = folder / "prototypes.h5"
-    index_path = folder / "prototypes.faiss"
-    if init_source not in ("auto", "probs", "probe"):
-        raise SinetError(f"--init-source {init_source!r}: choose auto, probs or probe")
     if chunk_rows < 1:
         raise SinetError("--chunk-rows must be >= 1")
-    cfg = stage.PrototypeConfig(
-        init_topk=init_topk, topk=topk, psi=psi, temperature=temperature, gamma=gamma, eps=eps,
-        weighting=weighting, per_class=per_class, rounds=rounds, probe_rows=probe_rows,
-        probe_epochs=probe_epochs, probe_lr=probe_lr, seed=seed,
-    )
-    try:
-        cfg.validate()
-    except ValueError as e:
-        raise SinetError(f"make-prototypes: {e}") from None
-
-    feats = store.open_artifact(features_path, "features")
-    try:
-        with store.open_artifact(graph_path, "graph") as g:
-            check_classes(features_path, feats.read("classes"), graph_path, g.read("classes"))
-            S_t = g.read("S_t").astype(np.float32)
-            graph_fp = g.fingerprint
-        has_probs = "probs" in feats
-        if init_source == "probs" and not has_probs:
-            raise SinetError(f"--init-source probs: {features_path} stores no probs (extract with --probs, or use probe)")
-        source_used = "probs" if (init_source == "probs" or (init_source == "auto" and has_probs)) else "probe"
-        params = {k: v for k, v in cfg.__dict__.items()}
-        params["init_source"] = source_used
-        if prototypes_from != "all":
-            params["prototypes_from"] = prototypes_from
-        if source_used == "probs":  # the probe's options do not change the output
-            for k in ("probe_rows", "probe_epochs", "probe_lr", "probe_batch", "probe_scale"):
-                params.pop(k)
-        inputs = {"features": feats.fingerprint, "graph": graph_fp}
-        if not force and store.is_up_to_date(target, "prototypes", params, inputs) and \
-                store.outputs_current(target, [target, index_path]):
+    cfg = build_config(stage.PrototypeConfig, "make-prototypes", init_source=init_source, init_topk=init_topk,
+                       topk=topk, psi=psi, temperature=temperature, gamma=gamma, eps=eps, weighting=weighting,
+                       per_class=per_class, rounds=rounds, probe_rows=probe_rows, probe_epochs=probe_epochs,
+                       probe_lr=probe_lr, seed=seed, prototypes_from=prototypes_from)
+    folder = artifact_dir(out, data)
+    features_path, graph_path = features or folder / "features.h5", graph or folder / "graph.h5"
+    target, index_path = folder / "prototypes.h5", folder / "prototypes.faiss"
+    with store.open_artifact(features_path, "features") as feats:
+        graph = store.read_graph(graph_path)
+        store.check_classes(features_path, feats.read("classes"), graph.path, graph.classes, CLASS_FIX)
+        try:
+            source_used = cfg.resolve_init_source("probs" in feats)
+        except ValueError as e:
+            raise SinetError(f"{features_path}: {e}") from None
+        params = cfg.provenance(source_used)
+        inputs = {"features": feats.fingerprint, "graph": graph.fingerprint}
+        if not force and store.is_up_to_date(target, "prototypes", params, inputs, unit=target, files=[index_path]):
             console.info(f"{target}: up to date, nothing to do (use --force to recompute)")
             return
         dev = resolve_device(device)
         t0 = time.perf_counter()
-        train = train_mask(feats, chunk_rows, prototypes_from)
+        train = store.train_mask(feats, chunk_rows, prototypes_from)
         labels_all = feats.read("labels").astype(np.int64)
         labels = np.where(train, labels_all, -1)
         if not train.any():
             raise SinetError(f"{features_path}: no rows in the train split"
                              f"{'' if prototypes_from == 'all' else f' of subset {prototypes_from!r}'} to build prototypes from")
-        confidence = labeled_confidence(feats, labels, chunk_rows) if source_used == "probs" else None
-        n = feats.dims["N"]
-        with progress_bar("make-prototypes", n * stage.count_passes(cfg)) as advance:
+        confidence = store.labeled_confidence(feats, labels, chunk_rows) if source_used == "probs" else None
+        source = store.feature_blocks(feats, chunk_rows, cache_mb)
+        with progress_bar("make-prototypes", feats.dims["N"] * stage.count_passes(cfg)) as advance:
             try:
-                source = row_source(feats, chunk_rows, cache_mb)
-                result = stage.make_prototypes(source, labels, S_t, cfg,
-                                               confidence=confidence, device=dev, progress=advance)
+                result = stage.make_prototypes(source, labels, graph.S_t, cfg, confidence=confidence, device=dev,
+                                               progress=advance)
             except ValueError as e:
                 raise SinetError(f"{features_path}: {e}") from None
         seconds = time.perf_counter() - t0
-        classes = feats.read("classes")
         for c in result.empty_classes:
-            console.warn(f"class {classes[c]!r} has no training image in {features_path}; its prototype is zero")
-
-        detection = {}
-        if "clean_labels" in feats:
-            clean = feats.read("clean_labels")
-            known = scoring.noise_mask(labels_all, clean)[0] & train
-            if known.any():
-                p = np.nan_to_num(result.consistency, nan=0.0)
-                detection["consistency"] = scoring.detection_metrics(labels_all, clean, -p, train)
-                dist = np.full(n, np.nan, dtype=np.float32)
-                index = build_index(result.prototypes, "cpu")
-                slots = scoring.class_slots(result.prototype_class, len(classes))
-                for start, block in source():
-                    k = known[start : start + len(block)]
-                    if k.any():
-                        b = scoring.score_block(block[k], labels_all[start : start + len(k)][k],
-                                                result.prototypes, slots, result.prototype_class, index,
-                                                device=dev)
-                        dist[start : start + len(k)][k] = b.distance
-                detection["distance"] = scoring.detection_metrics(labels_all, clean, dist, known)
-
-        writer = store.ArtifactWriter(target, "prototypes", params, inputs, mode="new")
-        try:
-            writer.write("classes", classes)
-            writer.write("prototypes", result.prototypes)
-            writer.write("prototype_class", result.prototype_class)
-            writer.write("initial_prototypes", result.initial_prototypes)
-            for start, rows in feats.iter_rows(["ids"], max(chunk_rows, 65536)):
-                sl = slice(start, start + len(rows["ids"]))
-                t = train[sl]
-                if t.any():
-                    writer.append_rows({
-                        "ids": rows["ids"][t],
-                        "consistency": result.consistency[sl][t].astype(np.float32),
-                        "selected": result.selected[sl][t].astype(np.int8),
-                    })
-            writer.set_attr("init_source", result.init_source)
-            writer.set_attr("probe", result.probe)
-            writer.set_attr("empty_classes", [str(classes[c]) for c in result.empty_classes])
-            writer.set_attr("detection", detection)
-            writer.set_attr("seconds", round(seconds, 3))
-            writer.set_attr("device", dev)
-            index_tmp = store.write_faiss_index(index_path, build_index(result.prototypes, dev), stage=True)
-            fp = writer.commit(rename=False)
-        except BaseException:
-            writer.abort()
-            raise
-        # prototypes.h5 and prototypes.faiss together: a kill between the renames is completed by the next run
-        store.commit_outputs(target, {target: writer.partial, index_path: index_tmp}, params, inputs)
-    finally:
-        feats.close()
-    n_sel = int(result.selected.sum())
-    msg = (f"{target}: {len(result.prototypes)} prototypes ({per_class}/class) from {int(train.sum())} training "
-           f"images, {n_sel} selected, init from {result.init_source}, {seconds:.1f}s (fingerprint {fp[:12]})")
-    if detection:
-        parts = [format_detection(k, v) for k, v in detection.items() if v]
-        msg += f"; noise detection on train ({detection['consistency']['noise_rate']:.0%} noisy): " + ", ".join(parts)
-    console.info(msg)
+            console.warn(f"class {graph.classes[c]!r} has no training image in {features_path}; its prototype is zero")
+        found = detection(feats, result, labels_all, train, source, dev)
+        attrs = {"init_source": result.init_source, "probe": result.probe, "detection": found, "device": dev,
+                 "empty_classes": [str(graph.classes[c]) for c in result.empty_classes], "seconds": round(seconds, 3)}
+        fp = store.write_prototypes(target, index_path, feats, result, train, params, inputs, attrs, dev, chunk_rows)
+    console.info(summary(target, result, cfg, int(train.sum()), seconds, fp, found))

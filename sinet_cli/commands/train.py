@@ -2,15 +2,14 @@
 
 from __future__ import annotations
 
-import copy
-import inspect
+import dataclasses
 import json
 import os
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated, Any, Callable, Iterator, Optional
+from typing import Annotated, Any, Iterator, Optional
 
 import numpy as np
 import typer
@@ -29,6 +28,7 @@ from ..common import (
     OutOpt,
     WaitOpt,
     artifact_dir,
+    build_config,
     load_table,
     resolve_device,
 )
@@ -37,7 +37,6 @@ from ..errors import SinetError
 from ..progress import progress_bar
 from ..sideinfo import DEFAULT_BACKBONE, default_weights
 
-DEFAULT_ALPHA, DEFAULT_BETA = 1.2, 1.5  # eq. 6 defaults (tables 4-5), used when scores.h5 does not record them
 
 P_MODE, P_IN, P_OPT, P_IMG, P_ART = "Mode", "Inputs", "Optimization", "Images (--on images)", "Artifacts"
 P_FT = "Fine-tuning (after --epochs)"
@@ -46,11 +45,10 @@ P_FT = "Fine-tuning (after --epochs)"
 # ------------------------------------------------------------------------------------ helpers
 
 
-def parse_steps(text: str | None, epochs: int) -> tuple[int, ...]:
-    from stages import train as stage
-
+def parse_steps(text: str | None) -> tuple[int, ...] | None:
+    """--lr-steps as epochs (None: not given, the paper's scaled to --epochs)."""
     if text is None or not text.strip():
-        return stage.scaled_lr_steps(epochs)
+        return None
     try:
         steps = tuple(int(s) for s in text.replace(" ", "").split(",") if s)
     except ValueError:
@@ -60,37 +58,27 @@ def parse_steps(text: str | None, epochs: int) -> tuple[int, ...]:
     return steps
 
 
-SCORE_ROW_COLUMNS = ("flagged", "suggested_class", "suggested_confidence", "nearest_class")
-SCORE_PROBE = ("probe_W", "probe_b")
-
-
-def read_weights(scores_path: Path, source: Path | str, ids: np.ndarray, labels: np.ndarray,
-                 extra: dict[str, np.ndarray] | None = None) -> tuple[np.ndarray, dict, str]:
-    """w_i of every training image (matched by id), the scores' params and fingerprint. When ``extra``
-    is a dict, the per-row columns of :data:`SCORE_ROW_COLUMNS` and the probe (:data:`SCORE_PROBE`)
-    that scores.h5 holds are put in it (rows in the order of ``ids``)."""
+def read_weights(stage, scores_path: Path, source: Path | str, ids: np.ndarray, labels: np.ndarray,
+                 extra: dict[str, np.ndarray]) -> tuple[np.ndarray, dict, str]:
+    """w_i of every training image (matched by id), the scores' params and fingerprint. The per-row
+    columns of ``stage.SCORE_ROW_COLUMNS`` and the probe (``stage.SCORE_PROBE``) that scores.h5 holds
+    are put in ``extra`` (rows in the order of ``ids``)."""
     with store.open_artifact(scores_path, "scores") as art:
         sid, w, slab = art.read("ids"), art.read("weight").astype(np.float32), art.read("labels")
         params, fp = art.params, art.fingerprint
-        if extra is not None:
-            for name in SCORE_ROW_COLUMNS + SCORE_PROBE:
-                if name in art:
-                    extra[name] = art.read(name)
-    order = np.argsort(sid, kind="stable")
-    sorted_ids = sid[order]
-    pos = np.clip(np.searchsorted(sorted_ids, ids), 0, max(len(sid) - 1, 0))
-    found = (sorted_ids[pos] == ids) if len(sid) else np.zeros(len(ids), bool)
+        for name in stage.SCORE_ROW_COLUMNS + stage.SCORE_PROBE:
+            if name in art:
+                extra[name] = art.read(name)
+    rows, found = store.match_ids(sid, ids)
     if not found.all():
         miss = ids[~found]
         raise SinetError(
             f"{scores_path}: no weight for training image {str(miss[0])!r} of {source} ({len(miss)} of {len(ids)} "
             "training images missing; rerun sinet score-noise on these features)"
         )
-    rows = order[pos]
-    if extra is not None:
-        for name in SCORE_ROW_COLUMNS:
-            if name in extra:
-                extra[name] = extra[name][rows]
+    for name in stage.SCORE_ROW_COLUMNS:
+        if name in extra:
+            extra[name] = extra[name][rows]
     bad = np.flatnonzero(slab[rows] != labels)
     if len(bad):
         i = bad[0]
@@ -103,163 +91,9 @@ def read_weights(scores_path: Path, source: Path | str, ids: np.ndarray, labels:
 
 def read_features_for(features_path: Path, ids: np.ndarray) -> tuple[np.ndarray, str]:
     with store.open_artifact(features_path, "features") as art:
-        fid = art.read("ids")
-        feats = art.read("features")
-        fp = art.fingerprint
-    index = {k: i for i, k in enumerate(fid)}
-    missing = [k for k in ids if k not in index]
-    if missing:
-        raise SinetError(f"{features_path}: no feature for image {str(missing[0])!r} ({len(missing)} missing); rerun extract-features")
-    return np.asarray(feats[[index[k] for k in ids]], dtype=np.float32), fp
-
-
-def read_prototypes(path: Path, classes: list[str]) -> tuple[np.ndarray, np.ndarray, str]:
-    with store.open_artifact(path, "prototypes") as art:
-        pc = list(art.read("classes"))
-        if pc != list(classes):
-            raise SinetError(f"{path}: classes differ from the training data's; rebuild the prototypes")
-        return art.read("prototypes").astype(np.float32), art.read("prototype_class"), art.fingerprint
-
-
-
-
-
-def read_graph_neighbours(stage, path: Path, classes: list[str], k: int) -> tuple[np.ndarray, str]:
-    """The ``k`` nearest classes of every class in graph.h5's S_t, and the graph's fingerprint."""
-    with store.open_artifact(path, "graph") as art:
-        if list(art.read("classes")) != list(classes):
-            raise SinetError(f"{path}: classes differ from the training data's; rebuild the graph")
-        S_t, fp = art.read("S_t"), art.fingerprint
-    try:
-        return stage.graph_neighbours(S_t, k), fp
-    except ValueError as e:
-        raise SinetError(f"{path}: {e}") from None
-
-
-def flags_of(stage, extra: dict, w: np.ndarray, y: np.ndarray, scores_params: dict,
-             threshold: float | None = None) -> tuple[np.ndarray, str]:
-    """Which training images are flagged: w <= ``threshold`` when given; else scores.h5's ``flagged``
-    when stored; else the suspect rule of score-noise (w <= 0.5 with the default score, w = 0 with
-    eq. 6 alone, or a nearer prototype of another class). Returns the mask and where it came from."""
-    if threshold is not None:
-        return np.asarray(w) <= threshold, f"w <= {threshold:g}"
-    if "flagged" in extra:
-        return extra["flagged"].astype(bool), "scores.h5 flagged"
-    below = 0.5 if scores_params.get("score") == "fused" else 0.0
-    return stage.suspect_flags(w, y, extra.get("nearest_class"), below), f"w <= {below:g} or a nearer prototype"
-
-
-@dataclass
-class ModePlan:
-    """What a mode beyond weighting needs besides w (docs/training-modes.md)."""
-
-    flagged: np.ndarray | None = None  # eq. T1 (or scores.h5's flags)
-    suggestion: tuple[np.ndarray, np.ndarray] | None = None  # (s_i, q_i), eq. T2 (or scores.h5's)
-    distribution: np.ndarray | None = None  # P (N, C) for --correct-target distribution and mode forward
-    class_weights: np.ndarray | None = None  # eq. 7's w_ic for mode graph
-    neighbours: np.ndarray | None = None  # S_t neighbours of every class
-
-
-def plan_mode(stage, mode: str, *, y: np.ndarray, w: np.ndarray, score_extra: dict, scores_params: dict, params: dict,
-              features_of_rows: Callable[[], np.ndarray], eq7_weights: Callable[[], np.ndarray],
-              neighbours_of: Callable[[int], np.ndarray], threshold: float | None, correct_target: str,
-              min_confidence: float, soft_keep: int, graph_neighbours: int, topk_neighbours: int,
-              transition_neighbours: int, semi) -> ModePlan:
-    """Flags, suggestions, eq. 7 weights and graph neighbours a mode needs, each from the first source
-    that has it; records the choices (and the mode's knobs) in ``params``."""
-    plan = ModePlan()
-    if mode in ("correct", *stage.SEMI_MODES):
-        plan.flagged, params["flags"] = flags_of(stage, score_extra, w, y, scores_params, threshold)
-    have_probe = all(k in score_extra for k in SCORE_PROBE)
-
-    def probe() -> np.ndarray:
-        return stage.probe_probabilities(features_of_rows(), score_extra["probe_W"], score_extra["probe_b"])
-
-    if mode == "correct":
-        params["correct_target"] = correct_target
-        if correct_target == "distribution":  # the whole distribution: the probe's, else eq. 7's
-            params["soft_keep"] = soft_keep
-            plan.distribution = probe() if have_probe else stage.prototype_probabilities(eq7_weights())
-            params["suggestions"] = "scores.h5 probe" if have_probe else "prototypes (eq. 7)"
-        else:
-            params["min_confidence"] = min_confidence
-            if "suggested_class" in score_extra and "suggested_confidence" in score_extra:
-                plan.suggestion = (score_extra["suggested_class"], score_extra["suggested_confidence"])
-                params["suggestions"] = "scores.h5 suggested_class"
-            else:
-                p = probe() if have_probe else stage.prototype_probabilities(eq7_weights())
-                plan.suggestion = stage.relabel_suggestions(p, y)  # eq. T2
-                params["suggestions"] = "scores.h5 probe" if have_probe else "prototypes (eq. 7)"
-    if semi is not None:
-        params.update(semi.params())
-    if mode == "forward":  # eq. F1 from the probe's probabilities (else eq. 7's), over S_t neighbours if asked
-        plan.distribution = probe() if have_probe else stage.prototype_probabilities(eq7_weights())
-        params["suggestions"] = "scores.h5 probe" if have_probe else "prototypes (eq. 7)"
-        params["transition_neighbours"] = transition_neighbours
-        if transition_neighbours:
-            plan.neighbours = neighbours_of(transition_neighbours)
-    if mode == "graph":
-        plan.neighbours = neighbours_of(graph_neighbours)
-        plan.class_weights = eq7_weights()
-        params["graph_neighbours"] = graph_neighbours
-    if topk_neighbours:
-        plan.neighbours = neighbours_of(topk_neighbours)
-        params["topk_neighbours"] = topk_neighbours
-    return plan
-
-
-def mode_targets(stage, mode: str, plan: ModePlan, targets, *, y: np.ndarray, w: np.ndarray,
-                 clean: np.ndarray | None, min_confidence: float, soft: bool, soft_keep: int) -> tuple[Any, dict]:
-    """The targets of ``mode`` (``targets`` as built for C / eq. 7 otherwise) and its ``mode_stats``,
-    with how well the moved labels match the true ones where ``clean`` labels are known (the demos)."""
-    stats: dict[str, Any] = {}
-    if plan.flagged is not None:
-        stats["flagged"] = int(plan.flagged.sum())
-    known = None if clean is None else clean >= 0
-    if mode == "correct" and plan.distribution is not None:
-        targets = stage.distribution_targets(y, w, plan.distribution, keep=soft_keep)  # eq. T3d
-        moved = float(targets.value[:, 1:].sum())
-        stats["moved_mass"] = moved
-        if known is not None and moved > 0:
-            on_true = targets.value[:, 1:] * (targets.index[:, 1:] == clean[:, None]) * known[:, None]
-            stats["moved_right"] = float(on_true.sum() / moved)
-    elif mode == "correct":
-        try:
-            targets, fixed = stage.corrected_targets(y, w, plan.flagged, *plan.suggestion,
-                                                     min_confidence=min_confidence, soft=soft)  # eq. T3
-        except ValueError as e:
-            raise SinetError(str(e)) from None
-        stats["corrected"] = int(fixed.sum())
-        if known is not None and (fixed & known).any():
-            sel = fixed & known
-            stats["corrected_right"] = float(np.mean(plan.suggestion[0][sel] == clean[sel]))
-    elif mode == "graph":
-        targets = stage.graph_targets(y, w, plan.class_weights, plan.neighbours)  # eq. T4
-    elif mode in stage.SEMI_MODES:
-        targets = stage.hard_targets(y, np.where(plan.flagged, 0.0, w))  # the labeled images keep eq. 1
-        stats["unlabeled"] = int(plan.flagged.sum())
-    elif mode == "forward":
-        targets = stage.hard_targets(y)  # every image, its noisy label: T carries the noise (eq. F2)
-    return targets, stats
-
-
-def forward_transition(stage, mode: str, plan: ModePlan, y: np.ndarray, num_classes: int,
-                       clean: np.ndarray | None, stats: dict) -> np.ndarray | None:
-    """Mode forward's transition matrix (eq. F1); in ``stats`` its diagonal and, where the true labels
-    are known, the true one's (the demos)."""
-    if mode != "forward":
-        return None
-    T = stage.transition_matrix(plan.distribution, y, num_classes,
-                                plan.neighbours if plan.neighbours is not None else None)
-    stats["transition_diagonal"] = [round(float(v), 4) for v in np.diag(T)]
-    if clean is not None and (clean >= 0).any():
-        k = clean >= 0
-        true = np.zeros((num_classes, num_classes))
-        np.add.at(true, (clean[k], y[k]), 1.0)
-        true = true / np.maximum(true.sum(axis=1, keepdims=True), 1.0)
-        stats["true_transition_diagonal"] = [round(float(v), 4) for v in np.diag(true)]
-        stats["transition_error"] = float(np.abs(T - true).sum(axis=1).mean())  # mean L1 per row
-    return T
+        fid, feats, fp = art.read("ids"), art.read("features"), art.fingerprint
+    rows = store.rows_of_ids(features_path, fid, ids, "rerun extract-features")
+    return np.asarray(feats[rows], dtype=np.float32), fp
 
 
 def subset_rows(stage, source: Path | str, splits: np.ndarray, subsets: np.ndarray | None, name: str,
@@ -303,36 +137,18 @@ def record_shared_entry(path: Path, run: str, run_metrics: Path) -> None:
         console.info(f"{path}: recorded run {run}, which an interrupted run had not")
 
 
-def finished_run(metrics_path: Path, model_path: Path, params: dict, inputs: dict) -> bool:
-    if not (metrics_path.exists() and model_path.exists()):
-        return False
-    try:
-        m = json.loads(metrics_path.read_text())
-    except (OSError, ValueError):
-        return False
-    return store.canonical_json(m.get("params")) == store.canonical_json(params) and store.canonical_json(
-        m.get("inputs")
-    ) == store.canonical_json(inputs)
+def bar_for(rank: int):
+    """The stage's progress-bar factory: a rich bar on rank 0, nothing on the other DDP processes."""
 
+    @contextmanager
+    def bar(desc: str, total: int) -> Iterator:
+        if rank != 0:
+            yield None
+            return
+        with progress_bar(desc, total) as adv:
+            yield adv
 
-def initial_config(cfg, epochs: int | None, lr_steps_text: str | None):
-    """The top-k smoothing's initial model: same settings, its own epochs, no fine-tuning phase."""
-    import dataclasses
-
-    from stages import train as stage
-
-    n = epochs or cfg.epochs
-    steps = stage.scaled_lr_steps(n) if lr_steps_text is None else tuple(s for s in cfg.lr_steps if s < n)
-    return dataclasses.replace(cfg, epochs=n, lr_steps=steps, finetune_epochs=0, finetune_size=0)
-
-
-@contextmanager
-def _bar(desc: str, total: int, quiet: bool) -> Iterator:
-    if quiet:
-        yield None
-        return
-    with progress_bar(desc, total) as adv:
-        yield adv
+    return bar
 
 
 def save_model(path: Path, state_dict: dict, stage: bool = False) -> Path:
@@ -351,7 +167,73 @@ def _summary(stats: dict) -> str:
     return f"top-1 {stats['top1']:.2f} %, top-5 {stats['top5']:.2f} %"
 
 
-# ------------------------------------------------------------------------------------ command
+@dataclass
+class Rows:
+    """The dataset a run trains on, from features.h5 (--on features) or --data (--on images)."""
+
+    ids: np.ndarray
+    labels: np.ndarray
+    splits: np.ndarray
+    clean: np.ndarray | None
+    subsets: np.ndarray | None
+    classes: list[str]
+    source: Path | str  # what error messages name
+    inputs: dict
+    features: np.ndarray | None = None  # --on features
+    table: Any = None  # --on images
+
+
+def read_rows(opts, features_path: Path, data: str | None, table_args: tuple) -> Rows:
+    if opts.on == "images":
+        t = load_table(data, *table_args)
+        return Rows(t.ids, t.labels, t.splits, t.clean_labels, t.subset, list(t.classes.names), f"--data {data}",
+                    {"dataset": t.fingerprint()}, table=t)
+    with store.open_artifact(features_path, "features") as art:
+        n = art.dims["N"]
+        want_subsets = "subset" in art and (opts.train_subset != "all" or opts.finetune_subset)
+        return Rows(art.read("ids"), art.read("labels"), art.read("splits") if "splits" in art else np.full(n, "train"),
+                    art.read("clean_labels") if "clean_labels" in art else None,
+                    art.read("subset") if want_subsets else None, list(art.read("classes")), features_path,
+                    {"features": art.fingerprint}, features=art.read("features"))
+
+
+class Sources:
+    """What only some modes read, loaded on first use, each recording its input fingerprint."""
+
+    def __init__(self, stage, opts, d: Rows, rows_ids: np.ndarray, x: np.ndarray | None, features_path: Path,
+                 prototypes: Path, graph: Path, scores_params: dict, params: dict):
+        self.stage, self.opts, self.d, self.ids, self.x = stage, opts, d, rows_ids, x
+        self.features_path, self.prototypes_path, self.graph_path = features_path, prototypes, graph
+        self.scores_params, self.params = scores_params, params
+
+    def features(self) -> np.ndarray:
+        if self.x is None:
+            self.x, self.d.inputs["features"] = read_features_for(self.features_path, self.ids)
+        return self.x
+
+    def prototypes(self) -> tuple[np.ndarray, np.ndarray]:
+        p = store.read_prototypes(self.prototypes_path)
+        store.check_classes(p.path, p.classes, self.d.source, self.d.classes, "rebuild the prototypes")
+        self.d.inputs["prototypes"] = p.fingerprint
+        return p.prototypes, p.prototype_class
+
+    def eq7_weights(self) -> np.ndarray:
+        a, b = self.opts.eq6(self.scores_params)
+        self.params.update(alpha=a, beta=b)
+        pv, pc = self.prototypes()
+        try:
+            return self.stage.prototype_class_weights(self.features(), pv, pc, len(self.d.classes), alpha=a, beta=b)
+        except ValueError as e:
+            raise SinetError(str(e)) from None
+
+    def neighbours(self, k: int) -> np.ndarray:
+        g = store.read_graph(self.graph_path)
+        store.check_classes(g.path, g.classes, self.d.source, self.d.classes, "rebuild the graph")
+        self.d.inputs["graph"] = g.fingerprint
+        try:
+            return self.stage.graph_neighbours(g.S_t, k)
+        except ValueError as e:
+            raise SinetError(f"{g.path}: {e}") from None
 
 
 def _plan(a: dict) -> Plan:
@@ -491,194 +373,112 @@ def train(
 
     Example: sinet train --mode C --on features --head mlp
     """
+    args = dict(locals())  # the options, before anything else is bound
     from stages import train as stage
 
-    if mode not in stage.MODES:
-        raise SinetError(f"--mode {mode!r}: choose one of {', '.join(stage.MODES)}")
-    if on not in ("features", "images"):
-        raise SinetError(f"--on {on!r}: choose features or images")
-    if soft_targets and mode != "C":
-        raise SinetError("--soft-targets replaces mode C's eq. 1 by eq. 7: use it with --mode C")
-    if topk_smoothing < 0:
-        raise SinetError("--topk-smoothing must be >= 0")
-    if topk_smoothing and mode not in ("A", "C"):
-        raise SinetError(f"--topk-smoothing smooths the labels of the non-confident images: use --mode A or C, not {mode}")
-    if topk_smoothing and soft_targets:
-        raise SinetError("--topk-smoothing and --soft-targets both replace the targets: choose one")
-    if topk_neighbours < 0 or (topk_neighbours and not topk_smoothing):
-        raise SinetError("--topk-neighbours K restricts --topk-smoothing: give both, K >= 1")
-    if correct_target not in ("soft", "hard", "distribution"):
-        raise SinetError(f"--correct-target {correct_target!r}: choose soft, hard or distribution")
-    if graph_neighbours < 1:
-        raise SinetError("--graph-neighbours must be >= 1")
-    if transition_neighbours < 0:
-        raise SinetError("--transition-neighbours must be >= 0")
-    if suffix and not suffix.replace("-", "").replace("_", "").isalnum():
-        raise SinetError(f"--suffix {suffix!r}: letters, digits, - and _ only")
-    if finetune_subset is not None and finetune_epochs < 1:
-        raise SinetError(f"--finetune-subset {finetune_subset}: give the fine-tuning length with --finetune-epochs N")
-    if on == "features" and finetune_size:
-        raise SinetError("--finetune-size applies to --on images")
-    if on == "features" and finetune_epochs and finetune_subset is None:
-        raise SinetError("--finetune-epochs on features needs --finetune-subset (what to fine-tune on)")
-    if on == "images" and finetune_epochs and finetune_subset is None and finetune_size < 1:
-        raise SinetError("--finetune-epochs needs --finetune-size (progressive resolution) or --finetune-subset")
-    try:
-        # with --finetune-subset the fine-tuning is a phase of its own on other rows (ft_cfg); without
-        # it, progressive resolution stays inside the main loop (cfg.finetune_*)
-        in_loop = finetune_subset is None
-        cfg = stage.TrainConfig(
-            epochs=epochs, lr=lr, momentum=momentum, weight_decay=weight_decay, batch_size=batch_size,
-            lr_steps=parse_steps(lr_steps, epochs), lr_gamma=lr_gamma, seed=seed, image_size=image_size,
-            finetune_size=finetune_size if in_loop else 0, finetune_epochs=finetune_epochs if in_loop else 0,
-            finetune_lr=finetune_lr if in_loop else None, min_crop=min_crop,
-        )
-        ft_cfg = None if in_loop else stage.finetune_config(cfg, finetune_epochs, finetune_lr, finetune_size or None)
-    except ValueError as e:
-        raise SinetError(str(e)) from None
-
+    opts = build_config(stage.TrainOptions, **{f.name: args[f.name] for f in dataclasses.fields(stage.TrainOptions)
+                                               if f.name != "lr_steps"}, lr_steps=parse_steps(lr_steps))
     folder = artifact_dir(out, data)
-    features_path = features or folder / "features.h5"
-    scores_path = scores or folder / "scores.h5"
-    needs_scores = mode not in ("A", "oracle") or topk_smoothing > 0
-    semi = None
-    if mode in stage.SEMI_MODES:
-        try:
-            semi = stage.SemiConfig(mode, lambda_u=lambda_u, confidence=pseudo_confidence, temperature=sharpen,
-                                    mix_alpha=mix_alpha, rampup=rampup)
-        except ValueError as e:
-            raise SinetError(str(e)) from None
-    run = mode + (f"-{suffix}" if suffix else "")
-    run_dir = folder / f"train-{run}"
-
-    # no val split: nothing to evaluate a model on; one line, and metrics.json records the skip
-    # so that make's target exists and summary/report say why there is no accuracy
-    from ..common import NO_VAL_HINT, NOT_TRAINED, missing_val_split
-
-    no_val = missing_val_split(on, features_path, data, classes, noise, noise_rate, noise_seed, captions)
-    if no_val is not None:
-        merge_shared_metrics(folder / "metrics.json", run, {"mode": mode, "on": on, "seed": seed, "top1": None,
-                                                            "top5": None, "skipped": NOT_TRAINED, "hint": NO_VAL_HINT})
-        console.info(f"{run_dir}: not trained: {no_val} has {NOT_TRAINED} to evaluate on; {NO_VAL_HINT}")
+    features_path, run_dir = features or folder / "features.h5", folder / f"train-{opts.run}"
+    table_args = (classes, noise, noise_rate, noise_seed, captions)
+    if skipped_without_val(opts, folder, run_dir, features_path, data, table_args):
         return
-
-    # ---- the training / validation rows
-    if on == "features":
-        with store.open_artifact(features_path, "features") as art:
-            ids, labels = art.read("ids"), art.read("labels")
-            class_names = list(art.read("classes"))
-            splits = art.read("splits") if "splits" in art else np.full(len(ids), "train")
-            clean = art.read("clean_labels") if "clean_labels" in art else None
-            subsets = art.read("subset") if "subset" in art and (train_subset != "all" or finetune_subset) else None
-            feats_all = art.read("features")
-            source_fp = art.fingerprint
-        source_name: Path | str = features_path
-        inputs = {"features": source_fp}
-    else:
-        table = load_table(data, classes, noise, noise_rate, noise_seed, captions)
-        ids, labels, splits, clean, subsets = table.ids, table.labels, table.splits, table.clean_labels, table.subset
-        class_names = list(table.classes.names)
-        source_name = f"--data {data}"
-        inputs = {"dataset": table.fingerprint()}
-    num_classes = len(class_names)
-    va = np.flatnonzero(splits == "val")
-    tr = subset_rows(stage, source_name, splits, subsets, train_subset, "--train-subset")
-    ft = None if finetune_subset is None else subset_rows(stage, source_name, splits, subsets, finetune_subset,
+    d = read_rows(opts, features_path, data, table_args)
+    va = np.flatnonzero(d.splits == "val")
+    tr = subset_rows(stage, d.source, d.splits, d.subsets, train_subset, "--train-subset")
+    ft = None if finetune_subset is None else subset_rows(stage, d.source, d.splits, d.subsets, finetune_subset,
                                                           "--finetune-subset")
-    tr_clean = None if clean is None else clean[tr]
-
-    w_train = None
-    scores_params: dict = {}
-    score_extra: dict[str, np.ndarray] = {}
-    if needs_scores:
-        w_train, scores_params, inputs["scores"] = read_weights(scores_path, source_name, ids[tr], labels[tr],
-                                                                score_extra)
+    tr_clean = None if d.clean is None else d.clean[tr]
+    w_train, scores_params, score_extra = None, {}, {}
+    if opts.needs_scores:
+        w_train, scores_params, d.inputs["scores"] = read_weights(stage, scores or folder / "scores.h5", d.source,
+                                                                  d.ids[tr], d.labels[tr], score_extra)
     thr = None
     if mode == "B" or topk_smoothing:
         thr = stage.default_threshold(w_train) if threshold is None else float(threshold)
     try:
-        rows, y, w = stage.select_rows(mode, labels[tr], w_train, tr_clean, thr)
+        rows, y, w = stage.select_rows(mode, d.labels[tr], w_train, tr_clean, thr)
     except ValueError as e:
-        raise SinetError(f"{source_name}: {e}") from None
-
-    params: dict[str, Any] = {
-        "on": on, "mode": mode, "threshold": thr, "seed": seed, "epochs": epochs, "lr": lr, "momentum": momentum,
-        "weight_decay": weight_decay, "batch_size": batch_size, "lr_steps": list(cfg.lr_steps), "lr_gamma": lr_gamma,
-        "dropout": dropout, "topk_smoothing": topk_smoothing,
-    }
-    if topk_smoothing:
-        params.update(topk_mix=topk_mix, topk_epochs=topk_epochs or epochs)
-    if train_subset != "all":  # recorded only when set: runs from before the option stay up to date
-        params["train_subset"] = train_subset
-    if on == "features":
-        params.update(head=head, hidden=hidden if head == "mlp" else None)
-    else:
-        params.update(backbone=backbone, random_init=random_init, image_size=image_size,
-                      finetune_size=finetune_size if finetune_epochs else 0, finetune_epochs=finetune_epochs,
-                      finetune_lr=finetune_lr if finetune_epochs else None, min_crop=min_crop)
-        if weights is not None and random_init:
-            raise SinetError("--weights and --random-init exclude each other")
-        weight_path = None if random_init else (weights or default_weights(backbone))
-        if weight_path is not None:
-            inputs["weights"] = store.fingerprint_file(weight_path)
-    if finetune_subset is not None:
-        params.update(finetune_subset=finetune_subset, finetune_epochs=finetune_epochs, finetune_lr=finetune_lr)
-
-    # ---- eq. 7 soft targets: distances of each training image to every class prototype
+        raise SinetError(f"{d.source}: {e}") from None
+    params = opts.provenance(thr)
+    weight_path = image_weights(opts, weights, d.inputs)
+    x = None if d.features is None else np.asarray(d.features[tr][rows], np.float32)
+    src = Sources(stage, opts, d, d.ids[tr][rows], x, features_path, prototypes or folder / "prototypes.h5",
+                  graph or folder / "graph.h5", scores_params, params)
     proto = None
-    if soft_targets:
-        a = alpha if alpha is not None else float(scores_params.get("alpha", DEFAULT_ALPHA))
-        b = beta if beta is not None else float(scores_params.get("beta", DEFAULT_BETA))
+    if soft_targets:  # eq. 7: distances of each training image to every class prototype
+        a, b = opts.eq6(scores_params)
         params.update(soft_targets=True, soft_mix=soft_mix, soft_keep=soft_keep, alpha=a, beta=b)
-        proto_path = prototypes or folder / "prototypes.h5"
-        pv, pc, inputs["prototypes"] = read_prototypes(proto_path, class_names)
-        if on == "features":
-            g = np.asarray(feats_all[tr][rows], np.float32)
-        else:
-            g, inputs["features"] = read_features_for(features_path, ids[tr][rows])
-        proto = (g, pv, pc, a, b)
-
-    # ---- modes beyond weighting (docs/training-modes.md): flags, suggestions, graph neighbours
-    g_rows = proto[0] if proto is not None else None
-
-    def features_of_rows() -> np.ndarray:
-        nonlocal g_rows
-        if g_rows is None:
-            if on == "features":
-                g_rows = np.asarray(feats_all[tr][rows], np.float32)
-            else:
-                g_rows, inputs["features"] = read_features_for(features_path, ids[tr][rows])
-        return g_rows
-
-    def eq7_weights() -> np.ndarray:
-        a = alpha if alpha is not None else float(scores_params.get("alpha", DEFAULT_ALPHA))
-        b = beta if beta is not None else float(scores_params.get("beta", DEFAULT_BETA))
-        params.update(alpha=a, beta=b)
-        pv, pc, inputs["prototypes"] = read_prototypes(prototypes or folder / "prototypes.h5", class_names)
-        try:
-            return stage.prototype_class_weights(features_of_rows(), pv, pc, num_classes, alpha=a, beta=b)
-        except ValueError as e:
-            raise SinetError(str(e)) from None
-
-    def neighbours_of(k: int) -> np.ndarray:
-        nb, inputs["graph"] = read_graph_neighbours(stage, graph or folder / "graph.h5", class_names, k)
-        return nb
-
-    plan = plan_mode(stage, mode, y=y, w=w, score_extra=score_extra, scores_params=scores_params, params=params,
-                     features_of_rows=features_of_rows, eq7_weights=eq7_weights, neighbours_of=neighbours_of,
-                     threshold=threshold, correct_target=correct_target, min_confidence=min_confidence,
-                     soft_keep=soft_keep, graph_neighbours=graph_neighbours, topk_neighbours=topk_neighbours,
-                     transition_neighbours=transition_neighbours, semi=semi)
-
-    metrics_path, model_path, ckpt_path = run_dir / "metrics.json", run_dir / "model.pt", run_dir / "checkpoint.pt"
-    if not force and finished_run(metrics_path, model_path, params, inputs) and \
-            store.outputs_current(run_dir, [model_path, metrics_path]):
-        record_shared_entry(folder / "metrics.json", run, metrics_path)
+        proto = (*src.prototypes(), a, b)
+        src.features()
+    plan = stage.plan_mode(opts, y=y, w=w, score_extra=score_extra, scores_params=scores_params, params=params,
+                           features_of_rows=src.features, eq7_weights=src.eq7_weights, neighbours_of=src.neighbours)
+    metrics_path, model_path = run_dir / "metrics.json", run_dir / "model.pt"
+    if not force and store.is_up_to_date(metrics_path, store.JSON_RECORD, params, d.inputs, unit=run_dir,
+                                         files=[model_path]):
+        record_shared_entry(folder / "metrics.json", opts.run, metrics_path)
         console.info(f"{run_dir}: up to date, nothing to do (use --force to retrain)")
         return
-    ft_ckpt_path = run_dir / "finetune.pt"
+    dev, rank, world = resolve_device(device), 0, 1
+    if on == "images":
+        dev, rank, world = stage.init_distributed(dev)
+    t0 = time.time()
+    try:
+        ph = phases(stage, opts, run_dir, params, d.inputs, force, rank, plan, proto, src, y, w, w_train, rows, thr,
+                    None if tr_clean is None else tr_clean[rows], len(d.classes))
+        if on == "features":
+            result, val_pred, ft_result = stage.run_features(
+                opts, ph, y, w, x, len(d.classes), None if ft is None else
+                (np.asarray(d.features[ft], np.float32), d.labels[ft]),
+                np.asarray(d.features[va], np.float32) if len(va) else None, device=dev, bar=bar_for(rank), run=opts.run)
+        else:
+            result, val_pred, ft_result = train_on_images(stage, opts, ph, d, tr[rows], va, y, w, ft, weight_path,
+                                                          dev, bar_for(rank))
+    except ValueError as e:
+        raise SinetError(str(e)) from None
+    finally:
+        stage.leave_distributed(world)
+    if rank == 0:
+        record_run(stage, opts, folder, run_dir, d, ph, result, val_pred, ft_result, va, ft, rows, y, tr_clean, thr,
+                   params, round(time.time() - t0, 2))
+
+
+def skipped_without_val(opts, folder: Path, run_dir: Path, features_path: Path, data: str | None,
+                        table_args: tuple) -> bool:
+    """No val split: nothing to evaluate a model on; one line, and metrics.json records the skip so
+    that make's target exists and summary/report say why there is no accuracy."""
+    from ..common import NO_VAL_HINT, NOT_TRAINED, missing_val_split
+
+    no_val = missing_val_split(opts.on, features_path, data, *table_args)
+    if no_val is None:
+        return False
+    merge_shared_metrics(folder / "metrics.json", opts.run, {"mode": opts.mode, "on": opts.on, "seed": opts.seed,
+                                                             "top1": None, "top5": None, "skipped": NOT_TRAINED,
+                                                             "hint": NO_VAL_HINT})
+    console.info(f"{run_dir}: not trained: {no_val} has {NOT_TRAINED} to evaluate on; {NO_VAL_HINT}")
+    return True
+
+
+def image_weights(opts, weights: Path | None, inputs: dict) -> Path | None:
+    """--on images: the backbone's starting weights (None: random init), recorded as an input."""
+    if opts.on != "images":
+        return None
+    if weights is not None and opts.random_init:
+        raise SinetError("--weights and --random-init exclude each other")
+    weight_path = None if opts.random_init else (weights or default_weights(opts.backbone))
+    if weight_path is not None:
+        inputs["weights"] = store.fingerprint_file(weight_path)
+    return weight_path
+
+
+def phases(stage, opts, run_dir: Path, params: dict, inputs: dict, force: bool, rank: int, plan, proto, src,
+           y: np.ndarray, w: np.ndarray, w_train: np.ndarray | None, rows: np.ndarray, thr: float | None,
+           clean: np.ndarray | None, num_classes: int):
+    """The run's targets, phase settings and checkpoint keys (resuming a killed run where it stopped)."""
+    cfg, ft_cfg = opts.configs()
+    ckpt, ft_ckpt = run_dir / "checkpoint.pt", run_dir / "finetune.pt"
     if force:
-        for p in (ckpt_path, run_dir / "topk-init.pt", ft_ckpt_path):
+        for p in (ckpt, run_dir / "topk-init.pt", ft_ckpt):
             p.unlink(missing_ok=True)
     run_key = store.fingerprint_arrays(store.canonical_json(params), store.canonical_json(inputs))
     # the main phase does not depend on the fine-tuning options: keyed without them, so a changed
@@ -686,202 +486,85 @@ def train(
     main_key = run_key if ft_cfg is None else store.fingerprint_arrays(
         store.canonical_json({k: v for k, v in params.items() if not k.startswith("finetune_")}),
         store.canonical_json(inputs))
-    ft_key = run_key + "-finetune"
-
-    dev = resolve_device(device)
-    rank, world = 0, 1
-    if on == "images":
-        dev, rank, world = _init_distributed(dev)
-    done = stage.checkpoint_epoch(ckpt_path, main_key) if ckpt_path.exists() else None
-    if rank == 0 and ckpt_path.exists():
+    done = stage.checkpoint_epoch(ckpt, main_key) if ckpt.exists() else None
+    if rank == 0 and ckpt.exists():
         if done is None:
-            console.warn(f"{ckpt_path}: from other parameters or inputs, starting over")
+            console.warn(f"{ckpt}: from other parameters or inputs, starting over")
         else:
-            console.info(f"{ckpt_path}: resuming after epoch {done} of {cfg.total_epochs}")
-
-    t0 = time.time()
+            console.info(f"{ckpt}: resuming after epoch {done} of {cfg.total_epochs}")
     if proto is not None:
-        g, pv, pc, a, b = proto
-        try:
-            targets = stage.soft_targets(g, y, pv, pc, num_classes, alpha=a, beta=b, mix=soft_mix, keep=soft_keep)
-        except ValueError as e:
-            raise SinetError(str(e)) from None
+        pv, pc, a, b = proto
+        targets = stage.soft_targets(src.features(), y, pv, pc, num_classes, alpha=a, beta=b, mix=opts.soft_mix,
+                                     keep=opts.soft_keep)
     else:
         targets = stage.hard_targets(y, w)
-    targets, mode_stats = mode_targets(stage, mode, plan, targets, y=y, w=w,
-                                       clean=None if tr_clean is None else tr_clean[rows],
-                                       min_confidence=min_confidence, soft=correct_target == "soft", soft_keep=soft_keep)
-    unlabeled = plan.flagged if semi is not None else None
-    allowed = stage.neighbour_classes(y, plan.neighbours) if topk_neighbours else None
-    transition = forward_transition(stage, mode, plan, y, num_classes, None if tr_clean is None else tr_clean[rows],
-                                    mode_stats)
+    targets, mode_stats = stage.mode_targets(opts, plan, targets, y=y, w=w, clean=clean)
+    transition = stage.forward_transition(opts, plan, y, num_classes, clean, mode_stats)
+    ph = stage.Phases(targets, cfg, ft_cfg, ckpt, main_key, run_key + "-finetune",
+                      (run_key if opts.on == "features" else main_key) + "-init", run_dir / "topk-init.pt", ft_ckpt,
+                      confident=None if not opts.topk_smoothing else w_train[rows] > thr,
+                      allowed=stage.neighbour_classes(y, plan.neighbours) if opts.topk_neighbours else None,
+                      semi=opts.semi(), unlabeled=plan.flagged if opts.semi() is not None else None,
+                      transition=transition, mode_stats=mode_stats)
+    return ph
 
-    try:
-        if on == "features":
-            x_train = np.asarray(feats_all[tr][rows], np.float32)
-            if topk_smoothing:
-                conf = w_train[rows] > thr
-                init_cfg = initial_config(cfg, topk_epochs, lr_steps)
-                with progress_bar("train top-k initial model", init_cfg.total_epochs * int(conf.sum())) as adv:
-                    init = stage.train_features(x_train[conf], stage.hard_targets(y[conf]), num_classes, init_cfg,
-                                                head=head, hidden=hidden, dropout=dropout, device=dev,
-                                                checkpoint=run_dir / "topk-init.pt", run_key=run_key + "-init",
-                                                progress=adv)
-                pi, pp = stage.topk_predictions(stage.predict_features(init.model, x_train, device=dev), topk_smoothing,
-                                                allowed)
-                targets = stage.topk_smoothed_targets(y, w, ~conf, pi, pp, topk_mix)
-            with progress_bar(f"train {run}", cfg.total_epochs * len(rows)) as adv:
-                result = stage.train_features(x_train, targets, num_classes, cfg, head=head, hidden=hidden,
-                                              dropout=dropout, device=dev, checkpoint=ckpt_path, run_key=main_key,
-                                              progress=adv, semi=semi, unlabeled=unlabeled, transition=transition)
-            ft_result = None
-            if ft_cfg is not None:
-                with progress_bar(f"fine-tune {run} on {finetune_subset}", ft_cfg.total_epochs * len(ft)) as adv:
-                    ft_result = stage.train_features(
-                        np.asarray(feats_all[ft], np.float32), stage.hard_targets(labels[ft]), num_classes, ft_cfg,
-                        device=dev, checkpoint=ft_ckpt_path, run_key=ft_key, progress=adv, model=result.model)
-                result.model = ft_result.model
-            val_pred = None
-            if len(va):
-                val_pred, _ = stage.topk_predictions(
-                    stage.predict_features(result.model, np.asarray(feats_all[va], np.float32), device=dev), 5)
-        else:
-            finetune = None if ft_cfg is None else (ft, stage.hard_targets(labels[ft]), ft_cfg, ft_ckpt_path, ft_key)
-            result, val_pred, ft_result = _train_on_images(
-                stage, table, tr[rows], va, y, w, targets, num_classes, cfg, run_dir, ckpt_path, main_key, finetune,
-                backbone=backbone, weight_path=weight_path, random_init=random_init, dropout=dropout, dev=dev,
-                workers=workers, rank=rank, topk=(topk_smoothing, topk_mix, topk_epochs, thr,
-                                                  None if not topk_smoothing else w_train[rows], allowed),
-                lr_steps_text=lr_steps, semi=semi, unlabeled=unlabeled, transition=transition)
-    except ValueError as e:
-        raise SinetError(str(e)) from None
-    finally:
-        if world > 1:
-            import torch.distributed as dist
 
-            if dist.is_initialized():
-                dist.destroy_process_group()
-    if rank != 0:
-        return
+def train_on_images(stage, opts, ph, d: Rows, positions: np.ndarray, va: np.ndarray, y: np.ndarray, w: np.ndarray,
+                    ft: np.ndarray | None, weight_path: Path | None, dev: str, bar):
+    """Build the timm backbone as extract-features does (its stage), then the image phases."""
+    import torch
 
-    stats: dict[str, Any] = {"top1": None, "top5": None}
-    eval_labels = "none"
-    if val_pred is not None:
-        # the clean label where known, else the given one; validation images of no class are left out
-        c_val = clean[va] if clean is not None else np.full(len(va), stage.UNKNOWN)
-        y_val = np.where(c_val >= 0, c_val, labels[va])
-        keep = c_val != stage.OUTSIDE
-        n_clean = int((c_val >= 0).sum())
-        eval_labels = "clean_labels" if n_clean == keep.sum() else ("labels" if n_clean == 0 else "mixed")
-        if keep.any():
-            stats = stage.topk_accuracy(val_pred[keep], y_val[keep], ks=(1, 5))
-    else:
-        console.warn(f"{source_name}: no rows with split 'val'; no accuracy reported")
+    from stages import extract_features as fx
+
+    torch.manual_seed(opts.seed)
+    net, _info = fx.build_backbone(opts.backbone, weight_path, random_init=opts.random_init, num_classes=0,
+                                   seed=opts.seed)
+    source = stage.ImageSource(paths=d.table.paths, pixels=d.table.pixels)
+    return stage.run_images(opts, ph, net, lambda size: fx.Preprocess.for_model(net, size), source, positions, va,
+                            y, w, len(d.classes), None if ft is None else (ft, d.labels[ft]), device=dev, bar=bar)
+
+
+def record_run(stage, opts, folder: Path, run_dir: Path, d: Rows, ph, result, val_pred, ft_result, va: np.ndarray,
+               ft: np.ndarray | None, rows: np.ndarray, y: np.ndarray, tr_clean: np.ndarray | None,
+               thr: float | None, params: dict, seconds: float) -> None:
+    """metrics.json and model.pt of the run (one unit), its entry in the shared metrics.json, one line."""
+    stats, eval_labels = stage.evaluation(val_pred, d.labels[va], None if d.clean is None else d.clean[va])
+    if val_pred is None:
+        console.warn(f"{d.source}: no rows with split 'val'; no accuracy reported")
     selected_noise = None
     if tr_clean is not None:
         known = tr_clean[rows] != stage.UNKNOWN
         if known.any():
             selected_noise = float(np.mean(y[known] != tr_clean[rows][known]))
-    finetune_info = None
-    if ft_cfg is not None:
-        finetune_info = {
-            "subset": finetune_subset, "epochs": ft_cfg.epochs, "lr": ft_cfg.lr, "n_train": int(len(ft)),
-            "image_size": ft_cfg.image_size if on == "images" else None,
-            "resumed_from_epoch": ft_result.resumed_from, "history": ft_result.history,
-        }
+    ft_cfg = ph.ft_cfg
+    finetune_info = None if ft_cfg is None else {
+        "subset": opts.finetune_subset, "epochs": ft_cfg.epochs, "lr": ft_cfg.lr, "n_train": int(len(ft)),
+        "image_size": ft_cfg.image_size if opts.on == "images" else None,
+        "resumed_from_epoch": ft_result.resumed_from, "history": ft_result.history,
+    }
     metrics = {
-        "run": run, "mode": mode, "on": on, **stats, "eval_labels": eval_labels, "train_subset": train_subset,
-        "n_train": int(len(rows)), "n_val": int(len(va)), "threshold": thr, "mean_weight": float(targets.mass.mean()),
-        "train_noise_rate": selected_noise, "mode_stats": mode_stats, "seconds": round(time.time() - t0, 2),
-        "resumed_from_epoch": result.resumed_from, "history": result.history, "finetune": finetune_info,
-        "classes": class_names, "params": params, "inputs": inputs,
+        "run": opts.run, "mode": opts.mode, "on": opts.on, **stats, "eval_labels": eval_labels,
+        "train_subset": opts.train_subset, "n_train": int(len(rows)), "n_val": int(len(va)), "threshold": thr,
+        "mean_weight": float(ph.targets_used.mass.mean()), "train_noise_rate": selected_noise,
+        "mode_stats": ph.mode_stats, "seconds": seconds, "resumed_from_epoch": result.resumed_from,
+        "history": result.history, "finetune": finetune_info, "classes": d.classes, "params": params,
+        "inputs": d.inputs,
     }
     shared_entry = {
-        "mode": mode, "on": on, "seed": seed, "top1": stats["top1"], "top5": stats["top5"], "n_train": int(len(rows)),
-        "train_subset": train_subset, "finetune_subset": finetune_subset,
-        "n_finetune": None if ft is None else int(len(ft)),
-        "eval_labels": eval_labels, "run_dir": str(run_dir), "params": params,
+        "mode": opts.mode, "on": opts.on, "seed": opts.seed, "top1": stats["top1"], "top5": stats["top5"],
+        "n_train": int(len(rows)), "train_subset": opts.train_subset, "finetune_subset": opts.finetune_subset,
+        "n_finetune": None if ft is None else int(len(ft)), "eval_labels": eval_labels, "run_dir": str(run_dir),
+        "params": params,
     }
     metrics["shared_entry"] = shared_entry  # what the shared metrics.json gets: a rerun adds it if a kill came first
     run_dir.mkdir(parents=True, exist_ok=True)
     # model.pt and metrics.json of the run as one unit (a kill between the renames is completed by the next run)
+    model_path, metrics_path = run_dir / "model.pt", run_dir / "metrics.json"
     store.commit_outputs(run_dir, {model_path: save_model(model_path, result.model.state_dict(), stage=True),
                                    metrics_path: store.write_json(metrics_path, metrics, stage=True)})
-    merge_shared_metrics(folder / "metrics.json", run, shared_entry)
+    merge_shared_metrics(folder / "metrics.json", opts.run, shared_entry)
     acc = _summary(stats) if stats["top1"] is not None else "no validation split"
-    on_what = f"{len(rows)} images" + ("" if train_subset == "all" else f" of subset {train_subset}")
+    on_what = f"{len(rows)} images" + ("" if opts.train_subset == "all" else f" of subset {opts.train_subset}")
     if ft is not None:
-        on_what += f", fine-tuned {ft_cfg.epochs} epochs on {len(ft)} of subset {finetune_subset}"
-    console.info(f"{run_dir}: model {run} on {on_what}, {acc} on {len(va)} {eval_labels} val images")
-
-
-def _init_distributed(dev: str) -> tuple[str, int, int]:
-    """Join the torchrun process group when WORLD_SIZE > 1 (gloo on CPU, nccl on CUDA)."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world <= 1:
-        return dev, 0, 1
-    import torch
-    import torch.distributed as dist
-
-    if dev.startswith("cuda"):
-        local = int(os.environ.get("LOCAL_RANK", "0"))
-        torch.cuda.set_device(local)
-        dev = f"cuda:{local}"
-    if not dist.is_initialized():
-        dist.init_process_group("nccl" if dev.startswith("cuda") else "gloo")
-    return dev, dist.get_rank(), dist.get_world_size()
-
-
-def _train_on_images(stage, table, positions, va, y, w, targets, num_classes, cfg, run_dir, ckpt_path, run_key,
-                     finetune, *, backbone, weight_path, random_init, dropout, dev, workers, rank, topk, lr_steps_text,
-                     semi=None, unlabeled=None, transition=None):
-    """Build the timm model (extract-features' build_backbone), train it (DDP under torchrun), fine-tune it
-    on ``finetune = (positions, targets, config, checkpoint, run key)`` when given, predict val."""
-    import torch
-
-    from stages import extract_features as fx
-
-    kwargs = {"random_init": random_init, "num_classes": 0}
-    if "seed" in inspect.signature(fx.build_backbone).parameters:
-        kwargs["seed"] = cfg.seed
-    torch.manual_seed(cfg.seed)
-    try:
-        net, _info = fx.build_backbone(backbone, weight_path, **kwargs)
-    except ValueError as e:
-        raise SinetError(str(e)) from None
-    model = stage.ImageClassifier(net, num_classes, dropout=dropout, seed=cfg.seed)
-    pp = fx.Preprocess.for_model(net, cfg.image_size)
-    final_size = cfg.size_at(cfg.total_epochs - 1) if finetune is None else finetune[2].image_size
-    eval_pp = fx.Preprocess.for_model(net, final_size)
-    source = stage.ImageSource(paths=table.paths, pixels=table.pixels)
-    k, mix, k_epochs, thr, w_sel, allowed = topk
-    quiet = rank != 0
-    if k:
-        conf = w_sel > thr
-        init_cfg = initial_config(cfg, k_epochs, lr_steps_text)
-        init_model = copy.deepcopy(model)
-        with _bar("train top-k initial model", init_cfg.total_epochs * int(conf.sum()), quiet) as adv:
-            stage.train_images(init_model, source, positions[conf], stage.hard_targets(y[conf]), num_classes, init_cfg,
-                               mean=pp.mean, std=pp.std, device=dev, workers=workers,
-                               checkpoint=run_dir / "topk-init.pt", run_key=run_key + "-init", progress=adv)
-        eval_init = fx.Preprocess.for_model(net, init_cfg.image_size)
-        pi, pv = stage.predict_images_topk(init_model, source, positions, eval_init, k=k, decode_size=eval_init.resize,
-                                           decode_interpolation=eval_init.interpolation, device=dev, allowed=allowed)
-        targets = stage.topk_smoothed_targets(y, w, ~conf, pi, pv, mix)
-    with _bar("train", cfg.total_epochs * len(positions), quiet) as adv:
-        result = stage.train_images(model, source, positions, targets, num_classes, cfg, mean=pp.mean, std=pp.std,
-                                    device=dev, workers=workers, checkpoint=ckpt_path, run_key=run_key,
-                                    progress=adv, semi=semi, unlabeled=unlabeled, transition=transition)
-    ft_result = None
-    if finetune is not None:
-        ft_pos, ft_targets, ft_cfg, ft_ckpt, ft_key = finetune
-        with _bar("fine-tune", ft_cfg.total_epochs * len(ft_pos), quiet) as adv:
-            ft_result = stage.train_images(result.model, source, ft_pos, ft_targets, num_classes, ft_cfg, mean=pp.mean,
-                                           std=pp.std, device=dev, workers=workers, checkpoint=ft_ckpt,
-                                           run_key=ft_key, progress=adv)
-        result.model = ft_result.model
-    val_pred = None
-    if len(va):
-        val_pred, _ = stage.predict_images_topk(result.model, source, va, eval_pp, k=5, decode_size=eval_pp.resize,
-                                                decode_interpolation=eval_pp.interpolation, device=dev)
-    return result, val_pred, ft_result
+        on_what += f", fine-tuned {ft_cfg.epochs} epochs on {len(ft)} of subset {opts.finetune_subset}"
+    console.info(f"{run_dir}: model {opts.run} on {on_what}, {acc} on {len(va)} {eval_labels} val images")

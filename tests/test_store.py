@@ -354,3 +354,42 @@ def test_take_reads_the_rows_asked_for(tmp_path):
         for bad in ([3, 2], [1, 1], [23], [-1]):
             with pytest.raises(ValueError, match="sorted, unique and in"):
                 a.take("features", np.array(bad), 5)
+
+
+def test_match_ids_finds_rows_and_misses_of_any_sortable_ids():
+    have = np.array(["c", "a", "d", "a", "b"])
+    rows, found = store.match_ids(have, np.array(["a", "x", "d", "b", "z"]))
+    assert found.tolist() == [True, False, True, True, False]
+    assert rows[found].tolist() == [1, 2, 4]  # of the repeated "a", the first row
+    rows, found = store.match_ids(np.array([2**63 - 1, 5, -7], dtype=np.int64), np.array([-7, 2**63 - 1, 6]))
+    assert found.tolist() == [True, True, False] and rows[found].tolist() == [2, 0]
+    rows, found = store.match_ids(np.array([], dtype=str), np.array(["a"]))
+    assert found.tolist() == [False]
+
+
+def test_rows_of_ids_names_the_first_missing_id(tmp_path):
+    assert store.rows_of_ids(tmp_path / "f.h5", np.array(["a", "b"]), np.array(["b", "a"]), "fix").tolist() == [1, 0]
+    with pytest.raises(store.ArtifactError, match=r"f.h5: no row for image 'q' \(2 of 3 missing\); rerun it"):
+        store.rows_of_ids(tmp_path / "f.h5", np.array(["a", "b"]), np.array(["q", "a", "r"]), "rerun it")
+
+
+def test_check_classes_names_the_first_difference():
+    store.check_classes("a.h5", ["x", "y"], "b.h5", np.array(["x", "y"]), "fix")
+    with pytest.raises(store.ArtifactError, match=r"a.h5 has 2 classes but b.h5 has 3; rebuild"):
+        store.check_classes("a.h5", ["x", "y"], "b.h5", ["x", "y", "z"], "rebuild")
+    with pytest.raises(store.ArtifactError, match=r"disagree on class 1: 'y' vs 'w' \(2 classes differ\)"):
+        store.check_classes("a.h5", ["x", "y", "z"], "b.h5", ["x", "w", "v"], "rebuild")
+
+
+def test_one_staleness_rule_for_json_outputs(tmp_path):
+    import json
+
+    out, page = tmp_path / "metrics.json", tmp_path / "page.html"
+    out.write_text(json.dumps({"params": {"epochs": 3}, "inputs": {"features": "abc"}}))
+    assert not store.is_up_to_date(out, store.JSON_RECORD, {"epochs": 3}, {"features": "abc"}, files=[page])
+    page.write_text("x")
+    assert store.is_up_to_date(out, store.JSON_RECORD, {"epochs": 3}, {"features": "abc"}, files=[page])
+    assert not store.is_up_to_date(out, store.JSON_RECORD, {"epochs": 4}, {"features": "abc"})
+    assert not store.is_up_to_date(out, store.JSON_RECORD, {"epochs": 3}, {"features": "abd"})
+    out.write_text("{not json")
+    assert not store.is_up_to_date(out, store.JSON_RECORD, {"epochs": 3}, {"features": "abc"})

@@ -9,9 +9,10 @@ For each noise setting (default: symmetric 40%, confusion 30%) the labels of one
 re-injected with ``sinet_cli.datasets.load_demo`` (the images, hence the features, are the same;
 only the noisy labels differ), then on the *train split*:
 
-* sinet: ``sinet make-prototypes`` and ``sinet score-noise`` with default parameters (``--score
-  fused``: README "Scoring beyond eq. 6"); detection score 1 - w_i against the true noise mask
-  (labels != clean labels); the paper's eq. 6 alone (``weight_eq6``, stored beside it) as a column.
+* sinet: the Python API, ``stages.make_prototypes`` and ``stages.find_label_issues`` (the numbers
+  ``sinet make-prototypes`` and ``sinet score-noise`` write) with default parameters (the fused
+  score: docs/method.md); detection score 1 - w_i against the true noise mask (labels != clean
+  labels); the paper's eq. 6 alone (``eq6_weight``) as a column; the flagged rows and suggestions.
 * cleanlab: 5-fold cross-validated scikit-learn LogisticRegression probabilities on the same
   features, ``cleanlab.rank.get_label_quality_scores`` (score 1 - quality) and
   ``cleanlab.filter.find_label_issues`` (a yes/no mask: precision and recall).
@@ -20,15 +21,13 @@ only the noisy labels differ), then on the *train split*:
   alpha, w is a decreasing function of the distance until it clips at 0, so ROC-AUC and AP can only
   change with alpha through the ties at w = 0, and never with beta (a monotone transform).
 
-Wall times are for each command run in-process (no interpreter start-up) and for cleanlab's
-cross-validation + ranking. Writes a JSON of every number to ``<work>/detection.json``.
+Wall times are for each API call and for cleanlab's cross-validation + ranking. Writes a JSON of every number to ``<work>/detection.json``.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import shutil
 import subprocess
 import sys
 import time
@@ -42,6 +41,7 @@ sys.path.insert(0, str(ROOT))
 from benchlib import sinet  # noqa: E402
 from sinet_cli import store  # noqa: E402
 from sinet_cli.datasets import load_demo  # noqa: E402
+import stages  # noqa: E402
 from stages import score_noise as sn  # noqa: E402
 
 ALPHAS = (0.8, 1.0, 1.2, 1.4)
@@ -62,8 +62,8 @@ def ensure_inputs(args: argparse.Namespace, work: Path) -> tuple[Path, Path]:
     return features, graph
 
 
-def reinject(features: Path, out: Path, noise: str, rate: float, seed: int) -> dict:
-    """Copy ``features`` with the noisy and clean labels of ``load_demo(noise, rate, seed)``."""
+def reinject(features: Path, noise: str, rate: float, seed: int) -> dict:
+    """The rows of ``features`` with the noisy and clean labels of ``load_demo(noise, rate, seed)``."""
     table = load_demo(noise=noise, rate=rate, seed=seed)
     pos = {i: k for k, i in enumerate(table.ids)}
     with store.open_artifact(features, "features") as a:
@@ -77,10 +77,6 @@ def reinject(features: Path, out: Path, noise: str, rate: float, seed: int) -> d
     data["labels"] = np.where(found, table.labels[rows], data["labels"])
     data["clean_labels"] = np.where(found, table.clean_labels[rows],
                                     data.get("clean_labels", data["labels"]))
-    data.pop("probs", None)  # the stored classifier (if any) saw other labels
-    out.mkdir(parents=True, exist_ok=True)
-    store.write_artifact(out / "features.h5", "features", data, {"bench": "detection", "noise": noise,
-                                                                  "rate": rate, "seed": seed}, {})
     return data
 
 
@@ -111,49 +107,47 @@ def cleanlab_detection(x: np.ndarray, y: np.ndarray, noisy: np.ndarray, folds: i
 
 
 def run_setting(name: str, noise: str, rate: float, features: Path, graph: Path, work: Path, args) -> dict:
-    folder = work / name
-    data = reinject(features, folder, noise, rate, args.seed)
-    shutil.copyfile(graph, folder / "graph.h5")
-    t_proto = sinet("make-prototypes", "--out", folder, "--force")
-    t_score = sinet("score-noise", "--out", folder, "--force")
-    with store.open_artifact(folder / "scores.h5", "scores") as s:
-        ids, w, d = s.read("ids"), s.read("weight"), s.read("distance")
-        lab, clean, near = s.read("labels"), s.read("clean_labels"), s.read("nearest_class")
-        w6 = s.read("weight_eq6") if "weight_eq6" in s else sn.noise_weight(d)
-        flag_below = 0.5 if "weight_eq6" in s else 0.0  # score-noise's suspect rule for fused / paper
-        det_stored = s.json_attr("detection")
-    with store.open_artifact(folder / "prototypes.h5", "prototypes") as p:
-        det_proto = p.json_attr("detection")
-    assert list(ids) == list(data["ids"])
+    data = reinject(features, noise, rate, args.seed)
+    with store.open_artifact(graph, "graph") as g:
+        class_graph = stages.ClassGraph(classes=list(g.read("classes")), similarity=g.read("S_t"))
     train = data["splits"] == "train"
-    noisy = (lab != clean)[train]
-    flagged = ((w <= flag_below) | (near != lab))[train]
+    # the train split alone, as make-prototypes and score-noise use it (prototypes and the probe's sample)
+    x = data["features"][train].astype(np.float32)
+    lab, clean = data["labels"][train].astype(np.int64), data["clean_labels"][train].astype(np.int64)
+    t0 = time.perf_counter()
+    protos = stages.make_prototypes(x, lab, graph=class_graph)
+    t_proto = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    issues = stages.find_label_issues(x, lab, graph=class_graph, prototypes=protos)
+    t_score = time.perf_counter() - t0
+    w, w6, d, flagged = issues.weight, issues.eq6_weight, issues.distance, issues.flagged
+    noisy = lab != clean
+    p = np.nan_to_num(protos.consistency, nan=0.0)
     result = {
         "noise": noise, "rate": rate, "train_rows": int(train.sum()), "noise_rate": float(noisy.mean()),
         "sinet": {
-            "roc_auc": sn.roc_auc(noisy, 1 - w[train]),
-            "average_precision": sn.average_precision(noisy, 1 - w[train]),
-            "stored": det_stored.get("weight"),
-            "eq6_roc_auc": sn.roc_auc(noisy, 1 - w6[train]),
-            "consistency_p": det_proto.get("consistency"),
+            "roc_auc": sn.roc_auc(noisy, 1 - w),
+            "average_precision": sn.average_precision(noisy, 1 - w),
+            "eq6_roc_auc": sn.roc_auc(noisy, 1 - w6),
+            "consistency_p": {"roc_auc": sn.roc_auc(noisy, -p), "average_precision": sn.average_precision(noisy, -p)},
+            "noise_estimate": issues.noise_rate,
             "suspects": int(flagged.sum()),
             "suspects_precision": float(noisy[flagged].mean()) if flagged.any() else float("nan"),
             "suspects_recall": float(flagged[noisy].mean()),
-            "relabel_accuracy_on_noisy": float((near[train][noisy] == clean[train][noisy]).mean()),
+            "relabel_accuracy_on_noisy": float((issues.suggested_class[noisy] == clean[noisy]).mean()),
             "seconds_make_prototypes": t_proto,
             "seconds_score_noise": t_score,
         },
     }
-    x = data["features"][train].astype(np.float32)
-    result["cleanlab"] = cleanlab_detection(x, lab[train], noisy, args.folds, args.seed)
+    result["cleanlab"] = cleanlab_detection(x, lab, noisy, args.folds, args.seed)
     sweep = {}
     for a in ALPHAS:
         for b in BETAS:
-            ww = sn.noise_weight(d[train], a, b)
+            ww = sn.noise_weight(d, a, b)
             sweep[f"{a},{b}"] = {"roc_auc": sn.roc_auc(noisy, 1 - ww), "average_precision":
                                  sn.average_precision(noisy, 1 - ww), "zero_weight": float((ww == 0).mean())}
     result["sweep"] = sweep
-    result["distance_roc_auc"] = sn.roc_auc(noisy, d[train])
+    result["distance_roc_auc"] = sn.roc_auc(noisy, d)
     return result
 
 
@@ -169,7 +163,7 @@ def print_report(results: dict) -> None:
               f"{c['roc_auc']:>12.4f} {c['average_precision']:>6.4f} {c['seconds']:>6.1f}s | "
               f"{s['consistency_p']['roc_auc']:>11.4f} {s['eq6_roc_auc']:>9.4f}")
     print()
-    print("Flagged sets: sinet suspects (w <= 0.5, or a nearer prototype of another class) vs cleanlab find_label_issues")
+    print("Flagged sets: sinet find_label_issues (flagged) vs cleanlab find_label_issues")
     for name, r in results.items():
         s, c = r["sinet"], r["cleanlab"]
         print(f"{name:<16} sinet {s['suspects']:>5} flagged, precision {s['suspects_precision']:.3f} recall "

@@ -1,1 +1,44 @@
-"""Pipeline stages: plain computation over arrays and paths. No stage imports another."""
+"""Pipeline stages: plain computation over arrays and paths. No stage imports another.
+
+The public Python API (:mod:`stages.api`, the one module that composes the stages)::
+
+    graph = stages.build_class_graph(class_names)
+    issues = stages.find_label_issues(features, labels, graph=graph)
+
+Its names are loaded on first use, so importing one stage module does not load the others.
+``stages.make_prototypes`` is both the stage module (``from stages import make_prototypes``) and,
+called, the API function :func:`stages.api.make_prototypes` (the module is made callable).
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+__all__ = [
+    "build_class_graph",
+    "make_prototypes",
+    "find_label_issues",
+    "ClassGraph",
+    "Prototypes",
+    "LabelIssues",
+    "ScoreConfig",
+    "PrototypeConfig",
+]
+
+
+def __getattr__(name: str) -> Any:
+    if name == "make_prototypes":  # the stage module, made callable by the api's import
+        module = importlib.import_module(f"{__name__}.make_prototypes")
+        from . import api  # noqa: F401
+
+        return module
+    if name in __all__:
+        from . import api
+
+        return getattr(api, name)
+    raise AttributeError(f"module 'stages' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(list(globals()) + __all__)

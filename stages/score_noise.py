@@ -19,6 +19,7 @@ only, tie-aware, equal to scikit-learn's definitions).
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 from typing import Any
@@ -1154,3 +1155,328 @@ def detection_metrics(labels: np.ndarray, clean_labels: np.ndarray, suspicion: n
         "noise_rate": n_pos / n_known,
         "rows": n_known,
     }
+
+
+# -- the default score, composed (score-noise and stages.api.find_label_issues both run these) -----
+
+SCORE_MODES = ("fused", "paper")  # docs/method.md "Scoring beyond eq. 6"
+NOISE_ESTIMATE = "anchor-transition+posterior"  # the noise estimate's method (docs/noise-estimate.md)
+THRESHOLD_SAMPLE_ROWS = 20000  # probe_rows 0: rows sampled for the open-set thresholds
+ESTIMATE_CELLS = 1 << 24  # rows x classes of each of the estimate's two probability matrices (64 MB of float32)
+
+
+@dataclass
+class ScoreConfig:
+    """Options of the score; :meth:`params` are the ones that change the output (provenance).
+
+    Attributes:
+        alpha: shift alpha of eq. 6: distances >= alpha get weight 0 (paper table 4).
+        beta: contrast beta of eq. 6 (paper table 5).
+        score: ``"fused"`` (p(label | x) of a reweighted out-of-fold probe times an open-set factor
+            from eq. 6's distance, and with side text the caption's class share) or ``"paper"``
+            (eq. 6 alone; the estimate, flags and suggestions still come from the probe).
+        open_set_quantile: t_c is this quantile of the own-prototype distances of class c's rows the
+            probe agrees with (:func:`open_set_thresholds`).
+        temperature: probe_rows 0: softmax temperature over cosine similarities (the prototype
+            share that replaces the probe).
+        background: probe_rows 0: cosine of the share's background column; None: 1 - alpha^2 / 2,
+            where eq. 6 reaches 0 (resolved on construction).
+        probe_rows: sample of labeled train rows the probe is fitted and the noise estimate made on
+            (0: no probe, no estimate, flag or suggestion).
+        probe_folds: folds of the out-of-fold probe.
+        probe_epochs: epochs of the probe's first round (the second runs half as many).
+        image_text: fuse each image's side text with its labeled class (None: decided by the caller
+            from whether side text exists; resolve it before :meth:`params`).
+        text_temperature: softmax temperature over cos(text, class).
+        text_floor: the caption factor is floor + (1 - floor) x the caption's class share.
+    """
+
+    alpha: float = 1.2
+    beta: float = 1.5
+    score: str = "fused"
+    open_set_quantile: float = 0.99
+    temperature: float = 0.02
+    background: float | None = None
+    probe_rows: int = 20000
+    probe_folds: int = 5
+    probe_epochs: int = 10
+    image_text: bool | None = None
+    text_temperature: float = 0.05
+    text_floor: float = 0.5
+
+    def __post_init__(self) -> None:
+        if not self.alpha > 0 or not self.beta > 0:
+            raise ValueError(f"alpha {self.alpha} / beta {self.beta}: both must be > 0")
+        if self.score not in SCORE_MODES:
+            raise ValueError(f"score {self.score!r}: choose one of {', '.join(SCORE_MODES)}")
+        if self.probe_rows < 0 or self.probe_folds < 2 or self.probe_epochs < 1:
+            raise ValueError("probe_rows must be >= 0, probe_folds >= 2, probe_epochs >= 1")
+        if self.score == "fused":
+            if not self.temperature > 0 or not self.text_temperature > 0:
+                raise ValueError("temperature / text_temperature must be > 0")
+            if not 0 < self.open_set_quantile <= 1:
+                raise ValueError(f"open_set_quantile {self.open_set_quantile}: must be in (0, 1]")
+            if self.image_text and not 0 <= self.text_floor <= 1:
+                raise ValueError(f"text_floor {self.text_floor}: must be in [0, 1]")
+        elif self.image_text:
+            raise ValueError("image_text applies to score 'fused' only")
+        if self.background is None:
+            self.background = 1.0 - self.alpha**2 / 2.0
+
+    @property
+    def fits_state(self) -> bool:
+        """Whether a run fits anything on a sample (a probe, or the open-set thresholds)."""
+        return self.score == "fused" or self.probe_rows > 0
+
+    def params(self) -> dict[str, Any]:
+        """The fields that change the output (``dataclasses.asdict`` less those the mode ignores),
+        plus the noise estimate's method when there is a probe."""
+        p = dataclasses.asdict(self)
+        p["image_text"] = bool(self.image_text)
+        unused: set[str] = set()
+        if self.score == "paper":
+            unused |= {"temperature", "background", "image_text", "text_temperature", "text_floor"}
+            if self.probe_rows == 0:
+                unused |= {"probe_rows", "probe_folds", "probe_epochs", "open_set_quantile"}
+        elif not self.image_text:
+            unused |= {"text_temperature", "text_floor"}
+        for k in unused:
+            del p[k]
+        if self.probe_rows > 0:
+            p["noise_estimate"] = NOISE_ESTIMATE
+        return p
+
+    @classmethod
+    def from_params(cls, params: dict[str, Any], **overrides: Any) -> ScoreConfig:
+        """The config a recorded :meth:`params` describes (a record without ``score`` is an eq. 6 run),
+        with ``overrides`` applied."""
+        names = {f.name for f in dataclasses.fields(cls)}
+        kwargs = {k: v for k, v in params.items() if k in names}
+        if params and "score" not in params:
+            kwargs["score"] = "paper"
+        kwargs.update({k: v for k, v in overrides.items() if v is not None})
+        return cls(**kwargs)
+
+
+@dataclass
+class ScoreState:
+    """What a run fits on its sample and then scores every row with.
+
+    Attributes:
+        thresholds: (C,) open-set thresholds t_c (None: nothing fitted).
+        probe1: the round-1 out-of-fold probe (the flag ranking and the suggestion).
+        probe: the round-2 (reweighted) probe (the fused weight's p(label | x) and the estimate).
+        estimate: the noise estimate (None without a probe).
+        noise_model: the estimate's noise process, as the rows are scored with it.
+        external: the probes' probabilities come from the caller (``pred_probs``): probe and probe1
+            are None and every row's probabilities are passed to :func:`score_rows`.
+        train_rows: labeled train rows the sample was drawn from.
+    """
+
+    thresholds: np.ndarray | None = None
+    probe1: Probe | None = None
+    probe: Probe | None = None
+    estimate: NoiseEstimate | None = None
+    noise_model: NoiseModel | None = None
+    external: bool = False
+    train_rows: int = 0
+
+    @property
+    def has_probe(self) -> bool:
+        return self.probe is not None or self.external
+
+
+def sample_rows(labels: np.ndarray, train: np.ndarray, num_classes: int,
+                config: ScoreConfig) -> tuple[np.ndarray, np.ndarray]:
+    """The rows a run fits on: a seeded uniform sample of at most ``probe_rows`` labeled train rows
+    (THRESHOLD_SAMPLE_ROWS without a probe), and the (C,) count of labeled train rows per class.
+
+    Raises:
+        ValueError: too few labeled train rows for the probe's folds.
+    """
+    labels = np.asarray(labels, dtype=np.int64)
+    cand = np.flatnonzero((labels >= 0) & (labels < num_classes) & np.asarray(train, dtype=bool))
+    if config.probe_rows > 0 and len(cand) < 2 * config.probe_folds:
+        raise ValueError(f"only {len(cand)} labeled train rows: too few for a {config.probe_folds}-fold probe "
+                         "(probe_rows 0 scores without one)")
+    size = config.probe_rows if config.probe_rows > 0 else THRESHOLD_SAMPLE_ROWS
+    rows = np.sort(np.random.default_rng(0).choice(cand, min(size, len(cand)), replace=False))
+    return rows, np.bincount(labels[cand], minlength=num_classes)
+
+
+def fit_score_state(x: np.ndarray, y: np.ndarray, rows: np.ndarray, class_rows: np.ndarray,
+                    prototypes: np.ndarray, slots: np.ndarray, prototype_class: np.ndarray, index: Any,
+                    config: ScoreConfig, *, pred_probs: np.ndarray | None = None,
+                    device: str | torch.device = "cpu") -> ScoreState:
+    """Fit a run's state on its sample (:func:`sample_rows`): the two-round out-of-fold probe and the
+    open-set thresholds (:func:`fit_two_round_probe`), then on a uniform subsample of at most
+    ESTIMATE_CELLS / C rows the noise estimate, its noise process and the flag threshold
+    (:func:`estimate_noise`). Without a probe (``probe_rows`` 0) only the thresholds, from the rows
+    whose prototype share says their label is the likelier one.
+
+    Args:
+        x: (n, D) features of the sample rows; y: (n,) their labels; rows: (n,) their positions.
+        class_rows: (C,) labeled train rows per class (the estimate's weights).
+        prototypes, slots, prototype_class, index: as :func:`score_block`.
+        config: the score's options.
+        pred_probs: (n, C) out-of-sample class probabilities of the sample rows from the caller: they
+            stand in for both rounds of the probe (no probe is fitted).
+        device: where the products and the probe's fit run.
+    """
+    C = slots.shape[0]
+    y = np.asarray(y, dtype=np.int64)
+    distance = score_block(x, y, prototypes, slots, prototype_class, index, config.alpha, config.beta,
+                           device=device).distance
+    if pred_probs is None and config.probe_rows == 0:
+        share = labeled_share(class_similarity(x, prototypes, slots), y, config.temperature, config.background)
+        return ScoreState(thresholds=open_set_thresholds(distance, y, share >= 0.5, C, config.open_set_quantile),
+                          train_rows=int(np.sum(class_rows)))
+    probe1 = probe = None
+    if pred_probs is None:
+        probe1, probe, thresholds = fit_two_round_probe(
+            x, y, rows, C, distance, alpha=config.alpha, beta=config.beta, folds=config.probe_folds,
+            epochs=config.probe_epochs, quantile=config.open_set_quantile, device=device)
+    else:
+        pred_probs = np.asarray(pred_probs, dtype=np.float32)
+        agree = pred_probs[np.arange(len(y)), y] >= 0.5
+        thresholds = open_set_thresholds(distance, y, agree, C, config.open_set_quantile)
+    keep = min(len(rows), max(ESTIMATE_CELLS // max(C, 1), 2 * config.probe_folds))
+    sub = np.sort(np.random.default_rng(1).choice(len(rows), keep, replace=False)) if keep < len(rows) else \
+        np.arange(len(rows))
+    if pred_probs is None:
+        probs = probe_probabilities(probe, x[sub], rows[sub], device=device)
+        relabel_probs = probe_probabilities(probe1, x[sub], rows[sub], device=device)
+    else:
+        probs = relabel_probs = pred_probs[sub]
+    estimate = estimate_noise(probs, y[sub], far_from_class(distance[sub], y[sub], thresholds), class_rows,
+                              relabel_probs)
+    return ScoreState(thresholds=thresholds, probe1=probe1, probe=probe, estimate=estimate,
+                      noise_model=estimate.model(), external=pred_probs is not None,
+                      train_rows=int(np.sum(class_rows)))
+
+
+def estimate_record(estimate: NoiseEstimate, train_rows: int) -> dict[str, Any]:
+    """The estimate's numbers and the scalars later rows are flagged with, as plain floats (what
+    score-noise records as scores.h5's ``noise_estimate`` attribute)."""
+    return {"overall": float(estimate.overall), "method": NOISE_ESTIMATE, "rows": int(estimate.rows),
+            "outside": float(estimate.outside), "train_rows": int(train_rows),
+            "temperature": float(estimate.temperature), "flag_threshold": float(estimate.flag_threshold),
+            "transition_alpha": float(estimate.alpha)}
+
+
+def text_shares(encoder: Any, text: np.ndarray, label_embeddings: np.ndarray, labels: np.ndarray,
+                temperature: float = 0.05) -> np.ndarray:
+    """The caption's class share t_i of each row (:func:`text_share`; NaN where the side text is blank).
+
+    Args:
+        encoder: a sentence encoder with ``encode(texts, normalize_embeddings=True, batch_size=...)``
+            (sentence-transformers), the one the label embeddings were made with.
+    """
+    text = np.asarray(text).astype(str)
+    labels = np.asarray(labels, dtype=np.int64)
+    has = np.char.str_len(np.char.strip(text)) > 0
+    ts = np.full(len(labels), np.nan, dtype=np.float32)
+    if has.any():
+        emb = encoder.encode(text[has].tolist(), normalize_embeddings=True, batch_size=256)
+        ts[has] = text_share(np.asarray(emb, dtype=np.float32), label_embeddings, labels[has], temperature)
+    return ts
+
+
+def probability_outputs(probs: np.ndarray, labels: np.ndarray, model: NoiseModel | None) -> dict[str, Any]:
+    """What :func:`score_block` computes from a probe, from given class probabilities instead:
+    p(label | x) (0 for a label outside the classes), the likeliest other class and its probability,
+    and with ``model`` the flag score, suggested class and confidence (:func:`noise_model_outputs` on
+    log p, i.e. on softmax(log p / tau) as the estimate tempers them)."""
+    p = np.asarray(probs, dtype=np.float32)
+    labels = np.asarray(labels, dtype=np.int64)
+    C = p.shape[1]
+    valid = (labels >= 0) & (labels < C)
+    lab = np.where(valid, labels, 0)
+    own = p[np.arange(len(p)), lab]
+    rest = p.copy()
+    if C > 1:
+        rest[np.arange(len(p)), lab] = -np.inf
+    other = rest.argmax(1)
+    out: dict[str, Any] = {"label_probability": np.where(valid, own, 0.0).astype(np.float32),
+                           "other_class": other.astype(np.int64),
+                           "other_probability": rest[np.arange(len(p)), other].astype(np.float32)}
+    if model is not None:
+        logits = torch.as_tensor(np.log(np.maximum(p, np.finfo(np.float32).tiny)))
+        score, cls, conf = noise_model_outputs(logits, torch.as_tensor(lab), model.on(torch.device("cpu")))
+        out["relabel"] = (score.numpy().astype(np.float32), cls.numpy().astype(np.int64),
+                          conf.numpy().astype(np.float32))
+    return out
+
+
+def flag_and_suggest(s: BlockScores, labels: np.ndarray, estimate: NoiseEstimate | None,
+                     thresholds: np.ndarray | None) -> dict[str, np.ndarray]:
+    """flagged, suggested_class and suggested_confidence of scored rows (docs/noise-estimate.md): outside
+    every class by the round-2 probe and the distance (E2), the flag score, suggestion and confidence
+    under the round-1 probe (E8, E9; ``s.relabel``). A label outside the classes is flagged. Without an
+    estimate nothing is flagged and the suggestion is the nearest prototype's class, with confidence 0
+    (nothing measured it)."""
+    labels = np.asarray(labels, dtype=np.int64)
+    if estimate is None or s.relabel is None:
+        return {"flagged": np.zeros(len(labels), dtype=np.int8), "suggested_class": s.nearest_class,
+                "suggested_confidence": np.zeros(len(labels), dtype=np.float32)}
+    p_label, p_other = s.label_probability, s.other_probability
+    top_class = np.where(p_label >= p_other, labels, s.other_class)
+    u = outside_rows(np.maximum(p_label, p_other), top_class, estimate.outside_level,
+                     far_from_class(s.distance, labels, thresholds))  # eq. E2
+    score, suggested, confidence = s.relabel
+    invalid = (labels < 0) | (labels >= len(estimate.outside_level))
+    score = np.where((u > 0) | invalid, np.inf, score).astype(np.float32)  # flagged whatever the threshold
+    return {"flagged": flag_rows(score, u, estimate.flag_threshold), "flag_score": score,
+            "suggested_class": suggested, "suggested_confidence": (confidence * (1.0 - u)).astype(np.float32)}
+
+
+def score_rows(features: np.ndarray, labels: np.ndarray, rows: np.ndarray, state: ScoreState,
+               config: ScoreConfig, prototypes: np.ndarray, slots: np.ndarray, prototype_class: np.ndarray,
+               index: Any, *, text_share: np.ndarray | None = None, pred_probs: np.ndarray | None = None,
+               device: str | torch.device = "cpu") -> dict[str, np.ndarray]:
+    """Score a block of rows with a fitted state: the per-row columns of a run.
+
+    Always ``weight``, ``distance``, ``nearest_class``, ``nearest_distance`` (eq. 6 via
+    :func:`score_block`) and ``flagged``, ``suggested_class``, ``suggested_confidence``
+    (:func:`flag_and_suggest`; ``flag_score`` with an estimate). With score ``fused`` also ``probe``
+    (or ``share`` without a probe), ``text_share`` (when given), ``open_set``, and ``weight_eq6``:
+    ``weight`` is then the fused weight q_i o_i [c_i] (:func:`fused_weight`).
+
+    Args:
+        features: (B, D) features; labels: (B,) their labels; rows: (B,) their positions (a probe's
+            sample rows are scored by the fold model that did not see them).
+        state: :func:`fit_score_state` (or a stored state).
+        config: the score's options.
+        prototypes, slots, prototype_class, index: as :func:`score_block`.
+        text_share: (B,) the caption's class share of each row (:func:`text_shares`; NaN: no caption).
+        pred_probs: (B, C) the caller's class probabilities of these rows (``state.external``).
+        device: where the products run.
+    """
+    labels = np.asarray(labels, dtype=np.int64)
+    estimate = state.estimate
+    if state.external:
+        if pred_probs is None:
+            raise ValueError("the state was fitted on pred_probs: give the rows' pred_probs")
+        s = score_block(features, labels, prototypes, slots, prototype_class, index, config.alpha, config.beta,
+                        rows=rows, device=device)
+        s = dataclasses.replace(s, **probability_outputs(pred_probs, labels, state.noise_model if estimate else None))
+    else:
+        s = score_block(features, labels, prototypes, slots, prototype_class, index, config.alpha, config.beta,
+                        probe=state.probe, rows=rows, device=device,
+                        relabel_probe=state.probe1 if estimate else None, noise_model=state.noise_model)
+    out = {"weight": s.weight, "distance": s.distance, "nearest_class": s.nearest_class,
+           "nearest_distance": s.nearest_distance}
+    if config.score == "fused":
+        if state.has_probe:
+            q = out["probe"] = s.label_probability
+        else:  # the prototype share stands in for the probe (probe_rows 0)
+            sim = class_similarity(features, prototypes, slots)
+            q = out["share"] = labeled_share(sim, labels, config.temperature, config.background)
+        if text_share is not None:
+            out["text_share"] = text_share
+        out["open_set"] = open_set_factor(s.distance, labels, state.thresholds, config.alpha, config.beta)
+        caption = caption_factor(text_share, config.text_floor) if text_share is not None else None
+        out["weight_eq6"] = s.weight
+        out["weight"] = fused_weight(q, out["open_set"], caption)
+    out.update(flag_and_suggest(s, labels, estimate, state.thresholds))
+    return out

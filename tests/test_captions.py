@@ -3,7 +3,6 @@
 import numpy as np
 import pytest
 
-from sinet_cli.commands.score import fused_components
 from sinet_cli.common import load_table
 from sinet_cli.datasets import demo
 from sinet_cli.datasets.table import OUTSIDE
@@ -87,12 +86,7 @@ class _Encoder:
 
 def test_image_text_sees_only_side_text():
     # rows as score-noise reads them: no clean labels among them, only features, side_text (and labels)
-    rows = {"features": np.eye(3, 4, dtype=np.float32)[[0, 1, 2, 0]],
-            "side_text": np.array(["a photo of a cat", "dog for sale", "a photo of a cat", ""])}
+    side_text = np.array(["a photo of a cat", "dog for sale", "a photo of a cat", ""])
     labels = np.array([0, 1, 2, 0])  # row 2 is labeled bird, its caption says cat
-    protos = np.eye(3, 4, dtype=np.float32)
-    fused = {"temperature": 0.02, "background": 0.28, "encoder": _Encoder(),
-             "label_emb": np.eye(3, dtype=np.float32), "text_temperature": 0.05}
-    out = fused_components(sn, fused, rows, labels, sn.class_slots(np.arange(3), 3), protos, None)
-    t = out["text_share"]
+    t = sn.text_shares(_Encoder(), side_text, np.eye(3, dtype=np.float32), labels, 0.05)
     assert t[0] > 0.99 and t[1] > 0.99 and t[2] < 0.01 and np.isnan(t[3])

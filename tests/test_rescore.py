@@ -210,7 +210,7 @@ def test_cron_scoring_keeps_the_score_mode_scores_h5_was_made_with(tmp_path, sin
     assert sinet("score-noise", "--out", tmp_path, "--score", "paper")[0] == 0
     first, _, _ = read_scores(tmp_path)
     grow(tmp_path, 100, 20)
-    score_new("demo", tmp_path, None, None, 0.0)
+    score_new(tmp_path, None, None, 0.0)
     second, _, _ = read_scores(tmp_path)
     assert len(second["ids"]) == 120 and "probe" not in second
     np.testing.assert_array_equal(second["weight"][:100], first["weight"])
@@ -223,6 +223,6 @@ def test_cron_scoring_runs_on_rescores_device(tmp_path, monkeypatch):
     from sinet_cli.commands.rescore import score_new
 
     seen = {}
-    monkeypatch.setattr(score_cmd, "score_noise", lambda **kw: seen.update(kw))
-    score_new("demo", tmp_path, None, None, 0.0, "cpu")
-    assert seen["device"] == "cpu" and seen["out"] == tmp_path
+    monkeypatch.setattr(score_cmd, "run_score_noise", lambda folder, config, **kw: seen.update(kw, folder=folder))
+    score_new(tmp_path, None, None, 0.0, "cpu")
+    assert seen["device"] == "cpu" and seen["folder"] == tmp_path

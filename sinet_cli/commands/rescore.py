@@ -147,7 +147,7 @@ def rescore(
             table = load_table(data, classes, captions=captions, label_field=label_field)
             append_new(table, data, features_path, folder, weights, retry_skipped, batch_size, workers, chunk_rows,
                        device)
-            score_new(data, folder, alpha, beta, max(0.0, wait - (time.monotonic() - t0)), device)
+            score_new(folder, alpha, beta, max(0.0, wait - (time.monotonic() - t0)), device)
     except (OSError, RuntimeError, ValueError) as e:  # disk full, CUDA, a library's refusal: one line for cron
         if is_storage_error(e):
             raise StorageError.from_os_error(e) from None
@@ -313,26 +313,21 @@ def scoring_options_readable(folder: Path) -> None:
                          "run rescore again")
 
 
-def score_new(data: str, folder: Path, alpha: float | None, beta: float | None, wait: float,
+def score_new(folder: Path, alpha: float | None, beta: float | None, wait: float,
               device: str = "auto") -> None:
-    """score-noise, in process, with the options scores.h5 was made with (so that it only appends)
-    on rescore's ``--device``: it scores the ids scores.h5 lacks, and says so when there are none."""
-    import inspect
+    """score-noise's run with the options scores.h5 was made with (so that it only appends), on
+    rescore's ``--device``: it scores the ids scores.h5 lacks, and says so when there are none."""
+    from stages.score_noise import ScoreConfig
 
-    from .score import score_noise
+    from .score import run_score_noise
 
     # read under rescore's lock on scores.h5: the options of the scores.h5 there now, not of one a
     # run that held the lock while this one waited has since replaced
     scoring_options_readable(folder)
     prev = store.read_provenance(folder / "scores.h5")
     recorded = prev["params"] if prev is not None and prev.get("kind") == "scores" else {}
-    options = set(inspect.signature(score_noise).parameters) - {"data", "features", "prototypes", "wait", "out",
-                                                                  "force", "device"}
-    kwargs = {k: v for k, v in recorded.items() if k in options}
-    if recorded and "score" not in recorded:  # eq. 6 runs record alpha and beta only
-        kwargs["score"] = "paper"
-    if alpha is not None:
-        kwargs["alpha"] = alpha
-    if beta is not None:
-        kwargs["beta"] = beta
-    score_noise(data=data, wait=wait, out=folder, device=device, **kwargs)
+    try:
+        config = ScoreConfig.from_params(recorded, alpha=alpha, beta=beta)
+    except (TypeError, ValueError) as e:
+        raise SinetError(f"{folder / 'scores.h5'}: its recorded options do not make a score ({e})") from None
+    run_score_noise(folder, config, wait=wait, device=device)

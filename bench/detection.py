@@ -115,7 +115,7 @@ def run_setting(name: str, noise: str, rate: float, features: Path, graph: Path,
     x = data["features"][train].astype(np.float32)
     lab, clean = data["labels"][train].astype(np.int64), data["clean_labels"][train].astype(np.int64)
     t0 = time.perf_counter()
-    protos = stages.make_prototypes(x, lab, graph=class_graph)
+    protos = stages.build_prototypes(x, lab, graph=class_graph)
     t_proto = time.perf_counter() - t0
     t0 = time.perf_counter()
     issues = stages.find_label_issues(x, lab, graph=class_graph, prototypes=protos)

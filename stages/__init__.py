@@ -6,18 +6,17 @@ The public Python API (:mod:`stages.api`, the one module that composes the stage
     issues = stages.find_label_issues(features, labels, graph=graph)
 
 Its names are loaded on first use, so importing one stage module does not load the others.
-``stages.make_prototypes`` is both the stage module (``from stages import make_prototypes``) and,
-called, the API function :func:`stages.api.make_prototypes` (the module is made callable).
+The prototypes alone are :func:`stages.api.build_prototypes` (``stages.make_prototypes`` is the
+stage module).
 """
 
 from __future__ import annotations
 
-import importlib
 from typing import Any
 
 __all__ = [
     "build_class_graph",
-    "make_prototypes",
+    "build_prototypes",
     "find_label_issues",
     "ClassGraph",
     "Prototypes",
@@ -28,11 +27,6 @@ __all__ = [
 
 
 def __getattr__(name: str) -> Any:
-    if name == "make_prototypes":  # the stage module, made callable by the api's import
-        module = importlib.import_module(f"{__name__}.make_prototypes")
-        from . import api  # noqa: F401
-
-        return module
     if name in __all__:
         from . import api
 

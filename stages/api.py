@@ -2,7 +2,7 @@
 
 This is the one module that composes the stages (``stages/*.py`` never import each other): the
 class relation graph (:func:`build_class_graph`, section 3.1), the visual prototypes
-(:func:`make_prototypes`, section 3.2) and the score of every image (:func:`find_label_issues`,
+(:func:`build_prototypes`, section 3.2) and the score of every image (:func:`find_label_issues`,
 section 3.3 and the default score beyond eq. 6, docs/method.md). score-noise runs the same functions of
 :mod:`stages.score_noise` on features.h5, block by block, so both give the same numbers.
 """
@@ -10,8 +10,6 @@ section 3.3 and the default score beyond eq. 6, docs/method.md). score-noise run
 from __future__ import annotations
 
 import dataclasses
-import sys
-import types
 from dataclasses import dataclass, field
 from typing import Any, Sequence
 
@@ -247,7 +245,7 @@ def _split_options(options: dict[str, Any], *kinds: type) -> list[dict[str, Any]
     return out
 
 
-def make_prototypes(features: np.ndarray, labels: np.ndarray, *, graph: ClassGraph | None = None,
+def build_prototypes(features: np.ndarray, labels: np.ndarray, *, graph: ClassGraph | None = None,
                     device: str = "cpu", **options: Any) -> Prototypes:
     """Visual prototypes of every class (section 3.2: eqs. 4-5), in one call.
 
@@ -313,7 +311,7 @@ def find_label_issues(features: np.ndarray, labels: np.ndarray, *, graph: ClassG
         labels: (N,) noisy labels in [0, C); -1 for an unlabeled row (weight 0, flagged).
         graph: the class graph (:func:`build_class_graph`), for the prototypes (and with side text,
             its label embeddings). None: S = I, C = max(labels) + 1.
-        prototypes: :func:`make_prototypes`' result; None: made here from ``features`` and ``graph``.
+        prototypes: :func:`build_prototypes`' result; None: made here from ``features`` and ``graph``.
         pred_probs: (N, C) out-of-sample class probabilities, as cleanlab takes them: they replace the
             probe wherever its probabilities are used (fused weight, thresholds, estimate, flags,
             suggestions); no probe is fitted.
@@ -324,7 +322,7 @@ def find_label_issues(features: np.ndarray, labels: np.ndarray, *, graph: ClassG
         **options: fields of :class:`stages.score_noise.ScoreConfig` (``alpha``, ``beta``, ``score``,
             ``probe_rows``, ...) and, when the prototypes are made here, the other fields of
             ``PrototypeConfig`` (a name both have, as ``temperature``, is the score's: give such
-            prototype options to :func:`make_prototypes` and pass its result).
+            prototype options to :func:`build_prototypes` and pass its result).
 
     Returns:
         LabelIssues.
@@ -349,7 +347,7 @@ def find_label_issues(features: np.ndarray, labels: np.ndarray, *, graph: ClassG
     if probs is not None and config.probe_rows == 0:
         raise ValueError("pred_probs replace the probe: give probe_rows > 0 (the rows the estimate is made on)")
     if prototypes is None:
-        prototypes = make_prototypes(x, y, graph=graph, device=device, **proto_opts)
+        prototypes = build_prototypes(x, y, graph=graph, device=device, **proto_opts)
     elif proto_opts:
         raise TypeError(f"option {next(iter(proto_opts))!r} applies only when the prototypes are made here")
     V = np.ascontiguousarray(prototypes.prototypes, dtype=np.float32)
@@ -381,14 +379,3 @@ def find_label_issues(features: np.ndarray, labels: np.ndarray, *, graph: ClassG
         suggested_confidence=cols["suggested_confidence"], eq6_weight=eq6, distance=cols["distance"],
         class_noise=estimate.class_noise if estimate is not None else np.full(C, np.nan),
         noise_rate=float(estimate.overall) if estimate is not None else float("nan"), config=config)
-
-
-class _CallableStageModule(types.ModuleType):
-    """stages/make_prototypes.py, callable as :func:`make_prototypes`: the API's name and the stage
-    module's are the same (``stages.make_prototypes``), and both must keep working."""
-
-    def __call__(self, *args: Any, **kwargs: Any) -> Prototypes:
-        return make_prototypes(*args, **kwargs)
-
-
-sys.modules[_protos.__name__].__class__ = _CallableStageModule

@@ -23,7 +23,7 @@ def test_api_and_cli_agree(tmp_path, sinet, options):
     store.write_artifact(tmp_path / "features.h5", "features",
                          {"ids": [f"i{i}" for i in range(n)], "labels": labels, "features": x, "classes": classes},
                          {}, {})
-    protos = stages.make_prototypes(x, labels)
+    protos = stages.build_prototypes(x, labels)
     store.write_artifact(tmp_path / "prototypes.h5", "prototypes", {
         "classes": classes, "prototypes": protos.prototypes, "prototype_class": protos.prototype_class,
         "initial_prototypes": protos.prototypes, "ids": ["p"], "consistency": np.ones(1, dtype=np.float32)}, {}, {})

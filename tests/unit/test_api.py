@@ -89,7 +89,7 @@ def test_pred_probs_replace_the_probe():
 
 def test_prototypes_and_bad_input():
     x, labels, _, _ = flipped_case(n=300)
-    protos = stages.make_prototypes(x, labels)
+    protos = stages.build_prototypes(x, labels)
     assert protos.prototypes.shape == (5, 24) and np.allclose(np.linalg.norm(protos.prototypes, axis=1), 1)
     same = stages.find_label_issues(x, labels, prototypes=protos)
     again = stages.find_label_issues(x, labels)

@@ -8,7 +8,7 @@ import pandas as pd
 from PIL import Image
 
 from sinet_cli import store
-from sinet_cli.commands.export import decide
+from stages.export import decide
 
 CLASSES = ["c0", "c1", "c2"]
 

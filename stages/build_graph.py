@@ -1077,8 +1077,8 @@ def train_text_head(
         dropout: token-embedding dropout (the augmentation between two views of a text).
         seed: seeds the head's initialization, the sampling and the dropout.
         device: torch device.
-        num_threads: torch CPU threads while training (restored afterwards); the head is small, and
-            one thread avoids the oversubscription that makes it many times slower on busy machines.
+        num_threads: torch CPU threads while training (restored afterwards); the head is small,
+            and one thread avoids oversubscribing a shared machine (bench/bench_build_graph.py).
             ``None`` keeps torch's setting.
         progress: called with 1 after each step.
     """

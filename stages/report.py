@@ -1,11 +1,14 @@
-"""Stage: the numbers behind ``sinet report``, computed from the scores of one dataset.
+"""Stage: what ``sinet report`` and ``sinet summary`` show, computed from the scores of one dataset.
 
-Pure computation over numpy arrays (no plotting, no HTML, no files): per-class estimated and
-true noise rates, weight histograms and per-class weight quantiles, the nearest classes in a
-class relation graph, the classes a page shows in detail, and per class the rows to show as
-most suspect (lowest weight w_i of eq. 6) and most typical (smallest distance to the class
-prototype). Everything is vectorized over N rows and C classes (one sort, no Python loop over
-rows), so it stays fast for millions of images and thousands of classes.
+The numbers, over numpy arrays: per-class estimated and true noise rates, weight histograms and
+per-class weight quantiles, the nearest classes in a class relation graph, the classes a page
+shows in detail, and per class the rows to show as most suspect (lowest weight w_i of eq. 6) and
+most typical (smallest distance to the class prototype); vectorized over N rows and C classes
+(one sort, no Python loop over rows) so a page of millions of images and thousands of classes
+needs no per-row work. Then the page itself (:func:`build_report`): its plots (matplotlib, Agg)
+and thumbnails as PNG bytes and its content as plain dataclasses, which
+``sinet_cli.report_html`` renders (escaping every string). No HDF5: the command reads the
+artifacts into :class:`ReportData`.
 """
 
 from __future__ import annotations

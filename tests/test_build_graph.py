@@ -419,3 +419,38 @@ def test_make_strict_variable_reaches_build_graph():
 
     assert "--strict" not in graph_line() and "--lenient" not in graph_line()
     assert "--strict" in graph_line("STRICT=1")
+
+
+# -- the config: validation and provenance params ----------------------------------------------
+
+
+def test_graph_config_params_are_the_fields_that_change_graph_h5():
+    # the params graph.h5 recorded before the config existed: existing artifacts stay up to date
+    default = stage.GraphConfig().resolved(False, ["dog.n.01"], [""])
+    assert default.params() == {"sources": ["hierarchy", "text"], "hierarchy": "wordnet", "hierarchy_sim": "path",
+                                "text_head": "none"}
+    exp = stage.GraphConfig(sources="wordnet", hierarchy_sim="exp", tau=1.5).resolved(False, [""], [""])
+    assert exp.params() == {"sources": ["hierarchy"], "hierarchy": "wordnet", "hierarchy_sim": "exp", "tau": 1.5}
+    head = stage.GraphConfig(sources="CD", text_head="bilstm", head_steps=20, strict=True).resolved(False, [""], [""])
+    assert head.params() == {"sources": ["text"], "hierarchy": "wordnet", "text_head": "bilstm", "head_steps": 20,
+                             "head_hidden": 192, "head_lr": 2e-3, "head_temperature": 0.1, "seed": 0}
+    assert stage.GraphConfig(sources="CN+HW").resolved(False, [""], ["drinks"]).params() == {
+        "sources": ["hierarchy", "name"], "hierarchy": "taxonomy", "hierarchy_sim": "path"}  # parents, no synsets
+    assert stage.GraphConfig(sources="name").params() == {"sources": ["name"]}
+    assert stage.GraphConfig(sources="HW").resolved(True, [""], [""]).hierarchy == "taxonomy"
+    for kwargs, message in (({"sources": "colour"}, "unknown source 'colour'"), ({"sources": " "}, "empty"),
+                            ({"hierarchy_sim": "exp", "tau": 0.0}, "--tau 0.0"), ({"hierarchy": "tree"}, "--hierarchy"),
+                            ({"text_head": "bilstm", "sources": "HW"}, "add 'text'"),
+                            ({"text_head": "bilstm", "head_lr": 0.0}, "--head-lr")):
+        with pytest.raises(ValueError, match=message):
+            stage.GraphConfig(**kwargs)
+    with pytest.raises(ValueError, match="drop one"):
+        stage.GraphConfig(hierarchy="wordnet").resolved(True, [""], [""])
+    with pytest.raises(ValueError, match="resolved config"):
+        stage.run_build_graph(stage.GraphConfig(), demo_classes())
+
+
+def test_cli_config_error_is_one_line(monkeypatch, capsys):
+    code, _, err = run_main(monkeypatch, capsys, "build-graph", "--data", "demo", "--hierarchy-sim", "exp",
+                            "--tau", "-1")
+    assert code == 1 and err.strip() == "sinet: error: --tau -1.0: must be > 0"

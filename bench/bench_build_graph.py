@@ -27,7 +27,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 os.environ.setdefault("SINET_QUIET", "1")
 
-from sinet_cli.commands import graph as cmd  # noqa: E402
+from sinet_cli import sideinfo  # noqa: E402
 from sinet_cli.datasets import ClassTable  # noqa: E402
 from stages import build_graph as stage  # noqa: E402
 
@@ -92,7 +92,7 @@ def timed(fn):
 
 def bench_sw(syns, sim="path"):
     def run():
-        maps, wup = cmd.wordnet_hierarchy(syns, with_depths=sim == "wup")
+        maps, wup = stage.wordnet_hierarchy(syns, with_depths=sim == "wup")
         return stage.hierarchy_similarity(maps, sim=sim, **(wup or {}))
 
     return timed(run)
@@ -125,9 +125,9 @@ def main() -> None:
 
     from sinet_cli.app import app  # noqa: F401  (registers the command)
 
-    wn, t_wn = timed(cmd._wordnet)
-    enc_dir = cmd.encoder_dir(None)
-    model, t_enc = timed(lambda: cmd._encoder(str(enc_dir), args.device))
+    wn, t_wn = timed(sideinfo.wordnet)
+    enc_dir = sideinfo.default_text_encoder()
+    model, t_enc = timed(lambda: sideinfo.load_text_encoder(str(enc_dir), device=args.device))
     import torch
 
     print(f"# setup: WordNet load {t_wn:.1f} s, encoder load {t_enc:.1f} s (once per process); "
@@ -144,8 +144,8 @@ def main() -> None:
         for C, (table, ss) in tables.items():
             S_w, t_sw = bench_sw(ss, "path")
             _, t_wup = bench_sw(ss, "wup")
-            texts = [cmd.description_text(n, d, "user") for n, d in zip(table.names, table.descriptions)]
-            (S_l, t_l) = timed(lambda: stage.cosine_similarity(cmd.encode_sentences(model, texts, "encode")))
+            texts = [stage.description_text(n, d, "user") for n, d in zip(table.names, table.descriptions)]
+            (S_l, t_l) = timed(lambda: stage.cosine_similarity(stage.encode_sentences(model, texts)))
             path = Path(tmp) / f"classes{C}.tsv"
             table.to_tsv(path)
             from sinet_cli.app import main as sinet_main

@@ -55,7 +55,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 os.environ.setdefault("SINET_QUIET", "1")
 
-from sinet_cli.commands import graph as cmd  # noqa: E402
+from sinet_cli.sideinfo import wordnet  # noqa: E402
 from sinet_cli.datasets import ClassTable  # noqa: E402
 from sinet_cli.datasets.clothing1m import clothing1m_classes  # noqa: E402
 from sinet_cli.datasets.demo import demo_classes  # noqa: E402
@@ -212,7 +212,7 @@ class Memo:
 def path_similarity(senses, anchors, names):
     """1 / (1 + shortest-path distance), as build-graph's S_w computes it."""
     present = [j for j, a in enumerate(anchors) if a is not None]
-    maps, _ = cmd.wordnet_hierarchy(list(senses) + [anchors[j] for j in present])
+    maps, _ = stage.wordnet_hierarchy(list(senses) + [anchors[j] for j in present])
     S = stage.similarity_from_distance(stage.hierarchy_distances(maps), "path")
     out = np.full((len(senses), len(anchors)), np.nan, dtype=np.float32)
     out[:, present] = S[: len(senses), len(senses):]
@@ -281,7 +281,7 @@ def context_v0(wn, names: list[str]) -> list[str | None]:
         owner += [i] * len(syns)
     if not rows:
         return chosen
-    maps, _ = cmd.wordnet_hierarchy(rows)
+    maps, _ = stage.wordnet_hierarchy(rows)
     S = stage.similarity_from_distance(stage.hierarchy_distances(maps), "path")
     owner_arr = np.asarray(owner)
     classes = sorted(set(owner))
@@ -450,7 +450,7 @@ def timing(wn, in1k: list[str]) -> None:
             stage.resolve_class_names(names, wn, rule=rule)
             print(f"resolve_class_names, {len(names)} names, rule {rule}: {time.perf_counter() - t:.2f} s")
         t = time.perf_counter()
-        cmd.place_classes(wn, ClassTable.from_names(names), use_parents=True, strict=False)
+        stage.place_classes(wn, names, [""] * len(names), [""] * len(names), use_parents=True, strict=False)
         print(f"build-graph's place_classes, {len(names)} names: {time.perf_counter() - t:.2f} s")
     with tempfile.TemporaryDirectory() as tmp:
         tsv = Path(tmp) / "in1k.tsv"
@@ -512,7 +512,7 @@ def main() -> None:
     ap.add_argument("--no-graphs", action="store_true", help="only the name lists")
     ap.add_argument("--subsets", type=int, default=3, help="held-out 1,000-class draws of the 21k list")
     args = ap.parse_args()
-    wn = cmd._wordnet()
+    wn = wordnet()
 
     in_design, in_held = imagenet_sets(wn, args.subsets)
     small_design, small_held = small_sets(wn)

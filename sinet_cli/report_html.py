@@ -10,9 +10,11 @@ from __future__ import annotations
 import base64
 import json
 import math
-from dataclasses import dataclass, field
 from html import escape
 from typing import Any, Sequence
+
+# the page's content, computed by stages.report.build_report (re-exported for callers of this module)
+from stages.report import ClassRow, ClassSection, Page, Suspect, Thumb, pct  # noqa: F401
 
 # Kept small and inline. The filter runs on input; on load the page records how many of its
 # images decoded (data-images-loaded / data-images-total on <body>): a check for tests and CI.
@@ -80,83 +82,10 @@ def data_uri(png: bytes) -> str:
     return "data:image/png;base64," + base64.b64encode(png).decode("ascii")
 
 
-def pct(x: float | None) -> str:
-    return "–" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{100 * x:.1f}%"
-
-
 def num(x: Any, fmt: str = ".3f") -> str:
     if x is None or (isinstance(x, float) and math.isnan(x)):
         return "–"
     return format(x, fmt) if isinstance(x, (int, float)) else str(x)
-
-
-@dataclass
-class Thumb:
-    png: bytes
-    caption: str
-    title: str
-    status: str = ""  # "noisy" / "clean" (true label known) or ""
-    sub: str = ""  # a second caption line
-
-
-@dataclass
-class ClassRow:
-    index: int
-    name: str
-    n_train: int
-    n_low: int
-    estimated: float
-    true: float | None
-    nearest: list[tuple[str, float]]
-    detailed: bool = False
-    n_flagged: int | None = None  # flagged training images (scores.h5 `flagged`), None when not recorded
-    resolution: dict[str, str] | None = None  # graph.h5 `name_resolution` entry of the class
-
-
-@dataclass
-class Suspect:
-    """One row of the top-suspects table; every string comes from the crawl and is escaped."""
-
-    png: bytes
-    id: str
-    label: str
-    suggested: str
-    confidence: float | None
-    weight: float
-    text: str  # the image's side text (features.h5 side_text), "" when none
-    readable: bool = True
-
-
-@dataclass
-class ClassSection:
-    index: int
-    name: str
-    row: ClassRow
-    suspects: list[Thumb]
-    typical: list[Thumb]
-
-
-@dataclass
-class Page:
-    title: str
-    summary: list[tuple[str, str]]
-    rule: str
-    thumb_size: int
-    plots: dict[str, tuple[bytes, str]]  # file name -> (png, caption)
-    rows: list[ClassRow]
-    sections: list[ClassSection]
-    heatmap_note: str
-    heatmaps_in_a_row: bool = False  # small heat maps: three side by side, scaled to fit
-    metrics: list[dict[str, Any]] = field(default_factory=list)
-    detection: dict[str, dict[str, Any]] = field(default_factory=dict)
-    provenance: list[dict[str, Any]] = field(default_factory=list)
-    has_truth: bool = False
-    notes: list[str] = field(default_factory=list)
-    unknown: list[str] = field(default_factory=list)  # what the page cannot say, and why
-    suspects: list[Suspect] = field(default_factory=list)
-    suspects_note: str = ""
-    resolution: list[dict[str, str]] = field(default_factory=list)  # per class, in class order
-    side_text: bool = False  # the dataset has side text: a column of the suspects table
 
 
 def _anchor(i: int) -> str:

@@ -36,8 +36,9 @@ import unicodedata
 import warnings
 import weakref
 from collections import Counter, deque
-from dataclasses import dataclass, field, replace
-from typing import Any, Callable, Hashable, Mapping, Sequence
+from contextlib import AbstractContextManager, nullcontext
+from dataclasses import asdict, dataclass, field, fields, replace
+from typing import Any, Callable, Hashable, Mapping, Protocol, Sequence
 
 import numpy as np
 
@@ -1076,8 +1077,8 @@ def train_text_head(
         dropout: token-embedding dropout (the augmentation between two views of a text).
         seed: seeds the head's initialization, the sampling and the dropout.
         device: torch device.
-        num_threads: torch CPU threads while training (restored afterwards); the head is small, and
-            one thread avoids the oversubscription that makes it many times slower on busy machines.
+        num_threads: torch CPU threads while training (restored afterwards); the head is small,
+            and one thread avoids oversubscribing a shared machine (bench/bench_build_graph.py).
             ``None`` keeps torch's setting.
         progress: called with 1 after each step.
     """
@@ -1184,3 +1185,686 @@ def _train(toks, text_ids, desc_ids, dim, hidden, dropout, steps, batch_classes,
             for s in range(0, C, 256):
                 out.append(head(*batch(desc_ids[s : s + 256])).cpu().numpy())
     return TextHeadResult(np.concatenate(out).astype(np.float32), losses, before, after, steps)
+
+
+# -- WordNet: ancestor maps and where each class sits ------------------------------------------
+
+
+def synset_ancestors(synset: Any) -> dict[str, int]:
+    """``{synset name: edges}`` over hypernyms and instance hypernyms, breadth first (as nltk's
+    ``_shortest_hypernym_paths``, which ``shortest_path_distance`` compares)."""
+    dist: dict[str, int] = {}
+    frontier = [synset]
+    d = 0
+    seen: set = set()
+    while frontier:
+        nxt = []
+        for s in frontier:
+            if s in seen:
+                continue
+            seen.add(s)
+            dist[s.name()] = d
+            nxt.extend(s.hypernyms())
+            nxt.extend(s.instance_hypernyms())
+        frontier = nxt
+        d += 1
+    return dist
+
+
+PLACED = "class:"  # node of a class placed one edge below its parent synset
+
+
+def wordnet_hierarchy(
+    synsets: Sequence[Any | None],
+    with_depths: bool = False,
+    progress: ProgressFn | None = None,
+    placed: Sequence[tuple[str, Any] | None] | None = None,
+    wn: Any = None,
+) -> tuple[list[dict[str, int] | None], dict[str, Any] | None]:
+    """Ancestor maps of the classes' synsets, each synset walked once.
+
+    Non-noun synsets get nltk's simulated root (``simulate_root``). With ``with_depths``, also
+    what Wu-Palmer needs, as nltk computes it: ``node_depth`` ``{node: (min_depth, max_depth)}``
+    and ``lengths`` (per class, nltk's ``shortest_path_distance`` to each ancestor: min over the
+    ancestor's own ancestors k of anc_class[k] + anc_node[k]).
+
+    Args:
+        synsets: per class its synset, or None.
+        with_depths: also return the Wu-Palmer depths and lengths.
+        progress: called with the number of classes walked.
+        placed: ``placed[i] = (name, parent synset)`` puts a class that has no synset of its own
+            one edge below its parent (e.g. Clothing1M's Hoodie under sweatshirt.n.01).
+        wn: the nltk WordNet reader (needed with ``with_depths``; default: the synsets' own).
+
+    Returns:
+        (per-class ancestor maps, None or ``{"node_depth", "lengths"}``).
+    """
+    cache: dict[str, dict[str, int]] = {}
+    maps: list[dict[str, int] | None] = []
+    placed_parent: dict[str, Any] = {}
+    for i, s in enumerate(synsets):
+        if s is None and placed is not None and placed[i] is not None:
+            name, parent = placed[i]
+            if parent.name() not in cache:
+                cache[parent.name()] = synset_ancestors(parent)
+            node = PLACED + name
+            placed_parent[node] = parent
+            maps.append({node: 0, **{k: d + 1 for k, d in cache[parent.name()].items()}})
+        elif s is None:
+            maps.append(None)
+        else:
+            key = s.name()
+            if key not in cache:
+                cache[key] = synset_ancestors(s)
+            maps.append(cache[key])
+        if progress is not None and (i % 256 == 255 or i == len(synsets) - 1):
+            progress(i % 256 + 1)
+    needs_root = any(s is not None and s.pos() != "n" for s in synsets) or any(
+        p.pos() != "n" for p in placed_parent.values())
+    if needs_root:
+        # nltk adds a fake root for verbs (and other non-noun) synsets so separate trees connect
+        maps = [None if m is None else {**m, ROOT: max(m.values()) + 1} for m in maps]
+    if not with_depths:
+        return maps, None
+    if wn is None:
+        known = next((s for s in synsets if s is not None), None) or next(
+            (p for p in placed_parent.values()), None)
+        wn = getattr(known, "_wordnet_corpus_reader", None)
+    node_anc: dict[str, dict[str, int]] = {}
+    depth: dict[str, tuple[int, int]] = {ROOT: (-1, 0)}
+    for m in maps:
+        for k in m or ():
+            if k in placed_parent:  # not a WordNet node: one below its parent
+                parent = placed_parent[k]
+                node_anc[k] = m
+                depth[k] = (parent.min_depth() + 1, parent.max_depth() + 1)
+            elif k not in node_anc and k != ROOT:
+                syn = wn.synset(k)
+                node_anc[k] = synset_ancestors(syn)
+                depth[k] = (syn.min_depth(), syn.max_depth())
+    lengths_cache: dict[int, dict[str, int]] = {}
+    lengths: list[dict[str, int] | None] = []
+    for m in maps:
+        if m is None:
+            lengths.append(None)
+            continue
+        if id(m) not in lengths_cache:
+            lengths_cache[id(m)] = {
+                k: m[k] if k == ROOT else min(m[j] + dj for j, dj in node_anc[k].items()) for k in m
+            }
+        lengths.append(lengths_cache[id(m)])
+    return maps, {"node_depth": depth, "lengths": lengths}
+
+
+@dataclass
+class Placement:
+    """Where each class sits in WordNet, and why (see :func:`place_classes`)."""
+
+    synsets: list[Any | None]  # the class's own synset
+    placed: list[tuple[str, Any] | None]  # (class name, parent synset): one edge below the parent
+    gloss: list[Any | None]  # the synset whose gloss describes the class (own, else parent)
+    entries: list[dict[str, Any]]  # graph.h5's name_resolution, one per class
+    table_problems: list[str] = field(default_factory=list)  # unknown ids/parents in the class table
+
+    @property
+    def unresolved(self) -> list[str]:
+        return [e["class"] for e in self.entries if e["source"] == "none"]
+
+
+def place_classes(
+    wn: Any,
+    names: Sequence[str],
+    synsets: Sequence[str],
+    parents: Sequence[str],
+    *,
+    use_parents: bool,
+    strict: bool,
+    source: str = "the class table",
+) -> Placement:
+    """Place every class in WordNet.
+
+    The class table's synset column first (the override), then its parent column
+    (``use_parents``: the column holds WordNet synsets), then the class name
+    (:func:`resolve_class_names`, all names at once: a sense is chosen in view of the other
+    classes, those the table places included). An unknown id or parent in the table is looked
+    up by name instead.
+
+    Args:
+        wn: the nltk WordNet reader.
+        names, synsets, parents: the class table's columns ("" where empty).
+        use_parents: the parent column holds WordNet synsets.
+        strict: an unknown id or parent is an error instead of a name lookup.
+        source: the class table's file, named in messages.
+
+    Raises:
+        ValueError: ``strict`` and an unknown id or parent (one line naming the class and ``source``).
+    """
+    C = len(names)
+    out = Placement([None] * C, [None] * C, [None] * C, [])
+    known = []  # the classes the table places: context for the names, not looked up
+    for sid, parent in zip(synsets, parents):
+        syn = synset_by_id(wn, sid.strip()) if sid else None
+        if syn is None and parent and use_parents:
+            syn = synset_by_id(wn, parent.strip())
+        known.append(syn.name() if syn is not None else None)
+    by_name = resolve_class_names(names, wn, known)
+    for i, (name, sid, parent) in enumerate(zip(names, synsets, parents)):
+        entry: dict[str, Any] | None = None
+        problem = ""  # what is wrong with the class's row of the table
+        if sid:
+            syn = synset_by_id(wn, sid.strip())
+            if syn is not None:
+                out.synsets[i] = out.gloss[i] = syn
+                entry = {"synset": syn.name(), "source": "table", "lemma": "", "rule": "synset column",
+                         "detail": f"{syn.name()} (synset column)"}
+            else:
+                problem = f"unknown WordNet synset {sid!r}"
+                if strict:
+                    raise ValueError(f"{source}: class {name!r} has {problem} (expected a name like dog.n.01 or "
+                                     "an offset like n02084071; without --strict it is looked up by its name)")
+        if entry is None and parent and use_parents:
+            ps = synset_by_id(wn, parent.strip())
+            if ps is not None:
+                out.placed[i] = (name, ps)
+                out.gloss[i] = ps
+                entry = {"synset": ps.name(), "source": "parent", "lemma": "", "rule": "parent column",
+                         "detail": f"below {ps.name()} (parent column)"}
+            else:
+                problem = problem or f"a parent {parent!r} that is not a WordNet synset"
+                if strict:
+                    raise ValueError(f"{source}: class {name!r} has {problem} (fix the parent, use --hierarchy "
+                                     "taxonomy, or drop --strict to look the class up by its name)")
+        if entry is None:
+            r = by_name[i]
+            if r.synset is None:
+                entry = {"synset": "", "source": "none", "lemma": "", "rule": "", "detail": r.describe()}
+            else:
+                syn = wn.synset(r.synset)
+                out.gloss[i] = syn
+                if r.placed:
+                    out.placed[i] = (name, syn)
+                else:
+                    out.synsets[i] = syn
+                entry = {"synset": r.synset, "source": "parent" if r.placed else "name", "lemma": r.lemma,
+                         "rule": r.rule, "detail": r.describe()}
+            entry.update(senses=r.senses, modifier=r.modifier, alternative=r.part, choice=r.choice,
+                         runner_up=r.runner_up, evidence=r.evidence)
+        if problem:
+            out.table_problems.append(f"class {name!r} has {problem}")
+            entry["detail"] = f"{entry['detail']}; the class table has {problem}"
+        out.entries.append({"class": name, **entry})
+    return out
+
+
+def resolution_summary(placement: Placement, limit: int = 5) -> str | None:
+    """One line on the classes looked up by name (None when the class table placed every class):
+    the least obvious choices first (placed below a head noun, alternatives, several senses)."""
+    entries = [e for e in placement.entries if e["source"] in ("name", "parent") and e["rule"] not in
+               ("synset column", "parent column")]
+    if not entries and not placement.unresolved:
+        return None
+    C = len(placement.entries)
+
+    def interest(e: dict[str, Any]) -> int:
+        return 0 if e["source"] == "parent" else 1 if e["alternative"] or e["senses"] > 1 or e["rule"] != "lemma" else 2
+
+    def short(e: dict[str, Any]) -> str:
+        why = [e["rule"]] if e["source"] == "parent" else []
+        if e["alternative"]:
+            why.append(f"from {e['alternative']!r}")
+        if e["senses"] > 1:
+            why.append(f"{e.get('choice') or 'first'} of {e['senses']} senses")
+        where = f"below {e['synset']}" if e["source"] == "parent" else e["synset"]
+        return f"{e['class']} -> {where}" + (f" ({', '.join(why)})" if why else "")
+
+    shown = sorted(entries, key=interest)[:limit]
+    more = f" and {len(entries) - len(shown)} more" if len(entries) > len(shown) else ""
+    unresolved = len(placement.unresolved)
+    line = f"resolved {len(entries)} of {C} class names in WordNet: {', '.join(map(short, shown))}{more}"
+    if unresolved:
+        line += f"; {unresolved} unresolved"
+    return line + " (graph.h5 attribute name_resolution has each choice)"
+
+
+def check_strict(source: str, problems: Sequence[str], unknown: Sequence[str], mode: str,
+                 taxonomy: str | None) -> None:
+    """``strict``: an error for the first class without a place in the hierarchy.
+
+    Raises:
+        ValueError: one line naming the class and the file (``source`` or ``taxonomy``).
+    """
+    if problems:
+        more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
+        raise ValueError(f"{source}: {problems[0]}{more} (--strict)")
+    if unknown:
+        more = f" (and {len(unknown) - 1} more)" if len(unknown) > 1 else ""
+        if mode == "wordnet":
+            raise ValueError(f"{source}: class {unknown[0]!r}{more} has no WordNet synset and its name resolves to "
+                             "nothing (fill the synset column of a class table, --classes, or drop --strict to use "
+                             "text similarity only for it)")
+        raise ValueError(f"{taxonomy if taxonomy is not None else source}: class {unknown[0]!r}{more} is not in the "
+                         "taxonomy (add a child<TAB>parent line, or drop --strict to use text similarity only for it)")
+
+
+# -- descriptions and the texts of a class -----------------------------------------------------
+
+
+def has_words(text: str) -> bool:
+    return any(ch.isalnum() for ch in text)
+
+
+def choose_descriptions(
+    names: Sequence[str], user: Sequence[str | None], synsets: Sequence[Any | None], source: str = "the class table"
+) -> tuple[list[str], list[str], list[str], list[str]]:
+    """Per class: (description, its source: user|wordnet|name).
+
+    The user's description wins, then the WordNet gloss of ``synsets[i]``, then the class name.
+
+    Returns:
+        (descriptions, sources, the classes whose explicitly empty description fell back, the
+        classes described only by their name).
+
+    Raises:
+        ValueError: a user description without words (naming the class and ``source``).
+    """
+    any_user = any(d is not None and d.strip() for d in user)
+    descriptions, sources, empty, name_only = [], [], [], []
+    for name, d, syn in zip(names, user, synsets):
+        if d is not None and d.strip():
+            if not has_words(d):
+                raise ValueError(
+                    f"{source}: class {name!r}: description {d!r} has no words "
+                    "(write a description, or leave it empty to use the WordNet gloss)"
+                )
+            descriptions.append(" ".join(d.split()))
+            sources.append("user")
+            continue
+        if any_user or d is not None:
+            empty.append(name)
+        if syn is not None and syn.definition().strip():
+            descriptions.append(syn.definition().strip())
+            sources.append("wordnet")
+        else:
+            descriptions.append(name)
+            sources.append("name")
+            name_only.append(name)
+    return descriptions, sources, empty, name_only
+
+
+def description_text(name: str, description: str, source: str) -> str:
+    """What the encoder reads for a class: ``name: description`` as in the paper's example
+    ("Manx cat: A short-haired tailless breed of cat ..."), or the bare name."""
+    return name if source == "name" else f"{name}: {description}"
+
+
+def head_texts(name: str, desc_text: str, description: str, user: str | None, synset: Any | None) -> list[str]:
+    """The texts of one class for the text head's contrastive objective (deduplicated)."""
+    texts = [desc_text, description]
+    if synset is not None:
+        texts.append(synset.definition())
+        texts.append(", ".join(lemma.replace("_", " ") for lemma in synset.lemma_names()))
+        hypers = synset.hypernyms() + synset.instance_hypernyms()
+        if hypers:
+            h = hypers[0]
+            texts.append(f"{h.lemma_names()[0].replace('_', ' ')}: {h.definition()}")
+    if user:
+        texts.append(user)
+    texts.append(name)
+    seen: dict[str, None] = {}
+    for t in texts:
+        t = " ".join(t.split())
+        if t:
+            seen.setdefault(t, None)
+    return list(seen)
+
+
+# -- the sentence encoder ----------------------------------------------------------------------
+
+
+def encode_sentences(model: Any, texts: Sequence[str], progress: ProgressFn | None = None) -> np.ndarray:
+    """Pooled sentence embeddings (N x E float32) of a sentence-transformers model, 256 texts a block."""
+    out = []
+    for s in range(0, len(texts), 256):
+        chunk = list(texts[s : s + 256])
+        out.append(np.asarray(model.encode(chunk, batch_size=64, show_progress_bar=False, convert_to_numpy=True)))
+        if progress is not None:
+            progress(len(chunk))
+    return np.concatenate(out).astype(np.float32)
+
+
+def encode_tokens(model: Any) -> Callable[[list[str]], list[np.ndarray]]:
+    """texts -> the frozen transformer's token-level outputs (T_i x E) per text."""
+
+    def run(texts: list[str]) -> list[np.ndarray]:
+        out = model.encode(texts, batch_size=64, output_value="token_embeddings", show_progress_bar=False)
+        return [t.detach().float().cpu().numpy() for t in out]
+
+    return run
+
+
+# -- build-graph: the configuration and the one run function -----------------------------------
+
+SOURCE_ORDER = ("hierarchy", "text", "name")
+SOURCE_ALIASES = {
+    "wordnet": "hierarchy", "hierarchy": "hierarchy", "hw": "hierarchy", "taxonomy": "hierarchy",
+    "text": "text", "description": "text", "descriptions": "text", "cd": "text",
+    "name": "name", "names": "name", "cn": "name",
+}
+PAPER_NAMES = {"hierarchy": "HW", "text": "CD", "name": "CN"}
+HIERARCHY_MODES = ("auto", "wordnet", "taxonomy")
+TEXT_HEADS = ("none", "bilstm")
+
+
+def parse_sources(spec: str | Sequence[str]) -> tuple[str, ...]:
+    """``wordnet,text`` / ``CD+HW`` / ``name`` (or a list of such names) -> canonical source names,
+    in a fixed order.
+
+    Raises:
+        ValueError: empty, or an unknown source.
+    """
+    text = spec if isinstance(spec, str) else ",".join(spec)
+    parts = [p.strip().lower() for p in re.split(r"[,+ ]+", text or "") if p.strip()]
+    if not parts:
+        raise ValueError("--sources is empty: choose from wordnet (HW), text (CD), name (CN), e.g. wordnet,text")
+    bad = [p for p in parts if p not in SOURCE_ALIASES]
+    if bad:
+        raise ValueError(f"--sources: unknown source {bad[0]!r}; choose from wordnet|hierarchy (HW), text (CD), "
+                         "name (CN)")
+    chosen = {SOURCE_ALIASES[p] for p in parts}
+    return tuple(s for s in SOURCE_ORDER if s in chosen)
+
+
+def _uses(*sources: str) -> Callable[["GraphConfig"], bool]:
+    return lambda c: any(s in c.sources for s in sources)
+
+
+def _bilstm(c: "GraphConfig") -> bool:
+    return "text" in c.sources and c.text_head == "bilstm"
+
+
+# metadata "param": when the field changes graph.h5 (a predicate of the config), False when never
+@dataclass(frozen=True)
+class GraphConfig:
+    """What build-graph computes (section 3.1): the sources of S_t and how each is made.
+
+    ``params()`` is graph.h5's provenance: the fields that change the output for these sources.
+    """
+
+    sources: tuple[str, ...] = ("hierarchy", "text")
+    # where S_w comes from; "auto" until :meth:`resolved` decides from the class table
+    hierarchy: str = field(default="auto", metadata={"param": _uses("hierarchy", "text")})
+    hierarchy_sim: str = field(default="path", metadata={"param": _uses("hierarchy")})
+    tau: float = field(default=2.0, metadata={"param": lambda c: "hierarchy" in c.sources and c.hierarchy_sim == "exp"})
+    text_head: str = field(default="none", metadata={"param": _uses("text")})
+    head_steps: int = field(default=200, metadata={"param": _bilstm})
+    head_hidden: int = field(default=192, metadata={"param": _bilstm})
+    head_lr: float = field(default=2e-3, metadata={"param": _bilstm})
+    head_temperature: float = field(default=0.1, metadata={"param": _bilstm})
+    seed: int = field(default=0, metadata={"param": _bilstm})
+    # strict only decides whether a class without a place stops the run: no param
+    strict: bool = field(default=False, metadata={"param": False})
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "sources", parse_sources(self.sources))
+        if self.hierarchy not in HIERARCHY_MODES:
+            raise ValueError(f"--hierarchy {self.hierarchy!r}: choose one of {', '.join(HIERARCHY_MODES)}")
+        if self.hierarchy_sim not in HIERARCHY_SIMS:
+            raise ValueError(f"--hierarchy-sim {self.hierarchy_sim!r}: choose one of {', '.join(HIERARCHY_SIMS)}")
+        if self.hierarchy_sim == "exp" and not self.tau > 0:
+            raise ValueError(f"--tau {self.tau}: must be > 0")
+        if self.text_head not in TEXT_HEADS:
+            raise ValueError(f"--text-head {self.text_head!r}: choose one of {', '.join(TEXT_HEADS)}")
+        if self.text_head == "bilstm" and "text" not in self.sources:
+            raise ValueError("--text-head bilstm encodes descriptions: add 'text' to --sources")
+        if self.text_head == "bilstm" and (self.head_steps < 0 or self.head_hidden < 1
+                                           or not self.head_temperature > 0 or not self.head_lr > 0):
+            raise ValueError("--head-steps must be >= 0, --head-hidden >= 1, --head-lr and --head-temperature > 0")
+
+    def resolved(self, taxonomy_given: bool, synsets: Sequence[str], parents: Sequence[str]) -> "GraphConfig":
+        """This config with ``hierarchy`` decided: "auto" is WordNet unless there is a taxonomy file
+        or a class table of parents without synsets (a user taxonomy).
+
+        Raises:
+            ValueError: a taxonomy file with ``hierarchy="wordnet"``.
+        """
+        mode = self.hierarchy
+        if mode == "auto":
+            # a class table with synsets uses WordNet (a parent then places a class that has none);
+            # only a table of parents without synsets is a user taxonomy
+            mode = "taxonomy" if taxonomy_given or (any(parents) and not any(synsets)) else "wordnet"
+        if taxonomy_given and mode != "taxonomy":
+            raise ValueError("--taxonomy given with --hierarchy wordnet: drop one")
+        return replace(self, hierarchy=mode)
+
+    @property
+    def needs_wordnet(self) -> bool:
+        """WordNet places the classes for S_w and gives the glosses the text source describes them by."""
+        return ("hierarchy" in self.sources and self.hierarchy == "wordnet") or "text" in self.sources
+
+    @property
+    def needs_encoder(self) -> bool:
+        return "text" in self.sources or "name" in self.sources
+
+    @property
+    def strategy(self) -> str:
+        """The paper's name of the blend, e.g. ``CD+HW``."""
+        return "+".join(PAPER_NAMES[s] for s in ("name", "text", "hierarchy") if s in self.sources)
+
+    def params(self) -> dict[str, Any]:
+        """graph.h5's provenance params: every field that changes the output for these sources."""
+        values = asdict(self)
+        values["sources"] = list(self.sources)
+        return {f.name: values[f.name] for f in fields(self)
+                if f.metadata.get("param", True) is True or (callable(f.metadata.get("param"))
+                                                             and f.metadata["param"](self))}
+
+
+class ClassTableLike(Protocol):
+    """The class table build-graph reads (``sinet_cli.datasets.ClassTable`` is one): per class its
+    name and the table's synset, description and parent ("" / None where empty)."""
+
+    names: Sequence[str]
+    synsets: Sequence[str]
+    descriptions: Sequence[str | None]
+    parents: Sequence[str]
+    source: str
+
+
+# progress of one named phase: ``with phase("S_w", total) as advance: advance(n)``
+PhaseProgress = Callable[[str, int], "AbstractContextManager[ProgressFn]"]
+# a message for people, as it happens: ``note("warn" | "info", text)``
+NoteFn = Callable[[str, str], None]
+
+
+@dataclass
+class GraphResult:
+    """Everything graph.h5 holds, and what build-graph says about it."""
+
+    classes: list[str]
+    graphs: Graphs
+    hierarchy_known: np.ndarray | None  # per class 1 when it has a place in the hierarchy (S_w on)
+    descriptions: list[str] | None
+    description_source: list[str] | None  # user | wordnet | name
+    label_embeddings: np.ndarray | None
+    attrs: dict[str, Any]  # sources, strategy, synsets, unknown_hierarchy, name_resolution, table_problems, text_head
+    placement: Placement | None
+    text_head: dict[str, Any] | None  # the BiLSTM head's training record
+
+
+def _quoted(items: Sequence[str], limit: int = 8) -> str:
+    shown = ", ".join(repr(n) for n in items[:limit])
+    return shown + (f" and {len(items) - limit} more" if len(items) > limit else "")
+
+
+def _no_phase(description: str, total: int) -> "AbstractContextManager[ProgressFn]":
+    return nullcontext(lambda n=1: None)
+
+
+def run_build_graph(
+    config: GraphConfig,
+    table: ClassTableLike,
+    *,
+    wn: Any = None,
+    encoder: Any = None,
+    taxonomy: Mapping[str, Sequence[str]] | None = None,
+    taxonomy_source: str | None = None,
+    device: str = "cpu",
+    phase: PhaseProgress | None = None,
+    note: NoteFn | None = None,
+) -> GraphResult:
+    """The class relation graphs S_w, S_l (eq. 2) and S_t (eq. 3) of a class table.
+
+    Args:
+        config: a :meth:`GraphConfig.resolved` config (``hierarchy`` is "wordnet" or "taxonomy").
+        table: the classes (names, and the table's synset, description and parent columns).
+        wn: the nltk WordNet reader (needed when ``config.needs_wordnet``).
+        encoder: the frozen sentence-transformers model (needed when ``config.needs_encoder``).
+        taxonomy: ``child -> parents`` of a taxonomy file (taxonomy mode; the table's parent
+            column is added to it).
+        taxonomy_source: the taxonomy file, named in messages.
+        device: where the BiLSTM head trains.
+        phase: progress of each long phase (see :data:`PhaseProgress`).
+        note: warnings and facts for people, as they arise.
+
+    Raises:
+        ValueError: a class without a place with ``config.strict``, a description without words,
+            a taxonomy cycle, no taxonomy, or a failed text head (one line naming the file).
+    """
+    if config.hierarchy not in ("wordnet", "taxonomy"):
+        raise ValueError("run_build_graph needs a resolved config (GraphConfig.resolved)")
+    phase = phase or _no_phase
+    say = note or (lambda level, text: None)
+    srcs, mode, C = config.sources, config.hierarchy, len(table.names)
+    use_h = "hierarchy" in srcs
+    names = list(table.names)
+
+    # -- WordNet: every class's place (the class table's synset or parent column, else its name)
+    synsets: list[Any | None] = [None] * C
+    gloss: list[Any | None] = [None] * C
+    placed: list[tuple[str, Any] | None] = [None] * C
+    placement: Placement | None = None
+    if config.needs_wordnet:
+        placement = place_classes(wn, names, table.synsets, table.parents, use_parents=mode == "wordnet",
+                                  strict=config.strict, source=table.source)
+        synsets, gloss, placed = placement.synsets, placement.gloss, placement.placed
+        if config.strict and use_h and mode == "wordnet":
+            check_strict(table.source, [], placement.unresolved, mode, None)
+        problems = placement.table_problems
+        if problems:
+            say("warn", f"{table.source}: {'; '.join(problems[:3])}"
+                f"{f' and {len(problems) - 3} more' if len(problems) > 3 else ''}: looked up by name instead")
+        below_parent = [e["class"] for e in placement.entries if e["rule"] == "parent column"]
+        if below_parent:
+            say("info", f"placed one edge below their WordNet parent: {_quoted(below_parent)}")
+        line = resolution_summary(placement)
+        if line:
+            say("info", line)
+
+    # -- descriptions (checked before any long computation)
+    descriptions: list[str] | None = None
+    desc_sources: list[str] | None = None
+    if "text" in srcs:
+        descriptions, desc_sources, empty, name_only = choose_descriptions(names, table.descriptions, gloss,
+                                                                           table.source)
+        if empty:
+            say("warn", f"empty description for {_quoted(empty)}: using the WordNet gloss (or the name)")
+        if name_only and not (use_h and mode == "wordnet"):  # else the unresolved warning below names them
+            say("warn", f"no description or WordNet gloss for {_quoted(name_only)}: encoding the class name")
+
+    # -- S_w
+    S_w = None
+    known = np.zeros(C, dtype=np.int64)
+    if use_h:
+        S_w, known = _hierarchy(config, table, synsets, placed, wn, taxonomy, taxonomy_source, phase, say)
+
+    # -- S_l (eq. 2)
+    label_sims: dict[str, np.ndarray] = {}
+    embeddings = None
+    head_record: dict[str, Any] | None = None
+    if "text" in srcs:
+        texts = [description_text(n, d, s) for n, d, s in zip(names, descriptions, desc_sources)]
+        if config.text_head == "bilstm":
+            per_class = [head_texts(n, t, d, u, s) for n, t, d, u, s in
+                         zip(names, texts, descriptions, table.descriptions, gloss)]
+            try:
+                with phase("text head", config.head_steps) as advance:
+                    res = train_text_head(
+                        per_class, texts, encode_tokens(encoder), hidden=config.head_hidden,
+                        steps=config.head_steps, lr=config.head_lr, temperature=config.head_temperature,
+                        seed=config.seed, device=device, progress=advance,
+                    )
+            except ValueError as e:
+                raise ValueError(f"--text-head bilstm: {e}") from None
+            embeddings = res.embeddings
+            head_record = {
+                "objective": "symmetric InfoNCE over texts of the same class (see stages/build_graph.py)",
+                "steps": res.steps, "loss_first": res.losses[0] if res.losses else None,
+                "loss_last": res.losses[-1] if res.losses else None,
+                "eval_loss_before": res.eval_loss_before, "eval_loss_after": res.eval_loss_after,
+                "texts_per_class_mean": float(np.mean([len(t) for t in per_class])),
+            }
+        else:
+            with phase("encode descriptions", len(texts)) as advance:
+                embeddings = encode_sentences(encoder, texts, advance)
+        label_sims["text"] = cosine_similarity(embeddings)
+    if "name" in srcs:
+        with phase("encode names", C) as advance:
+            name_emb = encode_sentences(encoder, names, advance)
+        label_sims["name"] = cosine_similarity(name_emb)
+        if embeddings is None:
+            embeddings = name_emb
+
+    graphs = relation_graphs(C, S_w, label_sims)
+    attrs: dict[str, Any] = {
+        "sources": list(srcs),
+        "strategy": config.strategy,
+        "synsets": [s.name() if s is not None else "" for s in synsets],
+        "unknown_hierarchy": [n for n, k in zip(names, known) if use_h and not k],
+    }
+    if placement is not None:
+        attrs["name_resolution"] = placement.entries
+        attrs["table_problems"] = placement.table_problems
+    if head_record:
+        attrs["text_head"] = head_record
+    return GraphResult(names, graphs, known if use_h else None, descriptions, desc_sources, embeddings, attrs,
+                       placement, head_record)
+
+
+def _hierarchy(config: GraphConfig, table: ClassTableLike, synsets: list[Any | None],
+               placed: list[tuple[str, Any] | None], wn: Any, taxonomy: Mapping[str, Sequence[str]] | None,
+               taxonomy_source: str | None, phase: PhaseProgress, say: NoteFn) -> tuple[np.ndarray, np.ndarray]:
+    """S_w and which classes have a place in the hierarchy (WordNet or a taxonomy)."""
+    mode, C, names = config.hierarchy, len(table.names), list(table.names)
+    if mode == "wordnet":
+        with phase("hypernym paths", C) as advance:
+            maps, wup_info = wordnet_hierarchy(synsets, with_depths=config.hierarchy_sim == "wup", progress=advance,
+                                               placed=placed, wn=wn)
+    else:
+        parents: dict[str, list[str]] = {k: list(v) for k, v in (taxonomy or {}).items()}
+        for name, parent in zip(names, table.parents):
+            if parent:
+                ps = parents.setdefault(name, [])
+                if parent not in ps:
+                    ps.append(parent)
+        if not parents:
+            raise ValueError(f"{table.source}: --hierarchy taxonomy needs --taxonomy FILE or a parent column")
+        try:
+            maps, depths = taxonomy_ancestors(names, parents)
+            wup_info = {"node_depth": depths}
+        except ValueError as e:
+            raise ValueError(f"{taxonomy_source if taxonomy_source is not None else table.source}: {e}") from None
+        if config.strict:
+            check_strict(table.source, [], [n for n, m in zip(names, maps) if m is None], mode, taxonomy_source)
+    unknown = [n for n, m in zip(names, maps) if m is None]
+    if unknown:
+        why = "their names resolve to nothing in WordNet" if mode == "wordnet" else "not in the taxonomy"
+        fix = ("fill the synset column of a class table (--classes)" if mode == "wordnet"
+               else "add child<TAB>parent lines")
+        say("warn", f"{len(unknown)} of {C} classes have no place in the {mode} hierarchy ({why}): "
+            f"{_quoted(unknown)}; they take part through text similarity only (S_w row 0 off-diagonal; "
+            f"{fix}, or --strict to stop here)")
+    known = np.array([m is not None for m in maps], dtype=np.int64)
+    with phase("S_w", C) as advance:
+        S_w = hierarchy_similarity(maps, sim=config.hierarchy_sim, tau=config.tau, progress=advance,
+                                   **(wup_info or {}))
+    return S_w, known

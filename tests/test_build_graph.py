@@ -9,19 +9,19 @@ import numpy as np
 import pytest
 
 from sinet_cli import store
-from sinet_cli.commands import graph as cmd
+from sinet_cli import sideinfo
 from sinet_cli.datasets.demo import demo_classes
 from stages import build_graph as stage
 
 
 @pytest.fixture(scope="module")
 def wn():
-    return cmd._wordnet()
+    return sideinfo.wordnet()
 
 
 @pytest.fixture(scope="module")
 def encoder():
-    return cmd._encoder(str(cmd.encoder_dir(None)), "cpu")
+    return sideinfo.load_text_encoder(str(sideinfo.default_text_encoder()), device="cpu")
 
 
 def run_main(monkeypatch, capsys, *args: str) -> tuple[int, str, str]:
@@ -48,9 +48,9 @@ def write_tsv(path, rows, header=("name", "synset", "description", "parent")):
 
 def test_fashion_wordnet_hierarchy_ranks_look_alikes_close(wn):
     table = demo_classes()
-    synsets = [cmd.lookup_synset(wn, s) for s in table.synsets]
+    synsets = [stage.synset_by_id(wn, s) for s in table.synsets]
     assert all(s is not None for s in synsets)
-    maps, wup = cmd.wordnet_hierarchy(synsets, with_depths=True)
+    maps, wup = stage.wordnet_hierarchy(synsets, with_depths=True)
     ix = {n: i for i, n in enumerate(table.names)}
     for sim in ("path", "wup", "exp"):
         S = stage.hierarchy_similarity(maps, sim=sim, tau=2.0, **wup)
@@ -63,12 +63,12 @@ def test_distances_and_similarities_equal_nltk_on_a_sample(wn):
     # ImageNet classes (offset ids as in ImageNet's synsets.txt) from fish, dogs, cats, vehicles, food, places
     wnids = ["n01440764", "n01443537", "n01484850", "n02091134", "n02099601", "n02123045", "n02690373",
              "n04285008", "n07920052", "n09472597", "n03028079", "n11939491", "n07873807", "n04254680"]
-    nouns = [cmd.lookup_synset(wn, w) for w in wnids]
+    nouns = [stage.synset_by_id(wn, w) for w in wnids]
     assert all(s is not None for s in nouns)
     # instance hypernyms, multiple inheritance, a hypernym of another class, duplicates
     nouns += [wn.synset(n) for n in ("paris.n.01", "einstein.n.01", "chef.n.01", "fireman.n.01",
                                      "dog.n.01", "animal.n.01", "entity.n.01", "dog.n.01")]
-    maps, wup = cmd.wordnet_hierarchy(nouns, with_depths=True)
+    maps, wup = stage.wordnet_hierarchy(nouns, with_depths=True)
     D = stage.hierarchy_distances(maps)
     P = stage.hierarchy_similarity(maps, sim="path")
     W = stage.hierarchy_similarity(maps, sim="wup", **wup)
@@ -82,7 +82,7 @@ def test_distances_and_similarities_equal_nltk_on_a_sample(wn):
                 assert W[i, j] == pytest.approx(a.wup_similarity(b), abs=1e-6), (a, b)
     # verbs live in separate trees: nltk joins them (and nouns) through a simulated root
     mixed = [wn.synset(n) for n in ("run.v.01", "walk.v.01", "think.v.01", "dog.n.01", "eat.v.01")]
-    maps, _ = cmd.wordnet_hierarchy(mixed)
+    maps, _ = stage.wordnet_hierarchy(mixed)
     P = stage.hierarchy_similarity(maps, sim="path")
     for i, a in enumerate(mixed):
         for j, b in enumerate(mixed):
@@ -90,11 +90,11 @@ def test_distances_and_similarities_equal_nltk_on_a_sample(wn):
 
 
 def test_lookup_accepts_names_and_offsets(wn):
-    assert cmd.lookup_synset(wn, "n02084071").name() == "dog.n.01"
-    assert cmd.lookup_synset(wn, "02084071-n").name() == "dog.n.01"
-    assert cmd.lookup_synset(wn, "dog.n.01").name() == "dog.n.01"
+    assert stage.synset_by_id(wn, "n02084071").name() == "dog.n.01"
+    assert stage.synset_by_id(wn, "02084071-n").name() == "dog.n.01"
+    assert stage.synset_by_id(wn, "dog.n.01").name() == "dog.n.01"
     for bad in ("dog.n.99", "nonsense", "n99999999", ""):
-        assert cmd.lookup_synset(wn, bad) is None
+        assert stage.synset_by_id(wn, bad) is None
 
 
 def test_unknown_class_gets_identity_row_and_distance_matrix_input():
@@ -169,13 +169,13 @@ def test_eq2_eq3_by_hand():
 
 def test_text_head_training_lowers_its_loss_and_moves_embeddings(wn, encoder):
     table = demo_classes()
-    synsets = [cmd.lookup_synset(wn, s) for s in table.synsets]
-    descs, srcs, _, _ = cmd.choose_descriptions(table, synsets)
-    texts = [cmd.description_text(n, d, s) for n, d, s in zip(table.names, descs, srcs)]
-    per_class = [cmd.class_texts(n, t, d, None, s) for n, t, d, s in zip(table.names, texts, descs, synsets)]
+    synsets = [stage.synset_by_id(wn, s) for s in table.synsets]
+    descs, srcs, _, _ = stage.choose_descriptions(table.names, table.descriptions, synsets)
+    texts = [stage.description_text(n, d, s) for n, d, s in zip(table.names, descs, srcs)]
+    per_class = [stage.head_texts(n, t, d, None, s) for n, t, d, s in zip(table.names, texts, descs, synsets)]
     assert all(len(t) >= 3 for t in per_class)
     kw = dict(hidden=32, batch_classes=10, seed=0)
-    enc = cmd.encode_tokens(encoder)
+    enc = stage.encode_tokens(encoder)
     untrained = stage.train_text_head(per_class, texts, enc, steps=0, **kw)
     trained = stage.train_text_head(per_class, texts, enc, steps=25, **kw)
     again = stage.train_text_head(per_class, texts, enc, steps=25, **kw)
@@ -292,7 +292,7 @@ def test_cli_class_table_overrides_the_name_and_strict_names_class_and_file(tmp_
     assert (hoodie["synset"], hoodie["source"], hoodie["lemma"]) == ("", "none", "")
     assert all({"class", "synset", "source", "lemma"} <= set(e) for e in res)
     # ankle_boot sits one edge below boot.n.01: d(ankle_boot, sneaker) = d(boot, sneaker) + 1
-    wn = cmd._wordnet()
+    wn = sideinfo.wordnet()
     d = wn.synset("boot.n.01").shortest_path_distance(wn.synset("sneaker.n.01"))
     assert S[1, 2] == pytest.approx(1 / (1 + d + 1))
     assert "resolved 2 of 4 class names in WordNet" in err and "ankle_boot -> below boot.n.01 (head noun" in err
@@ -314,8 +314,8 @@ def test_cli_descriptions_punctuation_is_an_error_empty_falls_back(tmp_path, mon
     with store.open_artifact(tmp_path / "o" / "graph.h5", "graph") as art:
         # text alone also looks names up in WordNet: its gloss describes the class
         assert list(art.read("description_source")) == ["user", "wordnet", "name", "wordnet"]
-        assert art.read("descriptions")[3] == cmd._wordnet().synset("bag.n.01").definition()
-        assert list(art.read("descriptions"))[:2] == ["a loyal pet", cmd.lookup_synset(cmd._wordnet(), "cat.n.01").definition()]
+        assert art.read("descriptions")[3] == sideinfo.wordnet().synset("bag.n.01").definition()
+        assert list(art.read("descriptions"))[:2] == ["a loyal pet", stage.synset_by_id(sideinfo.wordnet(), "cat.n.01").definition()]
 
 
 def test_cli_duplicate_class_name(tmp_path, monkeypatch, capsys):
@@ -378,7 +378,7 @@ def test_cli_plain_imagefolder_with_ordinary_names_builds_without_flags(tmp_path
               "ankle_boot": ("boot.n.01", "parent"), "Down Coat": ("coat.n.01", "parent"),
               "dresses": ("dress.n.01", "name"), "sneakers": ("gym_shoe.n.01", "name"), "Zorblax": ("", "none")}
     assert {n: (e["synset"], e["source"]) for n, e in res.items()} == expect
-    assert res["bag"]["senses"] == len(cmd._wordnet().synsets("bag", pos="n")) > 1
+    assert res["bag"]["senses"] == len(sideinfo.wordnet().synsets("bag", pos="n")) > 1
     ix = {n: i for i, n in enumerate(order)}
     z = ix["Zorblax"]
     assert known == {n: int(n != "Zorblax") for n in names}
@@ -386,7 +386,7 @@ def test_cli_plain_imagefolder_with_ordinary_names_builds_without_flags(tmp_path
     assert np.all(np.abs(np.delete(S_l[z], z)) > 0) and np.allclose(S_t, S_l + S_w, atol=1e-6)  # text only
     assert S_w[ix["T-shirt"], ix["tshirt"]] == 1.0
     assert S_w[ix["ankle_boot"], ix["sneakers"]] > S_w[ix["ankle_boot"], ix["dresses"]] > 0
-    assert desc_src["Zorblax"] == "name" and desc["ankle_boot"] == cmd._wordnet().synset("boot.n.01").definition()
+    assert desc_src["Zorblax"] == "name" and desc["ankle_boot"] == sideinfo.wordnet().synset("boot.n.01").definition()
     warnings = [line for line in err.splitlines() if line.startswith("warning:")]
     assert len(warnings) == 1 and "'Zorblax'" in warnings[0] and "text similarity only" in warnings[0]
     assert "resolved 7 of 8 class names in WordNet" in err and "1 unresolved" in err
@@ -419,3 +419,38 @@ def test_make_strict_variable_reaches_build_graph():
 
     assert "--strict" not in graph_line() and "--lenient" not in graph_line()
     assert "--strict" in graph_line("STRICT=1")
+
+
+# -- the config: validation and provenance params ----------------------------------------------
+
+
+def test_graph_config_params_are_the_fields_that_change_graph_h5():
+    # the params graph.h5 recorded before the config existed: existing artifacts stay up to date
+    default = stage.GraphConfig().resolved(False, ["dog.n.01"], [""])
+    assert default.params() == {"sources": ["hierarchy", "text"], "hierarchy": "wordnet", "hierarchy_sim": "path",
+                                "text_head": "none"}
+    exp = stage.GraphConfig(sources="wordnet", hierarchy_sim="exp", tau=1.5).resolved(False, [""], [""])
+    assert exp.params() == {"sources": ["hierarchy"], "hierarchy": "wordnet", "hierarchy_sim": "exp", "tau": 1.5}
+    head = stage.GraphConfig(sources="CD", text_head="bilstm", head_steps=20, strict=True).resolved(False, [""], [""])
+    assert head.params() == {"sources": ["text"], "hierarchy": "wordnet", "text_head": "bilstm", "head_steps": 20,
+                             "head_hidden": 192, "head_lr": 2e-3, "head_temperature": 0.1, "seed": 0}
+    assert stage.GraphConfig(sources="CN+HW").resolved(False, [""], ["drinks"]).params() == {
+        "sources": ["hierarchy", "name"], "hierarchy": "taxonomy", "hierarchy_sim": "path"}  # parents, no synsets
+    assert stage.GraphConfig(sources="name").params() == {"sources": ["name"]}
+    assert stage.GraphConfig(sources="HW").resolved(True, [""], [""]).hierarchy == "taxonomy"
+    for kwargs, message in (({"sources": "colour"}, "unknown source 'colour'"), ({"sources": " "}, "empty"),
+                            ({"hierarchy_sim": "exp", "tau": 0.0}, "--tau 0.0"), ({"hierarchy": "tree"}, "--hierarchy"),
+                            ({"text_head": "bilstm", "sources": "HW"}, "add 'text'"),
+                            ({"text_head": "bilstm", "head_lr": 0.0}, "--head-lr")):
+        with pytest.raises(ValueError, match=message):
+            stage.GraphConfig(**kwargs)
+    with pytest.raises(ValueError, match="drop one"):
+        stage.GraphConfig(hierarchy="wordnet").resolved(True, [""], [""])
+    with pytest.raises(ValueError, match="resolved config"):
+        stage.run_build_graph(stage.GraphConfig(), demo_classes())
+
+
+def test_cli_config_error_is_one_line(monkeypatch, capsys):
+    code, _, err = run_main(monkeypatch, capsys, "build-graph", "--data", "demo", "--hierarchy-sim", "exp",
+                            "--tau", "-1")
+    assert code == 1 and err.strip() == "sinet: error: --tau -1.0: must be > 0"

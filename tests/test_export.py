@@ -4,11 +4,12 @@ manifest reader, the decision rule, the images folder (symlink for files, PNG fo
 from __future__ import annotations
 
 import numpy as np
+import pytest
 import pandas as pd
 from PIL import Image
 
 from sinet_cli import store
-from sinet_cli.commands.export import decide
+from stages.export import decide
 
 CLASSES = ["c0", "c1", "c2"]
 
@@ -128,3 +129,25 @@ def test_export_of_pixels_without_data_says_which_data_to_pass(tmp_path, sinet):
     assert code == 1 and err.count("\n") == 1 and "Traceback" not in err, err
     assert "features.h5 has no image paths" in err and "pass the --data it was extracted from" in err
     assert not (tmp_path / "export" / "images.csv").exists()
+
+
+def test_export_block_by_hand():
+    from stages.export import ExportConfig, export_block
+
+    # rows: not flagged (keep), flagged + sure (relabel to class 0), flagged + unsure (drop),
+    # flagged + sure but an invalid suggestion (relabel, left out of the manifest), a label outside the classes
+    scores = {"labels": np.array([0, 1, 1, 0, 5]), "weight": np.array([0.9, 0.1, 0.2, 0.3, 0.5]),
+              "flagged": np.array([0, 1, 1, 1, 0]), "suggested_class": np.array([0, 0, 0, -1, 1]),
+              "suggested_confidence": np.array([0.9, 0.7, 0.2, 0.9, np.nan])}
+    ids = np.array(["a", "b", "c", "d", "e"])
+    block = export_block(scores, ids, np.full(5, ""), np.full(5, "train"), None, ["cat", "dog"],
+                         np.array([0.1, 0.4]), 0.5)
+    assert block.columns["decision"] == ["keep", "relabel", "drop", "relabel", "keep"]
+    assert block.columns["label"] == ["cat", "dog", "dog", "cat", None]
+    assert block.columns["suggested_class"] == ["cat", "cat", "cat", None, "dog"]
+    assert block.columns["class_noise"][:4].tolist() == [0.1, 0.4, 0.4, 0.1] and np.isnan(block.columns["class_noise"][4])
+    assert block.keep.tolist() == [True, True, False, False, False]
+    assert block.new_label[:2].tolist() == [0, 0]
+    assert ExportConfig(0.3, 10).params() == {"relabel_at": 0.3, "chunk_rows": 10}
+    with pytest.raises(ValueError, match="--relabel-at 2"):
+        ExportConfig(relabel_at=2)

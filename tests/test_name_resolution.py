@@ -5,14 +5,14 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from sinet_cli.commands import graph as cmd
+from sinet_cli import sideinfo
 from stages import build_graph as stage
 from stages.build_graph import name_key, name_words, resolve_class_name, resolve_class_names, same_name
 
 
 @pytest.fixture(scope="module")
 def wn():
-    return cmd._wordnet()
+    return sideinfo.wordnet()
 
 
 def syn(wn, ident: str) -> str:
@@ -240,9 +240,9 @@ def test_build_graph_places_every_class_in_view_of_the_others(wn):
 
     table = ClassTable(["mouse", "Notebook PC", "keyboard", "monitors"], ["", "laptop.n.01", "", ""], [None] * 4,
                        [None] * 4, "<test>")
-    placement = cmd.place_classes(wn, table, use_parents=True, strict=False)
+    placement = stage.place_classes(wn, table.names, table.synsets, table.parents, use_parents=True, strict=False)
     e = {x["class"]: x for x in placement.entries}
     assert e["mouse"]["synset"] == "mouse.n.04" and e["mouse"]["choice"] == "context"
     assert e["mouse"]["runner_up"] == "mouse.n.01" and e["mouse"]["evidence"].startswith("context ")
     assert e["Notebook PC"]["source"] == "table" and e["monitors"]["synset"] == "monitor.n.04"
-    assert "context of 4 senses" in cmd.resolution_summary(placement)
+    assert "context of 4 senses" in stage.resolution_summary(placement)

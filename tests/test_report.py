@@ -567,3 +567,34 @@ def test_report_opens_in_chromium(tmp_path, sinet, browser):
     m = re.search(r'data-images-loaded="(\d+)" data-images-total="(\d+)"', dom)
     assert m and int(m.group(1)) == int(m.group(2)) - 1
     assert console_errors(log), log[-2000:]
+
+
+def test_report_config_params_as_recorded():
+    # report.json's params before the config existed: existing pages stay up to date
+    assert stage.ReportConfig().params() == {"low_weight": "auto", "max_classes": 50, "per_class": 8,
+                                             "thumb_size": 48, "top_suspects": 50}
+    assert stage.ReportConfig(low_weight="Q0.20").low_weight == "q0.2"
+    assert stage.ReportConfig(low_weight="0.1").params()["low_weight"] == 0.1
+    for kwargs, message in (({"low_weight": "q2"}, "--low-weight 'q2'"), ({"thumb_size": 4}, "--thumb-size 4"),
+                            ({"per_class": -1}, "must be >= 0")):
+        with pytest.raises(ValueError, match=message):
+            stage.ReportConfig(**kwargs)
+
+
+def test_summary_numbers_by_hand():
+    # class 0: 2 train rows, 1 flagged; class 1: 3 train rows, 3 flagged; class 2: 1 train row, 0 flagged
+    labels = np.array([0, 0, 1, 1, 1, 2, 2])
+    train = np.array([1, 1, 1, 1, 1, 1, 0], dtype=bool)
+    flagged = np.array([1, 0, 1, 1, 1, 0, 1])
+    order, n_train, counts = stage.noisiest_classes(labels, train, 3, flagged)
+    assert order.tolist() == [1, 0, 2] and n_train.tolist() == [2, 3, 1] and counts.tolist() == [1, 3, 0]
+    order, _, _ = stage.noisiest_classes(labels, train, 3, None, np.array([0.2, np.nan, 0.2]))
+    assert order.tolist() == [0, 2, 1]  # tie by more training images; NaN last
+    runs = {"A": {"mode": "A", "top1": 70.0, "top5": 90.0, "seed": 0, "n_train": 5},
+            "A-s1": {"mode": "A", "top1": 72.0, "top5": 92.0, "seed": 1, "eval_labels": "labels"},
+            "oracle": {"mode": "oracle", "top1": 80.0, "top5": 99.0, "seed": 0},
+            "B": {"mode": "B", "skipped": "no val split"},
+            "C-img": {"mode": "C", "on": "images", "top1": 60.0, "top5": 85.0}}
+    acc = stage.accuracies(runs)
+    assert [a.model for a in acc] == ["A", "C (images)", "oracle"]
+    assert acc[0].top1 == [70.0, 72.0] and acc[0].seeds == [0, 1] and acc[0].eval_labels == {"clean_labels", "labels"}

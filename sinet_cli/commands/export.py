@@ -6,9 +6,8 @@
 * ``ART/export/cleaned.tsv``: a manifest (``id path label split [text]``, what ``--data
   manifest:`` reads) of the images kept by the decision rule, flagged ones relabeled or dropped.
 
-Decision rule: an image that is not flagged is kept with its label; a flagged image whose
-suggestion has confidence >= ``--relabel-at`` (the default 0.5: the suggested class is at least as
-likely as not the image's class) is kept with the suggested class; any other flagged image is dropped.
+The decision rule and the per-row columns are ``stages.export`` (``ExportConfig``, ``decide``,
+``export_block``); this module streams the blocks from scores.h5 and features.h5 and writes the files.
 Image paths in the manifest are relative to its folder: for a dataset of files,
 through the symlink ``ART/export/images`` to the images' common folder; for a dataset held in
 memory (the demos), the kept images are written there as PNG files. Every output is written to a
@@ -32,18 +31,6 @@ from ..errors import SinetError
 from ..locks import Plan, locked
 from ..progress import progress_bar
 
-DECISIONS = ("keep", "relabel", "drop")
-COLUMNS = ("id", "path", "split", "label", "weight", "flagged", "suggested_class", "suggested_confidence",
-           "class_noise", "decision")
-
-
-def decide(flagged: np.ndarray, confidence: np.ndarray, relabel_at: float) -> np.ndarray:
-    """Per row 0 keep (not flagged), 1 relabel (flagged, suggestion confidence >= relabel_at), 2 drop."""
-    f = np.asarray(flagged).astype(bool)
-    sure = np.nan_to_num(np.asarray(confidence, dtype=np.float64), nan=0.0) >= relabel_at
-    return np.where(~f, 0, np.where(sure, 1, 2)).astype(np.int8)
-
-
 def _tsv_field(values: np.ndarray) -> list[str]:
     return [str(v).replace("\t", " ").replace("\n", " ").replace("\r", " ") for v in np.asarray(values).tolist()]
 
@@ -61,14 +48,6 @@ def _demo_pixels(data: str) -> dict[str, np.ndarray]:
     out.update({i.replace("-train-", "-junk-"): p for i, p in zip(junk.ids.tolist(), junk.pixels)
                 if "-train-" in i})
     return out
-
-
-def _common_root(paths: np.ndarray, root: Optional[str]) -> Optional[str]:
-    """The deepest folder holding every path of ``paths`` and ``root`` so far."""
-    folders = {os.path.dirname(os.path.abspath(p)) for p in np.asarray(paths).tolist() if p}
-    if root is not None:
-        folders.add(root)
-    return os.path.commonpath(sorted(folders)) if folders else root
 
 
 def _plan(a: dict) -> Plan:
@@ -95,8 +74,12 @@ def export(
 
     Example: sinet export --data demo
     """
-    if not 0.0 <= relabel_at <= 1.0 or chunk_rows < 1:
-        raise SinetError(f"--relabel-at {relabel_at}: must be in [0, 1]; --chunk-rows >= 1")
+    from stages import export as stage
+
+    try:
+        config = stage.ExportConfig(relabel_at=relabel_at, chunk_rows=chunk_rows)
+    except ValueError as e:
+        raise SinetError(str(e)) from None
     folder = artifact_dir(out, data)
     scores_path, features_path = folder / "scores.h5", folder / "features.h5"
     target = folder / "export"
@@ -121,8 +104,8 @@ def export(
             pixels = _demo_pixels(data) if in_memory else None
             root = None
             if not in_memory:  # the common folder of every image: the manifest's paths go through it
-                for _, rows in fe.iter_rows(["paths"], chunk_rows):
-                    root = _common_root(rows["paths"], root)
+                for _, rows in fe.iter_rows(["paths"], config.chunk_rows):
+                    root = stage.common_root(rows["paths"], root)
             fe_cols = ["ids"] + [k for k in ("paths", "splits", "side_text") if k in fe]
             has_text = "side_text" in fe
             n = sc.dims["N"]
@@ -135,8 +118,8 @@ def export(
                 images_tmp.mkdir()
             else:
                 os.symlink(root, images_tmp)
-            _write_rows(sc, fe, fe_cols, has_text, classes, class_noise, relabel_at, chunk_rows, n, tmp, pixels,
-                        images_tmp, root, counts)
+            _write_rows(sc, fe, fe_cols, has_text, classes, class_noise, config, n, tmp, pixels, images_tmp, root,
+                        counts)
         # the four outputs as one unit: a kill between the renames is completed by the next run
         store.commit_outputs(target, {target / "images": images_tmp, **{target / n: p for n, p in tmp.items()}})
     finally:
@@ -147,7 +130,7 @@ def export(
     kept = int(counts[0] + counts[1])
     console.info(f"{target}: {int(counts.sum())} images -> images.csv, images.parquet; cleaned.tsv keeps {kept} "
                  f"({counts[0]} not flagged, {counts[1]} flagged and relabeled at suggestion confidence >= "
-                 f"{relabel_at:g}), drops {counts[2]} flagged below it")
+                 f"{config.relabel_at:g}), drops {counts[2]} flagged below it")
 
 
 def _remove(path: Path) -> None:
@@ -157,57 +140,43 @@ def _remove(path: Path) -> None:
         shutil.rmtree(path)
 
 
-def _write_rows(sc, fe, fe_cols, has_text, classes, class_noise, relabel_at, chunk_rows, n, tmp, pixels, images_tmp,
-                root, counts) -> None:
+def _write_rows(sc, fe, fe_cols, has_text, classes, class_noise, config, n, tmp, pixels, images_tmp, root,
+                counts) -> None:
+    """Stream scores.h5 and features.h5 block by block into the three files (stages.export.export_block)."""
     import pyarrow as pa
     import pyarrow.csv as pcsv
     import pyarrow.parquet as pq
+    from stages import export as stage
 
     sc_cols = ["ids", "labels", "weight", "flagged", "suggested_class", "suggested_confidence"]
     names = np.asarray(classes, dtype=object)
     kinds = {"weight": pa.float64(), "flagged": pa.bool_(), "suggested_confidence": pa.float64(),
              "class_noise": pa.float64()}
-    schema = pa.schema([(c, kinds.get(c, pa.string())) for c in COLUMNS + (("side_text",) if has_text else ())])
+    schema = pa.schema([(c, kinds.get(c, pa.string())) for c in stage.COLUMNS + (("side_text",) if has_text else ())])
     header = ["id", "path", "label", "split"] + (["text"] if has_text else [])
     with pq.ParquetWriter(tmp["images.parquet"], schema) as parquet, \
             pcsv.CSVWriter(str(tmp["images.csv"]), schema) as csv_out, open(tmp["cleaned.tsv"], "w") as tsv, \
             progress_bar("export", n) as advance:
         tsv.write("\t".join(header) + "\n")
-        for (start, s), (_, f) in zip(sc.iter_rows(sc_cols, chunk_rows), fe.iter_rows(fe_cols, chunk_rows)):
+        blocks = zip(sc.iter_rows(sc_cols, config.chunk_rows), fe.iter_rows(fe_cols, config.chunk_rows))
+        for (start, s), (_, f) in blocks:
             ids = np.asarray(s["ids"]).astype(str)
             if not np.array_equal(ids, np.asarray(f["ids"]).astype(str)):
                 raise SinetError(f"{sc.path} and {fe.path} list other ids at rows {start}..{start + len(ids) - 1}; "
                                  "run sinet score-noise --force")
-            lab = np.asarray(s["labels"], dtype=np.int64)
-            valid = (lab >= 0) & (lab < len(names))
-            sug = np.asarray(s["suggested_class"], dtype=np.int64)
-            sug_ok = (sug >= 0) & (sug < len(names))
-            decision = decide(s["flagged"], s["suggested_confidence"], relabel_at)
-            counts += np.bincount(decision, minlength=3)
             splits = np.asarray(f["splits"]).astype(str) if "splits" in f else np.full(len(ids), "train")
             paths = np.asarray(f["paths"]).astype(str) if "paths" in f else np.full(len(ids), "")
-            columns = {
-                "id": ids.tolist(), "path": paths.tolist(), "split": splits.tolist(),
-                "label": np.where(valid, names[np.clip(lab, 0, len(names) - 1)], None).tolist(),
-                "weight": np.asarray(s["weight"], dtype=np.float64),
-                "flagged": np.asarray(s["flagged"]).astype(bool),
-                "suggested_class": np.where(sug_ok, names[np.clip(sug, 0, len(names) - 1)], None).tolist(),
-                "suggested_confidence": np.asarray(s["suggested_confidence"], dtype=np.float64),
-                "class_noise": np.where(valid, class_noise[np.clip(lab, 0, len(names) - 1)], np.nan),
-                "decision": np.asarray(DECISIONS, dtype=object)[decision].tolist(),
-            }
-            if has_text:
-                columns["side_text"] = np.asarray(f["side_text"]).astype(str).tolist()
-            table = pa.Table.from_pydict(columns, schema=schema)
+            text = np.asarray(f["side_text"]).astype(str) if has_text else None
+            block = stage.export_block(s, ids, paths, splits, text, classes, class_noise, config.relabel_at)
+            counts += np.bincount(block.decision, minlength=3)
+            table = pa.Table.from_pydict(block.columns, schema=schema)
             parquet.write_table(table)
             csv_out.write_table(table)
-            # the cleaned manifest: kept rows, relabeled ones with the suggestion
-            keep = (decision < 2) & valid & np.where(decision == 1, sug_ok, True)
-            new_label = np.where(decision == 1, sug, lab)
+            keep = block.keep
             rel = _manifest_paths(ids, paths, keep, pixels, images_tmp, root)
-            cols = [_tsv_field(ids[keep]), rel, _tsv_field(names[new_label[keep]]), _tsv_field(splits[keep])]
+            cols = [_tsv_field(ids[keep]), rel, _tsv_field(names[block.new_label[keep]]), _tsv_field(splits[keep])]
             if has_text:
-                cols.append(_tsv_field(np.asarray(f["side_text"]).astype(str)[keep]))
+                cols.append(_tsv_field(text[keep]))
             tsv.write("".join("\t".join(r) + "\n" for r in zip(*cols)))
             advance(len(ids))
 
@@ -227,7 +196,6 @@ def _manifest_paths(ids: np.ndarray, paths: np.ndarray, keep: np.ndarray, pixels
             Image.fromarray(np.asarray(pixels[i])).save(images_tmp / name)
             out.append(f"images/{name}")
         return out
-    for p in paths[keep].tolist():
-        rel = os.path.relpath(os.path.abspath(p), root)
-        out.append("images/" + Path(rel).as_posix())
-    return out
+    from stages.export import relative_image_paths
+
+    return relative_image_paths(paths[keep].tolist(), root)

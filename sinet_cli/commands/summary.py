@@ -13,12 +13,12 @@ with ``sinet report``.
 from __future__ import annotations
 
 import json
-import math
 import statistics
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+from stages.report import NO_ESTIMATE, pct
 
 from .. import console, store
 from ..app import app
@@ -30,14 +30,9 @@ SUSPECTS_SHOWN = 10  # top suspects printed (all of them are in suspects.tsv)
 ALL_CLASSES = 30  # up to this many classes the per-class table lists every class
 CLASSES_SHOWN = 20  # above it, the noisiest ones
 TEXT_WIDTH = 60  # side text and class names are cut to this many characters
-NO_ESTIMATE = "no noise estimate in scores.h5 (rerun score-noise)"
 
 
 # -- readers shared with `sinet report` ---------------------------------------------------------
-
-
-def pct(x: float | None) -> str:
-    return "–" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{100 * x:.1f}%"
 
 
 def _json_attr(art: store.Artifact, name: str) -> Any:
@@ -193,25 +188,15 @@ def _detection_rows(folder: Path) -> list[list[str]]:
 
 def _accuracy_rows(runs: dict[str, dict[str, Any]]) -> tuple[list[list[str]], set[str]]:
     """Rows of the accuracy table and the kinds of labels the runs were evaluated against."""
-    by_mode: dict[str, list[dict[str, Any]]] = {}
-    for entry in runs.values():
-        label = entry["mode"] + ("" if entry.get("on", "features") == "features" else f" ({entry['on']})")
-        by_mode.setdefault(label, []).append(entry)
-    order = {"A": 0, "B": 1, "C": 2, "oracle": 3}
+    from stages.report import accuracies
+
+    def fmt(v: list[float]) -> str:
+        return f"{statistics.mean(v):.2f}" + (f" ± {statistics.stdev(v):.2f}" if len(v) > 1 else "")
+
     rows, evaluated = [], set()
-    for label in sorted(by_mode, key=lambda m: (order.get(m.split()[0], 9), m)):
-        entries = [e for e in by_mode[label] if e.get("top1") is not None]
-        if not entries:
-            continue
-        t1 = [e["top1"] for e in entries]  # metrics.json holds percentages
-        t5 = [e["top5"] for e in entries]
-        evaluated.update(str(e.get("eval_labels", "clean_labels")) for e in entries)
-
-        def fmt(v: list[float]) -> str:
-            return f"{statistics.mean(v):.2f}" + (f" ± {statistics.stdev(v):.2f}" if len(v) > 1 else "")
-
-        seeds = ",".join(str(e.get("seed", "?")) for e in entries)
-        rows.append([label, fmt(t1), fmt(t5), str(entries[0].get("n_train", "")), seeds])
+    for a in accuracies(runs):  # metrics.json holds percentages
+        evaluated.update(a.eval_labels)
+        rows.append([a.model, fmt(a.top1), fmt(a.top5), str(a.n_train), ",".join(str(s) for s in a.seeds)])
     return rows, evaluated
 
 
@@ -262,13 +247,9 @@ def _class_rows(v: dict[str, Any]) -> tuple[list[str], list[list[str]], int]:
     number of classes left out."""
     from stages import report as stage
 
-    names, labels, train = v["names"], v["labels"], v["train"]
+    names, est = v["names"], v["class_noise"]
     C = len(names)
-    n_train = np.bincount(labels[train], minlength=C)
-    flagged = None if v["flagged"] is None else stage.flagged_per_class(labels, v["flagged"], C, train)
-    est = v["class_noise"]
-    key = est if est is not None else (flagged / np.maximum(n_train, 1) if flagged is not None else np.zeros(C))
-    order = np.lexsort((np.arange(C), -n_train, -np.nan_to_num(key, nan=-1.0)))
+    order, n_train, flagged = stage.noisiest_classes(v["labels"], v["train"], C, v["flagged"], est)
     shown = order if C <= ALL_CLASSES else order[:CLASSES_SHOWN]
     header = ["class", "train images", "estimated noise", "flagged"]
     res = v["resolution"]

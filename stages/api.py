@@ -23,7 +23,7 @@ from .score_noise import ScoreConfig
 
 BLOCK_ROWS = 16384  # rows per block of the prototype passes and the scoring
 SOURCES = {"wordnet": "hierarchy", "hierarchy": "hierarchy", "text": "text", "name": "name"}
-PLACED = "class:"  # node of a class placed one edge below its parent synset
+PLACED = _graph.PLACED  # node of a class placed one edge below its parent synset
 
 
 @dataclass
@@ -101,27 +101,11 @@ class LabelIssues:
 # -- the class graph ---------------------------------------------------------------------------
 
 
-def _ancestors(synset: Any) -> dict[str, int]:
-    """``{synset name: edges}`` over hypernyms and instance hypernyms, breadth first (nltk's
-    shortest hypernym paths, as build-graph walks them)."""
-    dist: dict[str, int] = {}
-    frontier, d, seen = [synset], 0, set()
-    while frontier:
-        nxt = []
-        for s in frontier:
-            if s not in seen:
-                seen.add(s)
-                dist[s.name()] = d
-                nxt.extend(s.hypernyms() + s.instance_hypernyms())
-        frontier, d = nxt, d + 1
-    return dist
-
-
 def _default_encoder(encoder: Any) -> Any:
     """The sentence encoder: an object with ``encode`` as given, else the packaged one (or a folder)."""
     if encoder is not None and hasattr(encoder, "encode"):
         return encoder
-    from sinet_cli.sideinfo import load_text_encoder  # the packaged offline assets, found without downloads
+    from .assets import load_text_encoder  # the packaged offline assets, found without downloads
 
     return load_text_encoder(encoder)
 
@@ -161,7 +145,7 @@ def build_class_graph(class_names: Sequence[str], *, synsets: Sequence[str | Non
     for what, given in (("synsets", synsets), ("descriptions", descriptions)):
         if given is not None and len(given) != C:
             raise ValueError(f"{what}: {len(given)} entries for {C} classes")
-    from sinet_cli.sideinfo import wordnet  # the packaged WordNet, found without downloads
+    from .assets import wordnet  # the packaged WordNet, found without downloads
 
     wn = wordnet()
     own: list[Any | None] = [_graph.synset_by_id(wn, s) if s else None for s in (synsets or [None] * C)]
@@ -171,14 +155,14 @@ def build_class_graph(class_names: Sequence[str], *, synsets: Sequence[str | Non
     entries: list[dict[str, Any]] = []
     for name, syn, r in zip(names, own, by_name):
         if syn is not None:
-            maps.append(_ancestors(syn))
+            maps.append(_graph.synset_ancestors(syn))
             entry = {"synset": syn.name(), "source": "table", "rule": "synset given", "detail": syn.name()}
         elif r.synset is None:
             maps.append(None)
             entry = {"synset": "", "source": "none", "rule": "", "detail": r.describe()}
         else:
             syn = wn.synset(r.synset)
-            up = _ancestors(syn)
+            up = _graph.synset_ancestors(syn)
             # a class that is a kind of the synset sits one edge below it
             maps.append({PLACED + name: 0, **{k: d + 1 for k, d in up.items()}} if r.placed else up)
             entry = {"synset": r.synset, "source": "name", "rule": r.rule, "detail": r.describe()}

@@ -48,3 +48,20 @@ def test_api_and_cli_agree(tmp_path, sinet, options):
         assert np.isnan(api.noise_rate) and not api.flagged.any()
     else:
         assert api.noise_rate == pytest.approx(info["overall"], abs=1e-9) and api.flagged.any()
+
+
+def test_api_graph_equals_build_graph(tmp_path, sinet):
+    """stages.build_class_graph with the class table's synsets gives build-graph's S_t (eqs. 2-3)."""
+    import json
+
+    import h5py
+
+    code, _, err = sinet("build-graph", "--data", "demo", "--out", tmp_path)
+    assert code == 0, err
+    with h5py.File(tmp_path / "graph.h5", "r") as f:
+        names = [c.decode() if isinstance(c, bytes) else str(c) for c in f["classes"][:]]
+        S_t = f["S_t"][:]
+        synsets = [e["synset"] or None for e in json.loads(f.attrs["name_resolution"])]
+    graph = stages.build_class_graph(names, synsets=synsets)
+    assert graph.classes == names
+    np.testing.assert_allclose(graph.similarity, S_t, atol=1e-6)

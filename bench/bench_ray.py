@@ -5,15 +5,18 @@ The inputs are bench_webdataset.py's (demo images upscaled to ``--width`` x ``--
 files and in ``--per-shard``-image shards). Every contender runs the real command in this process
 (``sinet extract-features ... --force``), interleaved, fastest of ``--repeats``:
 
-* local, files / shards: ``--workers 0`` (decoding in the process, torch on every core);
+* local, files / shards: ``--workers 0`` (decoding in the process, torch's default threads: one per core);
+* local, shards, 1 torch thread: as a Ray task runs (on 2 shared cores torch's spinning OpenMP
+  threads can cost more than the second core gives: this line tells that apart from the parallelism);
 * ray, files / shards: one task per shard (files: ``--part-rows`` = a shard's worth), 2 tasks at a
   time, each on one core (Ray sets one torch thread per task) with ``--workers 0``.
 
 The Ray cluster is started once, before the timed runs (its start is reported on its own line), and
 its workers keep their backbone between runs, as a long extraction's workers do after their first
-part; the first (cold) Ray run is reported too. Ratios are Ray / local on the same input: on a
-machine whose cores one process already keeps busy they show Ray's overhead (parts, object
-transfers, the merge), not a speed-up; past one machine the workers multiply.
+part; the first (cold) Ray run is reported too. Ratios are Ray / local on the same input. On a
+machine whose cores one process already keeps busy, Ray's ratio to the one-thread local run shows
+its overhead (tasks, object transfers, part files, the merge), not a speed-up; what Ray adds is
+machines, each running tasks like these.
 
 Run: python bench/bench_ray.py [--images 1200] [--image-size 64] [--quick]
 """
@@ -58,6 +61,18 @@ def main() -> None:
         def run(data: str, out: str, *extra: object):
             return lambda: bl.sinet("extract-features", "--data", data, *common, *extra, "--out", work / out)
 
+        def one_thread(fn):
+            def wrapped():
+                import torch
+
+                threads = torch.get_num_threads()
+                torch.set_num_threads(1)
+                try:
+                    return fn()
+                finally:
+                    torch.set_num_threads(threads)
+            return wrapped
+
         # the workers import this source tree, as this process does (benchlib puts it first on sys.path)
         os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (str(bl.ROOT), os.environ.get("PYTHONPATH")) if p)
         t0 = time.perf_counter()
@@ -67,6 +82,7 @@ def main() -> None:
             files, shards = f"manifest:{manifest}", pattern
             contenders = {
                 "local, shards": run(shards, "ls"), "ray, shards": run(shards, "rs", "--engine", "ray"),
+                "local, shards, 1 thread": one_thread(run(shards, "l1")),
                 "local, files": run(files, "lf"),
                 "ray, files": run(files, "rf", "--engine", "ray", "--part-rows", per_shard),
             }
@@ -79,7 +95,10 @@ def main() -> None:
             figures.append(bl.figure(f"extract-features from {what}, Ray 2 local workers ({n:,} images, "
                                      f"{args.image_size} px{q})", ips_ray, "img/s", "one process (--engine local)",
                                      ips_local, ips_ray / ips_local, "-", None, "2 CPUs shared"))
-        ips_s, ips_f = n / best["ray, shards"], n / best["ray, files"]
+        ips_s, ips_1 = n / best["ray, shards"], n / best["local, shards, 1 thread"]
+        figures.append(bl.figure(f"extract-features from shards, Ray 2 local workers{q}", ips_s, "img/s",
+                                 "one process, 1 torch thread (as a task)", ips_1, ips_s / ips_1, "-", None))
+        ips_f = n / best["ray, files"]
         figures.append(bl.figure(f"Ray: shards against files{q}", ips_s, "img/s", "files, --part-rows a shard's worth",
                                  ips_f, ips_s / ips_f, "-", None))
         figures.append(bl.figure(f"Ray: first run (cold workers), shards{q}", n / t_cold, "img/s",

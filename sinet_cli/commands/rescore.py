@@ -135,11 +135,11 @@ def rescore(
         with file_lock(features_path, wait, "rescore"):
             t0 = time.monotonic()
             table = new_crawl(data, classes, captions, label_field, features_path, retry_skipped)
-            ray = None if engine == "local" else {"address": ray_address, "retries": ray_retries,
+            ray_opts = None if engine == "local" else {"address": ray_address, "retries": ray_retries,
                                                   "part_rows": part_rows}
             if table is not None:
                 append_new(table, data, features_path, folder, weights, retry_skipped, batch_size, workers,
-                           chunk_rows, device, ray)
+                           chunk_rows, device, ray_opts)
             score_new(folder, alpha, beta, max(0.0, wait - (time.monotonic() - t0)), device)
     except (OSError, RuntimeError, ValueError) as e:  # disk full, CUDA, a library's refusal: one line for cron
         if is_storage_error(e):
@@ -192,9 +192,9 @@ def recorded_shards(features_path: Path, chunk: int = 65536) -> set[str]:
 
 
 def append_new(table, data: str, features_path: Path, folder: Path, weights: Path | None, retry_skipped: bool,
-               batch_size: int, workers: int, chunk_rows: int, device: str, ray: dict | None = None) -> int:
-    """Append the rows of ``table`` whose ids features.h5 lacks; returns the number appended. ``ray``
-    (address, retries, part_rows): extract them as Ray tasks (``--engine ray``)."""
+               batch_size: int, workers: int, chunk_rows: int, device: str, ray_opts: dict | None = None) -> int:
+    """Append the rows of ``table`` whose ids features.h5 lacks; returns the number appended.
+    ``ray_opts`` (address, retries, part_rows): extract them as Ray tasks (``--engine ray``)."""
     with store.open_artifact(features_path, "features") as art:
         stored = list(art.read("classes"))
         if list(table.classes.names) != stored:
@@ -258,19 +258,19 @@ def append_new(table, data: str, features_path: Path, folder: Path, weights: Pat
 
     decode = stage.Decode.from_dict(decode_rec)
     parts = None
-    if ray is not None:  # every part file first: features.h5 is copied for the append only once they are all there
+    if ray_opts is not None:  # every part file first: features.h5 is copied for the append only once they are all there
         from ..engines import ray_engine
 
         job = ray_engine.PartJob(params["backbone"], None if weight_path is None else str(weight_path),
                                  bool(params.get("random_init")), len(stored) if probs else 0, params.get("image_size"),
                                  decode.as_dict(), batch_size, workers)
         parts_dir = folder / "rescore.parts"
-        plan = ray_engine.plan_parts(table, positions, ray["part_rows"])
+        plan = ray_engine.plan_parts(table, positions, ray_opts["part_rows"])
         parts = ray_engine.extract_parts(
             job, table, plan, parts_dir, params=params,
             inputs={"features": features_fp, "dataset": table.fingerprint()}, names=rows_in_file,
-            feature_dtype=feature_dtype, chunk_rows=chunk_rows, attrs={}, feature_dim=dim, address=ray["address"],
-            device=device, retries=ray["retries"], on_skip=warn_skip)
+            feature_dtype=feature_dtype, chunk_rows=chunk_rows, attrs={}, feature_dim=dim, address=ray_opts["address"],
+            device=device, retries=ray_opts["retries"], on_skip=warn_skip)
 
     writer = store.ArtifactWriter(features_path, "features", params, inputs, mode="append")
     try:

@@ -30,7 +30,7 @@ from typing import Any, Callable, Iterator, Mapping
 import numpy as np
 
 from .. import console, store
-from ..errors import SinetError
+from ..errors import Interrupted, SinetError
 from ..progress import progress_bar
 
 RAY_MISSING = "--engine ray needs Ray, which is not installed: pip install 'sinet[ray]'"
@@ -260,6 +260,8 @@ def extract_parts(
     Raises:
         SinetError: a part failed after ``retries`` retries (the finished parts stay on disk).
     """
+    if retries < 0:
+        raise SinetError(f"--ray-retries {retries}: must be >= 0")
     paths = part_paths(folder, parts)
     part_params = [dict(params, part=[p.index, len(parts)]) for p in parts]
     part_inputs = [dict(inputs, positions=store.fingerprint_arrays(p.positions)) for p in parts]
@@ -278,26 +280,39 @@ def extract_parts(
         run = PartJob(**{**job.__dict__, "device": dev})
         refs = {task.remote(run, parts[k].index, _part_source(table, parts[k])): k for k in todo}
         failed: list[tuple[int, str]] = []
-        with progress_bar("extract-features (ray)", sum(len(parts[k].positions) for k in todo)) as advance:
-            pending = list(refs)
-            while pending:
-                ready, pending = ray.wait(pending, num_returns=1)
-                k = refs.pop(ready[0])
-                try:
-                    result = ray.get(ready[0])
-                except ray.exceptions.RayError as e:  # the worker died after its retries, or the task raised
-                    failed.append((k, _failure(ray, e)))
-                    continue
-                write_part(paths[k], part_params[k], part_inputs[k], table, parts[k], result, names=names,
-                           feature_dtype=feature_dtype, chunk_rows=chunk_rows, attrs=attrs, feature_dim=feature_dim,
-                           on_skip=on_skip)
-                advance(len(parts[k].positions))
+        pending = list(refs)
+        try:
+            collect(ray, refs, pending, failed, lambda k, result: write_part(
+                paths[k], part_params[k], part_inputs[k], table, parts[k], result, names=names,
+                feature_dtype=feature_dtype, chunk_rows=chunk_rows, attrs=attrs, feature_dim=feature_dim,
+                on_skip=on_skip), sum(len(parts[k].positions) for k in todo), lambda k: len(parts[k].positions))
+        except KeyboardInterrupt:
+            done = sum(p.exists() for p in paths)
+            raise Interrupted(f"interrupted with {done} of {len(parts)} parts finished, kept in {folder}; run the "
+                              "same command again to compute only the others") from None
     if failed:
         k, why = min(failed)
         raise SinetError(f"{len(failed)} of {len(parts)} parts failed after {retries} retries, the first: part {k} "
                          f"({parts[k].name}): {why}; the {len(parts) - len(failed)} finished parts are kept in "
                          f"{folder}: run the same command again to redo only the failed ones")
     return paths
+
+
+def collect(ray: Any, refs: dict, pending: list, failed: list, write: Callable[[int, Any], Any], total: int,
+            size: Callable[[int], int]) -> None:
+    """Write each part as its task finishes (``refs``: task -> part, emptied as they end); a task that
+    failed after its retries goes to ``failed`` as (part, why)."""
+    with progress_bar("extract-features (ray)", total) as advance:
+        while pending:
+            ready, pending[:] = ray.wait(pending, num_returns=1)
+            k = refs.pop(ready[0])
+            try:
+                result = ray.get(ready[0])
+            except ray.exceptions.RayError as e:  # the worker died after its retries, or the task raised
+                failed.append((k, _failure(ray, e)))
+                continue
+            write(k, result)
+            advance(size(k))
 
 
 def write_part(path: Path, params: Mapping[str, Any], inputs: Mapping[str, str], table: Any, part: Part,

@@ -34,7 +34,7 @@ sys.path.insert(0, str(HERE))
 
 import benchlib as bl  # noqa: E402
 
-BENCHES = ("prototypes", "score", "extract", "cleanlab", "graph", "webdataset")
+BENCHES = ("prototypes", "score", "extract", "cleanlab", "graph", "webdataset", "ray")
 
 
 def run_script(name: str, argv: list[str], json_path: Path, log: list[str]) -> list[dict]:
@@ -132,6 +132,13 @@ def main() -> None:
             figures += run_build_graph(args.device, args.quick, log)
         if "webdataset" in only:  # decoding runs on the CPU whatever the device
             figures += run_script("webdataset", ["bench_webdataset.py", *q, "--repeats", "3"], tmp / "w.json", log)
+        if "ray" in only:  # --engine ray: needs pip install 'sinet[ray]'
+            import importlib.util
+
+            if importlib.util.find_spec("ray") is None:
+                log.append("ray: skipped (Ray not installed)")
+            else:
+                figures += run_script("ray", ["bench_ray.py", *q, "--repeats", "2"], tmp / "r.json", log)
     total = time.perf_counter() - t_start
     load1 = os.getloadavg()
 

@@ -1382,6 +1382,20 @@ def finish_features(writer: "ArtifactWriter", table: Any, skipped: list[list[str
 FEATURE_FILE_ATTRS = ("backbone", "preprocess", "decode", "dataset_provenance", "class_table")
 
 
+def append_parts(writer: ArtifactWriter, parts: list["Artifact"], names: list[str]) -> tuple[list[str], list[str]]:
+    """Append the rows ``names`` of the features files ``parts`` to ``writer``, in order; returns
+    their skipped images (ids, reasons), in the same order."""
+    skipped_ids: list[str] = []
+    skipped_reasons: list[str] = []
+    for part in parts:
+        for _, rows in part.iter_rows(names, 65536):
+            writer.append_rows(rows)
+        if "skipped_ids" in part:
+            skipped_ids += list(part.read("skipped_ids"))
+            skipped_reasons += list(part.read("skipped_reasons"))
+    return skipped_ids, skipped_reasons
+
+
 def merge_features(target: Path, parts: list["Artifact"], params: Mapping[str, Any], inputs: Mapping[str, str]) -> str:
     """features.h5 from the shard files ``parts`` (their rows in order, their skipped images, the
     first one's classes and attributes); returns its fingerprint."""
@@ -1389,14 +1403,7 @@ def merge_features(target: Path, parts: list["Artifact"], params: Mapping[str, A
     writer = ArtifactWriter(target, "features", params, inputs, mode="new")
     try:
         names = [f.name for f in SCHEMAS["features"] if f.dims[0] == "N" and f.name in first]
-        skipped_ids: list[str] = []
-        skipped_reasons: list[str] = []
-        for part in parts:
-            for _, rows in part.iter_rows(names, 65536):
-                writer.append_rows(rows)
-            if "skipped_ids" in part:
-                skipped_ids += list(part.read("skipped_ids"))
-                skipped_reasons += list(part.read("skipped_reasons"))
+        skipped_ids, skipped_reasons = append_parts(writer, parts, names)
         writer.write("classes", first.read("classes"))
         if skipped_ids:
             writer.write("skipped_ids", skipped_ids)

@@ -35,6 +35,34 @@ from ..progress import progress_bar
 from ..sideinfo import DEFAULT_BACKBONE, default_weights
 
 
+EngineOpt = Annotated[str, typer.Option(
+    "--engine", help="local (this process) or ray: one Ray task per WebDataset shard (else per --part-rows images), "
+    "on a local Ray cluster or the one at --ray-address; needs pip install 'sinet[ray]' (docs/ray.md).",
+    rich_help_panel="Compute")]
+RayAddressOpt = Annotated[Optional[str], typer.Option(
+    "--ray-address", help="--engine ray: the cluster to run on (auto, HOST:6379, ray://HOST:10001). Default: a "
+    "local cluster of this machine.", rich_help_panel="Compute")]
+RayRetriesOpt = Annotated[int, typer.Option(
+    "--ray-retries", help="--engine ray: retries of a task whose worker died; a part failing after them is redone "
+    "by the next run, the finished ones are kept.", rich_help_panel="Compute")]
+PartRowsOpt = Annotated[int, typer.Option(
+    "--part-rows", help="--engine ray: images per task for data without shards (a WebDataset shard is one task).",
+    rich_help_panel="Compute")]
+DEFAULT_PART_ROWS = 65536  # engines.ray_engine.DEFAULT_PART_ROWS (ray is not imported for --help)
+
+
+def check_engine(engine: str) -> None:
+    """``--engine``: local, or ray when Ray is installed (else a one-line error saying how to install it)."""
+    from ..engines import ENGINES
+
+    if engine not in ENGINES:
+        raise SinetError(f"--engine {engine!r}: choose local or ray")
+    if engine == "ray":
+        from ..engines.ray_engine import require_ray
+
+        require_ray()
+
+
 def parse_shard(shard: str | None) -> tuple[int, int]:
     if not shard:
         return 0, 1
@@ -105,6 +133,10 @@ def extract_features(
     max_pixels: Annotated[int, typer.Option(help="Largest image decoded, in pixels (width x height); a larger one is "
                           "skipped and recorded in skipped_ids. Default: PIL's own decompression-bomb threshold.",
                           rich_help_panel="Compute")] = MAX_PIXELS,
+    engine: EngineOpt = "local",
+    ray_address: RayAddressOpt = None,
+    ray_retries: RayRetriesOpt = 3,
+    part_rows: PartRowsOpt = DEFAULT_PART_ROWS,
     out: OutOpt = None,
     force: ForceOpt = False,
     wait: WaitOpt = 0.0,
@@ -116,6 +148,9 @@ def extract_features(
 
     Example: sinet extract-features --data demo --image-size 64
     """
+    check_engine(engine)
+    if engine == "ray" and shard:
+        raise SinetError("--shard and --engine ray exclude each other: Ray splits the work into parts itself")
     from stages import extract_features as stage
 
     cfg = build_config(stage.ExtractConfig, backbone=backbone, image_size=image_size, probs=probs, dtype=dtype,
@@ -140,6 +175,18 @@ def extract_features(
     except ValueError as e:
         raise SinetError(str(e)) from None
     preprocess, decode = stage.Preprocess.for_model(model, image_size), stage.Decode(max_pixels=max_pixels)
+    attrs = {"backbone": info.__dict__, "preprocess": preprocess.as_dict(),
+             "decode": decode.as_dict()}  # rescore decodes new images with the same recipe
+    if engine == "ray":
+        from ..engines import ray_engine
+
+        job = ray_engine.PartJob(backbone, None if weight_path is None else str(weight_path), random_init,
+                                 len(table.classes) if probs else 0, image_size, decode.as_dict(), batch_size, workers,
+                                 stage.MEMORY_FORMATS[memory_format])
+        extract_on_ray(job, table, target, params, inputs, attrs, dtype=dtype, chunk_rows=chunk_rows,
+                       feature_dim=info.feature_dim, address=ray_address, device=device, retries=ray_retries,
+                       part_rows=part_rows)
+        return
     dev = resolve_device(device)
     lo, hi = cfg.rows(len(table))
     writer = store.ArtifactWriter(target, "features", params, inputs, mode="resume")
@@ -160,9 +207,7 @@ def extract_features(
         if writer.rows_committed == 0:
             raise SinetError(f"{target}: no image could be read ({len(skipped)} skipped"
                              f"{f'; the first: {skipped[0][1]}' if skipped else ''})")
-        fp = store.finish_features(writer, table, skipped, attrs={
-            "backbone": info.__dict__, "preprocess": preprocess.as_dict(),
-            "decode": decode.as_dict()})  # rescore decodes new images with the same recipe
+        fp = store.finish_features(writer, table, skipped, attrs=attrs)
     except BaseException as e:
         # keep the committed chunks: the next run resumes from them
         rows = writer.rows_committed
@@ -175,6 +220,36 @@ def extract_features(
         f"{target}: {writer.rows_committed} images, {info.feature_dim}-d features"
         f"{f', {len(skipped)} skipped' if skipped else ''} (fingerprint {fp[:12]})"
     )
+
+
+def extract_on_ray(job, table, target: Path, params: dict, inputs: dict, attrs: dict, *, dtype: str, chunk_rows: int,
+                   feature_dim: int, address: str | None, device: str, retries: int, part_rows: int) -> None:
+    """extract-features on Ray: one part file per shard (or run of ``part_rows`` images) under
+    ``features.parts/``, then merged into ``target`` in dataset order and the part folder removed."""
+    import shutil
+
+    from ..engines import ray_engine
+
+    parts = ray_engine.plan_parts(table, np.arange(len(table)), part_rows)
+    folder = target.parent / "features.parts"
+    skipped: list[list[str]] = []
+    paths = ray_engine.extract_parts(
+        job, table, parts, folder, params=params, inputs=inputs, names=store.feature_row_names(table, job.num_classes > 0),
+        feature_dtype=dtype, chunk_rows=chunk_rows, attrs=attrs, feature_dim=feature_dim, address=address,
+        device=device, retries=retries, on_skip=skip_logger(table, skipped))
+    arts = [store.open_artifact(p, "features") for p in paths]
+    try:
+        rows = sum(a.dims["N"] for a in arts)
+        n_skipped = sum(len(a.read("skipped_ids")) for a in arts if "skipped_ids" in a)
+        if rows == 0:
+            raise SinetError(f"{target}: no image could be read ({n_skipped} skipped)")
+        fp = store.merge_features(target, arts, params, inputs)
+    finally:
+        for a in arts:
+            a.close()
+    shutil.rmtree(folder, ignore_errors=True)
+    console.info(f"{target}: {rows} images in {len(parts)} Ray parts, {feature_dim}-d features"
+                 f"{f', {n_skipped} skipped' if n_skipped else ''} (fingerprint {fp[:12]})")
 
 
 def skip_logger(table, skipped: list[list[str]]):

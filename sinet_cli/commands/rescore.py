@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import datetime as _dt
 import json
+import os
 import time
 from pathlib import Path
 from typing import Annotated, Any, Optional
@@ -30,28 +31,12 @@ from .. import console, store
 from ..app import app
 from ..common import (DATA_HELP, CaptionsOpt, ClassesOpt, DeviceOpt, LabelFieldOpt, OutOpt, artifact_dir, load_table,
                       resolve_device)
+from .extract import DEFAULT_PART_ROWS, EngineOpt, PartRowsOpt, RayAddressOpt, RayRetriesOpt, check_engine
 from ..locks import Plan, file_lock, locked
 from ..errors import SinetError, StorageError, is_storage_error
 from ..progress import progress_bar
 
 PANEL_CRON = "Cron"
-# Row datasets of features.h5 and what a new row gets when the crawl has no such column.
-ROW_FILL = {"paths": "", "clean_labels": -1, "side_text": "", "subset": ""}
-
-
-
-
-
-def known_ids(art: store.Artifact, wanted: np.ndarray, chunk: int = 65536) -> np.ndarray:
-    """Which of ``wanted`` are ids of ``art`` (streamed: memory grows with the crawl, not with N)."""
-    want = {str(i): k for k, i in enumerate(wanted)}
-    found = np.zeros(len(wanted), dtype=bool)
-    for _, rows in art.iter_rows(["ids"], chunk):
-        for i in rows["ids"]:
-            k = want.get(i)
-            if k is not None:
-                found[k] = True
-    return found
 
 
 def normalized(value: Any) -> Any:
@@ -124,6 +109,10 @@ def rescore(
     workers: Annotated[int, typer.Option(help="DataLoader decoding processes.", rich_help_panel="Compute")] = 2,
     chunk_rows: Annotated[int, typer.Option(help="Rows per appended block.", rich_help_panel="Compute")] = 4096,
     device: DeviceOpt = "auto",
+    engine: EngineOpt = "local",
+    ray_address: RayAddressOpt = None,
+    ray_retries: RayRetriesOpt = 3,
+    part_rows: PartRowsOpt = DEFAULT_PART_ROWS,
     out: OutOpt = None,
 ) -> None:
     """Extract features for the images of a new crawl that features.h5 lacks (same backbone, weights and
@@ -135,6 +124,7 @@ def rescore(
     """
     if batch_size < 1 or chunk_rows < 1 or workers < 0:
         raise SinetError("--batch-size and --chunk-rows must be >= 1, --workers >= 0")
+    check_engine(engine)
     folder = artifact_dir(out, data)
     features_path = folder / "features.h5"
     if not features_path.is_file():
@@ -144,9 +134,12 @@ def rescore(
     try:
         with file_lock(features_path, wait, "rescore"):
             t0 = time.monotonic()
-            table = load_table(data, classes, captions=captions, label_field=label_field)
-            append_new(table, data, features_path, folder, weights, retry_skipped, batch_size, workers, chunk_rows,
-                       device)
+            table = new_crawl(data, classes, captions, label_field, features_path, retry_skipped)
+            ray_opts = None if engine == "local" else {"address": ray_address, "retries": ray_retries,
+                                                  "part_rows": part_rows}
+            if table is not None:
+                append_new(table, data, features_path, folder, weights, retry_skipped, batch_size, workers,
+                           chunk_rows, device, ray_opts)
             score_new(folder, alpha, beta, max(0.0, wait - (time.monotonic() - t0)), device)
     except (OSError, RuntimeError, ValueError) as e:  # disk full, CUDA, a library's refusal: one line for cron
         if is_storage_error(e):
@@ -154,15 +147,60 @@ def rescore(
         raise SinetError(f"rescore {data}: {type(e).__name__}: {e}") from None
 
 
+def new_crawl(data: str, classes: Path | None, captions: str | None, label_field: str | None, features_path: Path,
+              retry_skipped: bool):
+    """The table of the crawl ``data``; for WebDataset shards only of those features.h5 has no row of
+    (a shard is recorded whole, so the recorded ones are not even opened), None when every shard is
+    recorded. With ``retry_skipped`` every shard is read (the images to retry are in recorded ones)."""
+    kind, _, pattern = data.partition(":")
+    if kind != "webdataset" or retry_skipped:
+        return load_table(data, classes, captions=captions, label_field=label_field)
+    from ..datasets import ClassTable
+    from ..datasets.webdataset import expand_pattern, read_webdataset
+
+    if captions not in (None, "", "none"):
+        raise SinetError(f"--captions {captions}: synthetic captions exist for the demos only, not --data {data}")
+    shards = expand_pattern(pattern)
+    done = recorded_shards(features_path)
+    fresh = [s for s in shards if shard_key(s) not in done]
+    if not fresh:
+        console.info(f"{features_path}: nothing new in {data} (all {len(shards)} shards already in it)")
+        return None
+    return read_webdataset(pattern, ClassTable.from_tsv(classes) if classes else None,
+                           label_field="label" if label_field is None else label_field, shards=fresh)
+
+
+def shard_key(shard: str) -> str:
+    """A shard as it is compared with the ones recorded: a local path absolute, a URL as it is."""
+    from ..datasets.webdataset import is_url
+
+    return shard if is_url(shard) else os.path.abspath(shard)
+
+
+def recorded_shards(features_path: Path, chunk: int = 65536) -> set[str]:
+    """The shards features.h5 holds rows of (its ``paths`` ``<shard>#<member>``, read in blocks)."""
+    found: set[str] = set()
+    with store.open_artifact(features_path, "features") as art:
+        if "paths" not in art:
+            return found
+        for _, rows in art.iter_rows(["paths"], chunk):
+            paths = np.asarray(rows["paths"], dtype=str)
+            heads = np.char.partition(paths, "#")
+            for shard in np.unique(heads[heads[:, 1] == "#", 0]):
+                found.add(shard_key(str(shard)))
+    return found
+
+
 def append_new(table, data: str, features_path: Path, folder: Path, weights: Path | None, retry_skipped: bool,
-               batch_size: int, workers: int, chunk_rows: int, device: str) -> int:
-    """Append the rows of ``table`` whose ids features.h5 lacks; returns the number appended."""
+               batch_size: int, workers: int, chunk_rows: int, device: str, ray_opts: dict | None = None) -> int:
+    """Append the rows of ``table`` whose ids features.h5 lacks; returns the number appended.
+    ``ray_opts`` (address, retries, part_rows): extract them as Ray tasks (``--engine ray``)."""
     with store.open_artifact(features_path, "features") as art:
         stored = list(art.read("classes"))
         if list(table.classes.names) != stored:
             raise SinetError(class_mismatch(data, table.classes.names, features_path, stored))
         check_prototypes(folder / "prototypes.h5", features_path, stored, art.dims["D"])
-        have = known_ids(art, table.ids)
+        have = store.ids_in(art, table.ids)
         skipped_ids = list(art.read("skipped_ids")) if "skipped_ids" in art else []
         skipped_reasons = list(art.read("skipped_reasons")) if "skipped_reasons" in art else []
         had_skipped = "skipped_ids" in art
@@ -183,10 +221,11 @@ def append_new(table, data: str, features_path: Path, folder: Path, weights: Pat
         weight_path = recorded_weights(art, weights)
         appended_before = (art.json_attr("appended", {}) or {}).get("rows", 0)
         n_before = art.dims["N"]
+        features_fp = art.fingerprint
 
     from stages import extract_features as stage  # only now: an idle cron run does not load torch for it
 
-    from .extract import archive_images
+    from .extract import image_sources
 
     probs = bool(params.get("probs"))
     try:
@@ -200,63 +239,54 @@ def append_new(table, data: str, features_path: Path, folder: Path, weights: Pat
                          f"{preprocess.as_dict()}; re-extract everything")
     if model.num_features != dim:
         raise SinetError(f"{features_path}: holds {dim}-d features but {params['backbone']} gives {model.num_features}")
-    dev = resolve_device(device)
     if skipped_ids and retry_skipped:  # retried images leave the skipped list; they re-enter it if they fail again
         keep = ~np.isin(np.asarray(skipped_ids, dtype=str), table.ids[positions])
         skipped_ids = [s for s, k in zip(skipped_ids, keep) if k]
         skipped_reasons = [r for r, k in zip(skipped_reasons, keep) if k]
+    n_skipped = 0
+
+    def warn_skip(position: int, reason: str) -> None:
+        where = f" ({table.paths[position]})" if table.paths is not None else ""
+        console.warn(f"skipped image {table.ids[position]}{where}: {reason}")
+
+    def on_skip(position: int, reason: str) -> None:
+        nonlocal n_skipped
+        skipped_ids.append(str(table.ids[position]))
+        skipped_reasons.append(reason)
+        n_skipped += 1
+        warn_skip(position, reason)
+
+    decode = stage.Decode.from_dict(decode_rec)
+    parts = None
+    if ray_opts is not None:  # every part file first: features.h5 is copied for the append only once they are all there
+        from ..engines import ray_engine
+
+        job = ray_engine.PartJob(params["backbone"], None if weight_path is None else str(weight_path),
+                                 bool(params.get("random_init")), len(stored) if probs else 0, params.get("image_size"),
+                                 decode.as_dict(), batch_size, workers)
+        parts_dir = folder / "rescore.parts"
+        plan = ray_engine.plan_parts(table, positions, ray_opts["part_rows"])
+        parts = ray_engine.extract_parts(
+            job, table, plan, parts_dir, params=params,
+            inputs={"features": features_fp, "dataset": table.fingerprint()}, names=rows_in_file,
+            feature_dtype=feature_dtype, chunk_rows=chunk_rows, attrs={}, feature_dim=dim, address=ray_opts["address"],
+            device=device, retries=ray_opts["retries"], on_skip=warn_skip)
 
     writer = store.ArtifactWriter(features_path, "features", params, inputs, mode="append")
-    n_new = n_skipped = 0
     try:
-        buf: list = []
-
-        def flush() -> None:
-            nonlocal n_new
-            if not buf:
-                return
-            pos = np.concatenate([b.positions[b.ok] for b in buf])
-            buf_feats = np.concatenate([b.features[b.ok] for b in buf])
-            buf_probs = np.concatenate([b.probs[b.ok] for b in buf]) if probs else None
-            buf.clear()
-            if len(pos) == 0:
-                return
-            rows: dict[str, Any] = {}
-            for name in rows_in_file:
-                if name == "features":
-                    rows[name] = buf_feats.astype(feature_dtype)
-                elif name == "probs":
-                    rows[name] = buf_probs.astype(np.float32)
-                else:
-                    column = getattr(table, name, None)
-                    rows[name] = column[pos] if column is not None else np.full(len(pos), ROW_FILL[name])
-            writer.append_rows(rows)
-            n_new += len(pos)
-
-        with progress_bar("rescore: extract", len(positions)) as advance:
-            pending = 0
-            archives = archive_images(stage, table)
-            for batch in stage.extract(
-                model, preprocess,
-                paths=None if table.pixels is not None or archives is not None else table.paths,
-                pixels=table.pixels, archives=archives,
-                positions=positions,
-                batch_size=batch_size, workers=workers, device=dev, with_probs=probs, progress=advance,
-                decode=stage.Decode.from_dict(decode_rec),
-            ):
-                for p in np.flatnonzero(~batch.ok):
-                    image_id = str(table.ids[batch.positions[p]])
-                    skipped_ids.append(image_id)
-                    skipped_reasons.append(batch.reasons[p])
-                    n_skipped += 1
-                    where = f" ({table.paths[batch.positions[p]]})" if table.paths is not None else ""
-                    console.warn(f"skipped image {image_id}{where}: {batch.reasons[p]}")
-                buf.append(batch)
-                pending += len(batch.positions)
-                if pending >= chunk_rows:
-                    flush()
-                    pending = 0
-            flush()
+        if parts is None:
+            with progress_bar("rescore: extract", len(positions)) as advance:
+                batches = stage.extract(model, preprocess, **image_sources(stage, table), positions=positions,
+                                        batch_size=batch_size, workers=workers, device=resolve_device(device),
+                                        with_probs=probs, progress=advance, decode=decode)
+                n_new = store.append_feature_batches(writer, table, batches, names=rows_in_file,
+                                                     feature_dtype=feature_dtype, chunk_rows=chunk_rows,
+                                                     on_skip=on_skip)
+        else:
+            n_new, part_skipped = append_part_files(writer, parts, rows_in_file)
+            skipped_ids += part_skipped[0]  # recorded in the part files (those of an earlier run too)
+            skipped_reasons += part_skipped[1]
+            n_skipped = len(part_skipped[0])
         if skipped_ids or had_skipped:  # (emptied when every retried image could be read)
             writer.write("skipped_ids", skipped_ids)
             writer.write("skipped_reasons", skipped_reasons)
@@ -269,11 +299,29 @@ def append_new(table, data: str, features_path: Path, folder: Path, weights: Pat
     except BaseException:
         writer.abort()
         raise
+    if parts is not None:
+        import shutil
+
+        shutil.rmtree(parts[0].parent, ignore_errors=True)
     console.info(
         f"{features_path}: appended {n_new} new images of {data}"
         f"{f', {n_skipped} unreadable skipped' if n_skipped else ''}; {n_before + n_new} in all (fingerprint {fp[:12]})"
     )
     return n_new
+
+
+def append_part_files(writer: store.ArtifactWriter, paths: list[Path], names: list[str]
+                      ) -> tuple[int, tuple[list[str], list[str]]]:
+    """Append the rows of Ray's part files to features.h5; returns the number of rows appended and
+    the parts' skipped images (ids, reasons)."""
+    arts = [store.open_artifact(p, "features") for p in paths]
+    try:
+        before = writer.rows_committed
+        skipped = store.append_parts(writer, arts, names)
+        return writer.rows_committed - before, skipped
+    finally:
+        for a in arts:
+            a.close()
 
 
 def class_mismatch(data: str, names: list[str], features_path: Path, stored: list[str]) -> str:

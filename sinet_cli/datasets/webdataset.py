@@ -457,9 +457,10 @@ class _Lookup:
 
 
 def read_webdataset(pattern: str, classes: ClassTable | None = None, label_field: str = "label",
-                    name: str | None = None) -> DatasetTable:
+                    name: str | None = None, shards: list[str] | None = None) -> DatasetTable:
     """Read every shard of ``pattern`` (headers, JSON and captions; image bytes are skipped over)
-    into a table whose ``paths`` are ``<shard>#<image member>``.
+    into a table whose ``paths`` are ``<shard>#<image member>``. ``shards``: read these of the
+    pattern's shards only (rescore: the ones not recorded yet).
 
     Raises:
         InputError: a shard is missing or unreadable, a label is not a class (naming shard and key),
@@ -467,7 +468,7 @@ def read_webdataset(pattern: str, classes: ClassTable | None = None, label_field
     """
     from ..progress import progress_bar
 
-    shards = expand_pattern(pattern)
+    shards = expand_pattern(pattern) if shards is None else list(shards)
     log = _Log()
     samples: list[_Sample] = []
     with progress_bar("webdataset: reading shards", len(shards)) as advance:

@@ -1,4 +1,4 @@
-"""--score fused (README "Scoring beyond eq. 6"): hand-computed small cases; --score paper = eq. 6."""
+"""--score fused (docs/method.md, "Scoring beyond eq. 6"): hand-computed small cases; --score paper = eq. 6."""
 
 import math
 

@@ -1,11 +1,12 @@
-"""Detection on the demo's real features: sinet (make-prototypes + score-noise) against cleanlab.
+"""Detection on the demo's real features: sinet (build_prototypes + find_label_issues) against cleanlab.
 
 Reuses ``bench/detection.py`` (imported, ``run_setting``): for each noise setting (default
 symmetric 40% and class-confusion 30%) the demo's features get that setting's noisy and true labels
 (the images, hence the features, are the same for every setting), then on the train split:
 
-* sinet: ``sinet make-prototypes --force`` + ``sinet score-noise --force`` in-process, default
-  options (probe-initialized prototypes, eq. 6 with alpha 1.2, beta 1.5); suspicion 1 - w_i;
+* sinet: the Python API, ``stages.build_prototypes`` + ``stages.find_label_issues`` with default
+  options (the numbers make-prototypes and score-noise write: probe-initialized prototypes, the
+  fused score); suspicion 1 - w_i;
 * cleanlab: 5-fold cross-validated scikit-learn ``LogisticRegression(max_iter=1000)`` probabilities
   on the same features, ``cleanlab.rank.get_label_quality_scores`` (suspicion 1 - quality) and
   ``cleanlab.filter.find_label_issues``.
@@ -53,8 +54,7 @@ def main() -> None:
 
     import detection
     from sinet_cli import store
-    from sinet_cli.app import app  # noqa: F401
-    from stages import make_prototypes, score_noise  # noqa: F401
+    from stages import api  # noqa: F401
 
     with bl.scratch(args.work, "sinet-bench-cleanlab-") as work:
         demo = bl.ROOT / "artifacts" / "demo"

@@ -13,7 +13,7 @@ prototypes.faiss). Interleaved, fastest of ``--repeats``:
   nearest prototype per row, writing scores.h5 (and its content fingerprint) and suspects.tsv
   (the command reads the next block and writes the last one on background threads);
 * the default ``--score fused`` the same way: it adds the two-round probe on a 20,000-row sample
-  and, per block, the probe's probabilities and the open-set factor (README "Scoring beyond eq. 6").
+  and, per block, the probe's probabilities and the open-set factor (docs/method.md, "Scoring beyond eq. 6").
 
 Target: within 1.5x of the read. A second figure (no target) puts the command against reading
 plus eq. 6 itself (``stages.score_noise.score_block`` on the same blocks, one after the other, as

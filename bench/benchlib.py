@@ -217,18 +217,38 @@ def prototype_inputs(work: Path, n: int, d: int, c: int) -> tuple[np.ndarray, np
 def write_prototypes(folder: Path, centers: np.ndarray) -> Path:
     """prototypes.h5 + prototypes.faiss with one prototype per class (the class centers), as
     make-prototypes would write them (its per-row consistency columns left empty)."""
-    import faiss
-
-    c, d = centers.shape
+    c = centers.shape[0]
     path = folder / "prototypes.h5"
     store.write_artifact(path, "prototypes", {
         "classes": [f"class{i:05d}" for i in range(c)], "prototypes": centers.astype(np.float32),
         "prototype_class": np.arange(c, dtype=np.int64), "initial_prototypes": centers.astype(np.float32),
         "ids": np.zeros(0, dtype=str), "consistency": np.zeros(0, dtype=np.float32)}, {"bench": "synthetic"}, {})
-    index = faiss.IndexFlatIP(d)
-    index.add(np.ascontiguousarray(centers, dtype=np.float32))
-    store.write_faiss_index(folder / "prototypes.faiss", index)
+    store.write_faiss_index(folder / "prototypes.faiss", store.prototype_index(centers))
     return path
+
+
+# -- artifacts as the Python API takes them ----------------------------------------------------
+
+
+def class_graph(path: Path) -> Any:
+    """graph.h5 as ``stages.ClassGraph``: its S_t and, when it has them, its label embeddings."""
+    import stages
+
+    with store.open_artifact(path, "graph") as g:
+        emb = g.read("label_embeddings").astype(np.float32) if "label_embeddings" in g else None
+        return stages.ClassGraph(classes=[str(c) for c in g.read("classes")], similarity=g.read("S_t"),
+                                 label_embeddings=emb)
+
+
+def train_split(path: Path, columns: tuple[str, ...] = ()) -> dict[str, np.ndarray]:
+    """The train split of features.h5 (every row when it records no splits): float32 ``features``,
+    int64 ``labels`` and ``columns`` (those it has), the rows make-prototypes and score-noise fit on."""
+    with store.open_artifact(path, "features") as a:
+        train = a.read("splits") == "train" if "splits" in a else np.ones(a.dims["N"], dtype=bool)
+        out = {"features": a.read("features")[train].astype(np.float32),
+               "labels": a.read("labels")[train].astype(np.int64)}
+        out.update({c: a.read(c)[train] for c in columns if c in a})
+    return out
 
 
 # -- peak memory of a child ------------------------------------------------------------------

@@ -1,4 +1,4 @@
-"""Noise detection per noise type: score-noise --score paper (eq. 6), --score fused [--image-text], and cleanlab.
+"""Noise detection per noise type: sinet's score paper (eq. 6), fused [with side text], and cleanlab.
 
     python bench/detection_types.py --work /tmp/sinet-dt            # demo and demo-mnist, 4 types each
     python bench/detection_types.py --work /tmp/sinet-dt --heldout  # other rates, noise seed 1
@@ -9,13 +9,15 @@ confusion 20% + open-set 10%, noise seed 0): each demo's clean image set is extr
 ``<work>/<dataset>-base`` (``sinet extract-features --noise none``); a setting's features.h5 is
 assembled by id from the two (one demo's open-set junk is the other demo's train images: same
 pixels, same backbone), with labels, clean labels and SYNTHETIC captions (``--captions
-synthetic:0.2``: from the true class, 20% naming a wrong class) from ``load_demo``. Then
-``make-prototypes`` and ``score-noise`` for ``--score paper``, ``--score fused`` and ``--score
-fused --image-text``, and 5-fold CV LogisticRegression (max_iter=200, capped for a busy 2-core
-machine) + cleanlab ``get_label_quality_scores`` on the same train features (cached in
-``<work>/cleanlab.json``). Prints ROC-AUC / AP on the train split against the true noise mask
-(open-set rows count as noisy) and wall times (sinet: make-prototypes + score-noise). Nothing in
-sinet's scoring sees the true labels. The fused mode's design (README "Scoring beyond eq. 6": the
+synthetic:0.2``: from the true class, 20% naming a wrong class) from ``load_demo``. Then, on the
+train split, the Python API (the numbers make-prototypes and score-noise write):
+``stages.build_prototypes`` and ``stages.find_label_issues`` with ``score="paper"``,
+``score="fused"`` and ``score="fused"`` with the captions as ``side_text``; and 5-fold CV
+LogisticRegression (max_iter=200, capped for a busy 2-core machine) + cleanlab
+``get_label_quality_scores`` on the same train features (cached in ``<work>/cleanlab.json``).
+Prints ROC-AUC / AP on the train split against the true noise mask (open-set rows count as noisy)
+and wall times (sinet: build_prototypes + find_label_issues). Nothing in sinet's scoring sees the
+true labels. The fused mode's design (docs/method.md, "Scoring beyond eq. 6": the
 reweighted probe, the open-set factor and its quantile) was compared on both demos with their true
 noise masks, so its figures here are not a held-out test.
 """
@@ -34,6 +36,8 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+import benchlib as bl  # noqa: E402
+import stages  # noqa: E402
 from benchlib import sinet  # noqa: E402
 from sinet_cli import store  # noqa: E402
 from sinet_cli.datasets import load_demo  # noqa: E402
@@ -55,7 +59,7 @@ HELDOUT = {
 }
 NOISE_SEED = 0
 CAPTIONS = "synthetic:0.2"  # SYNTHETIC captions from the true class, 20% naming a wrong class (for fused+text)
-MODES = {"paper": ["--score", "paper"], "fused": ["--score", "fused"], "fused+text": ["--score", "fused", "--image-text"]}
+MODES = {"paper": {"score": "paper"}, "fused": {"score": "fused"}, "fused+text": {"score": "fused", "text": True}}
 
 
 def base_features(ds: str, work: Path) -> dict[str, np.ndarray]:
@@ -107,30 +111,45 @@ def cleanlab_scores(x, y, seed=0):
     return get_label_quality_scores(y, probs), time.perf_counter() - t0
 
 
-def weight_detection(folder: Path) -> tuple[float, float, float]:
-    """ROC-AUC and AP of (1 - weight) in ``folder``'s scores.h5 against the train split's true noise
-    mask, and that mask's noise rate."""
-    with store.open_artifact(folder / "scores.h5", "scores") as s:
-        w, lab, clean, sp = s.read("weight"), s.read("labels"), s.read("clean_labels"), s.read("splits")
-    tr = sp == "train"
-    noisy = (lab != clean)[tr]
-    return sn.roc_auc(noisy, -w[tr]), sn.average_precision(noisy, -w[tr]), float(noisy.mean())
+def detection(weight: np.ndarray, labels: np.ndarray, clean: np.ndarray) -> tuple[float, float, float]:
+    """ROC-AUC and AP of (1 - weight) against the true noise mask of the same rows, and its noise rate."""
+    noisy = labels != clean
+    return sn.roc_auc(noisy, -weight), sn.average_precision(noisy, -weight), float(noisy.mean())
+
+
+def sinet_modes(folder: Path, modes: dict, prototype_options: dict | None = None) -> tuple[dict, float]:
+    """The train split's weights of each of ``modes`` (name: find_label_issues options; ``text``:
+    the side text as ``side_text``) against the prototypes of ``folder``'s features and graph, and
+    build_prototypes' seconds."""
+    data = bl.train_split(folder / "features.h5", ("side_text",))
+    graph = bl.class_graph(folder / "graph.h5")
+    x, y = data["features"], data["labels"]
+    t0 = time.perf_counter()
+    protos = stages.build_prototypes(x, y, graph=graph, **(prototype_options or {}))
+    t_proto = time.perf_counter() - t0
+    out = {}
+    for mode, options in modes.items():
+        options = dict(options)
+        text = data["side_text"].astype(str) if options.pop("text", False) else None
+        t0 = time.perf_counter()
+        issues = stages.find_label_issues(x, y, graph=graph, prototypes=protos, side_text=text, **options)
+        out[mode] = (issues.weight, time.perf_counter() - t0)
+    return out, t_proto
 
 
 def run(ds: str, setting: str, work: Path, cache: dict) -> dict:
     folder = prepare(ds, setting, work)
+    with store.open_artifact(folder / "features.h5", "features") as a:
+        x, y, sp = a.read("features").astype(np.float32), a.read("labels").astype(int), a.read("splits")
+        clean = a.read("clean_labels")
+    tr = sp == "train"
     res = {}
-    t_proto = sinet("make-prototypes", "--out", folder, "--force")
-    for mode in MODES:
-        t = sinet("score-noise", "--out", folder, *MODES[mode], "--force")
-        auc, ap, noise_rate = weight_detection(folder)
+    weights, t_proto = sinet_modes(folder, MODES)
+    for mode, (w, t) in weights.items():
+        auc, ap, noise_rate = detection(w, y[tr], clean[tr])
         res[mode] = {"roc_auc": auc, "ap": ap, "seconds": t_proto + t}
     key = f"{ds}-{setting}{'' if NOISE_SEED == 0 else f'-seed{NOISE_SEED}'}"
     if key not in cache:
-        with store.open_artifact(folder / "features.h5", "features") as a:
-            x, y, sp = a.read("features").astype(np.float32), a.read("labels").astype(int), a.read("splits")
-            clean = a.read("clean_labels")
-        tr = sp == "train"
         noisy = (y != clean)[tr]
         q, t = cleanlab_scores(x[tr], y[tr])
         cache[key] = {"roc_auc": sn.roc_auc(noisy, -q), "ap": sn.average_precision(noisy, -q), "seconds": t}

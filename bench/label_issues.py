@@ -16,8 +16,9 @@ was not designed on (noise seed 1: symmetric 30%, confusion 40%, open-set 30%, m
 the folder with 30% moved, other images).
 
 Each demo's clean images are extracted once (``<work>/<demo>-base``, as bench/detection_types.py
-does) and a setting's features.h5 is assembled by id from them, without side text. sinet:
-``make-prototypes`` and ``score-noise`` with default options. cleanlab: 5-fold CV scikit-learn
+does) and a setting's features.h5 is assembled by id from them, without side text. sinet: the
+Python API on the train split, ``stages.build_prototypes`` and ``stages.find_label_issues`` with
+default options (the numbers make-prototypes and score-noise write on it). cleanlab: 5-fold CV scikit-learn
 ``LogisticRegression(max_iter=200)`` pred_probs on the same train features (cached per setting),
 ``count.num_label_issues`` for its estimate, ``filter.find_label_issues`` (defaults) for its flagged
 set, the pred_probs argmax for its relabel. All on the train split; open-set images count as noisy;
@@ -39,6 +40,8 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
+import benchlib as bl  # noqa: E402
+import stages  # noqa: E402
 from benchlib import sinet  # noqa: E402
 from detection_types import base_features  # noqa: E402
 from sinet_cli import store  # noqa: E402
@@ -148,24 +151,22 @@ def prf(flagged: np.ndarray, noisy: np.ndarray) -> tuple[float, float, float]:
 
 
 def evaluate(folder: Path, clean: np.ndarray | None = None) -> dict:
-    """Score ``folder`` with sinet's defaults and cleanlab; every figure on the train split."""
+    """Score ``folder``'s train split with sinet's defaults (the Python API) and cleanlab; ``clean``:
+    the true label of each features.h5 row (default: its clean_labels)."""
     from cleanlab.count import num_label_issues
     from cleanlab.filter import find_label_issues
 
-    sinet("make-prototypes", "--out", folder)
-    t0 = time.perf_counter()
-    sinet("score-noise", "--out", folder, "--force")  # --force: a run with another --anchor-share looks up to date
-    seconds = time.perf_counter() - t0
-    with store.open_artifact(folder / "scores.h5", "scores") as s:
-        y, flagged, sug = s.read("labels"), s.read("flagged").astype(bool), s.read("suggested_class")
-        conf = s.read("suggested_confidence")
-        est = s.json_attr("noise_estimate")
-        if clean is None:
-            clean = s.read("clean_labels")
-        train = s.read("splits") == "train" if "splits" in s else np.ones(len(y), dtype=bool)
     with store.open_artifact(folder / "features.h5", "features") as a:
-        x = a.read("features").astype(np.float32)
-    y, clean, flagged, sug, conf, x = y[train], clean[train], flagged[train], sug[train], conf[train], x[train]
+        train = a.read("splits") == "train" if "splits" in a else np.ones(a.dims["N"], dtype=bool)
+        if clean is None:
+            clean = a.read("clean_labels")
+    data, graph = bl.train_split(folder / "features.h5"), bl.class_graph(folder / "graph.h5")
+    x, y, clean = data["features"], data["labels"], np.asarray(clean)[train]
+    protos = stages.build_prototypes(x, y, graph=graph)
+    t0 = time.perf_counter()
+    issues = stages.find_label_issues(x, y, graph=graph, prototypes=protos)
+    seconds = time.perf_counter() - t0
+    flagged, sug, conf = issues.flagged, issues.suggested_class, issues.suggested_confidence
     noisy = y != clean
     closed = noisy & (clean >= 0)
     probs, cl_seconds = cleanlab_probs(folder, x, y)
@@ -173,7 +174,7 @@ def evaluate(folder: Path, clean: np.ndarray | None = None) -> dict:
     ours, theirs = prf(flagged, noisy), prf(cl_flag, noisy)
     return {
         "rows": int(len(y)), "true_noise": float(noisy.mean()), "open_set": float((clean < 0).mean()),
-        "est_ours": float(est["overall"]), "est_cleanlab": num_label_issues(y, probs) / len(y),
+        "est_ours": float(issues.noise_rate), "est_cleanlab": num_label_issues(y, probs) / len(y),
         "flagged_ours": int(flagged.sum()), "flagged_cleanlab": int(cl_flag.sum()),
         "precision_ours": ours[0], "recall_ours": ours[1], "f1_ours": ours[2],
         "precision_cleanlab": theirs[0], "recall_cleanlab": theirs[1], "f1_cleanlab": theirs[2],

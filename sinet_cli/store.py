@@ -171,7 +171,7 @@ SCHEMAS: dict[str, tuple[Field, ...]] = {
         Field("clean_labels", "int", ("N",), required=False),
         Field("paths", "str", ("N",), required=False),
         Field("splits", "str", ("N",), required=False),
-        # --score fused: eq. 6's weight and the fused components (README "Scoring beyond eq. 6")
+        # --score fused: eq. 6's weight and the fused components (docs/method.md, "Scoring beyond eq. 6")
         Field("weight_eq6", "float", ("N",), required=False),
         Field("share", "float", ("N",), required=False),
         Field("probe", "float", ("N",), required=False),
@@ -264,8 +264,8 @@ def _h5_dtype(kind: str, value_dtype: np.dtype | None) -> Any:
 #
 # String datasets are stored as fixed-width UTF-8 (NUL-padded) when their longest value fits in
 # FIXED_STR_MAX bytes: writing and reading them is a memory copy plus a vectorized ASCII
-# conversion, where HDF5 variable-length strings cost about a microsecond per value each way
-# (1M ids: ~0.8 s to write, ~1.2 s to read back as str). Longer values (captions) stay
+# conversion, where HDF5 variable-length strings cost a library call per value each way (at
+# millions of ids those calls dominate writing and reading them). Longer values (captions) stay
 # variable-length, where padding every value to the longest would waste space. Files written
 # with variable-length strings (older sinet) read and append as before. A fixed-width dataset is
 # widened in place when an appended value does not fit (variable-length past FIXED_STR_MAX).
@@ -509,7 +509,7 @@ class Artifact:
 
     def dataset(self, name: str) -> h5py.Dataset:
         ds = self._handles.get(name)
-        if ds is None:  # an h5py name lookup costs ~0.1 ms: once per dataset, not per block
+        if ds is None:  # an h5py name lookup walks the file's links: once per dataset, not per block
             if name not in self.file:
                 raise ArtifactError(f"{self.path}: missing dataset {name!r}")
             ds = self._handles[name] = self.file[name]
@@ -788,7 +788,7 @@ class ArtifactWriter:
         self._fields = {f.name: f for f in SCHEMAS[kind]}
         # dataset name -> (digest state of its data stream, the shape it covers)
         self._digests: dict[str, tuple[Any, tuple[int, ...]]] = {}
-        self._handles: dict[str, h5py.Dataset] = {}  # open datasets: an h5py name lookup costs ~0.1 ms
+        self._handles: dict[str, h5py.Dataset] = {}  # open datasets: an h5py name lookup walks the file's links
         if mode == "resume" and self.partial.exists() and self._partial_matches():
             self.file = h5py.File(self.partial, "r+")
             self.resumed = True
@@ -994,7 +994,7 @@ class ArtifactWriter:
                     else:
                         self.create_rows(name, arr.shape[1:], arr.dtype if arr.dtype != object else None)
                     ds = self._handle(name)
-                shape = ds.shape  # one query per block: each costs tens of microseconds
+                shape = ds.shape  # one query per block: each is a call into the HDF5 library
                 if shape[0] != n0:
                     raise ArtifactError(f"{self.path}: dataset {name!r} has {shape[0]} rows, expected {n0}")
                 h = self._hasher_of(name, ds, shape)

@@ -151,7 +151,7 @@ def build_backbone(
 
 # Largest image (width x height) decoded: PIL's own decompression-bomb threshold (Image.MAX_IMAGE_PIXELS,
 # 1 GiB / 4 bytes / 3 channels = 89,478,485 pixels, e.g. 9459 x 9459). Above it PIL only warns and
-# decodes (a 12000 x 12000 PNG took 1.1 GB); here it is refused from the header, before decoding.
+# decodes it whole (bench/decode_limits.py measures the memory); here it is refused from the header.
 # Cameras stay below it (a 61 MP full-frame sensor is 9504 x 6336); at 3 bytes a pixel an image at
 # the limit is 268 MB per decoding process.
 MAX_PIXELS = 89_478_485
@@ -240,7 +240,8 @@ class Preprocess:
         """``(B, H, W)`` or ``(B, H, W, C)`` uint8 -> ``(B, H', W', C)`` uint8 with the shorter side at
         ``resize``, as timm's PIL eval transform resizes. On the CPU torch's uint8 antialiased kernel
         rounds and clamps like PIL (within 0.008-0.016 of it in normalized units on the demos at 64
-        and 224 px, where one float resize differed by up to 0.13-0.15) and ran 7x faster. Elsewhere
+        and 224 px, where one float resize differed by up to 0.13-0.15) and is faster
+        (bench/bench_extract_features.py times the command's preprocessing). Elsewhere
         (no uint8 kernel on a GPU) :func:`two_pass_uint8_resize` emulates it, within 2 uint8 levels.
         Already at the resize (decoded files): returned as it is."""
         x = batch_uint8 if batch_uint8.ndim == 4 else batch_uint8.unsqueeze(-1)
@@ -273,7 +274,7 @@ def two_pass_uint8_resize(x: torch.Tensor, size: tuple[int, int], mode: str) -> 
     the width first, then the height, each pass antialiased and rounded and clamped to uint8 levels
     (one float resize skips the rounding and clamping between the passes: a bicubic's overshoot
     then moved pixels by up to 24 levels). Within 2 levels of the CPU kernel (bilinear and bicubic,
-    up- and downscaling, measured on the demo and random RGB)."""
+    up- and downscaling: tests/test_extract_features.py checks it)."""
     y = x.float()
     for hw in ((y.shape[-2], size[1]), size):
         if tuple(y.shape[-2:]) != tuple(hw):
@@ -517,7 +518,7 @@ def _pooled(model: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
 
 
 # rows of the first batch that check a folded model against the model (the check runs both models
-# on them: 8 rows took 0.26 s at 112 px, 2 rows 0.10 s)
+# on them: every row adds two forward passes to the start of a run)
 FOLD_CHECK_ROWS = 2
 
 
@@ -606,9 +607,9 @@ class StaticSameConv2d(torch.nn.Conv2d):
     Per axis the SAME padding is (lo, hi) with hi - lo in {0, 1}. The conv pads hi on both sides
     with a kernel of hi - lo leading zero rows (columns) before the original taps: every output
     reads the same inputs with the same weights, and the zero taps land on the extra pixel, so the
-    result is the same (checked by :func:`static_same_padding`). On 2 CPU cores (channels-last,
-    batch 64) lite0's 96-channel 3x3 stride-2 depthwise conv at 56 px took 64 ms padded and
-    16 ms so. Any other input size goes through the padded path with the original kernel.
+    result is the same (checked by :func:`static_same_padding`). The copy can cost more than a
+    small depthwise conv itself (bench/bench_extract_features.py compares the plain model's
+    forward). Any other input size goes through the padded path with the original kernel.
     """
 
     def __init__(self, conv: torch.nn.Conv2d, in_size: tuple[int, int]):
@@ -780,16 +781,14 @@ def extract(
 
     Args:
         channels_last: run the model in channels-last memory format (``model`` is converted in
-            place). None: on the CPU only, where oneDNN's NHWC kernels ran lite0 1.2x / 1.6x /
-            1.55x faster at 64 / 112 / 224 px (2 cores, batch 64; features within 4e-6 relative);
-            not on a GPU, where an H200 ran it at 0.99x / 1.01x / 0.87x.
+            place). None: on the CPU only, where oneDNN's NHWC kernels run lite0 faster (features
+            within 4e-6 relative); not on a GPU, where it gains nothing
+            (bench/bench_extract_features.py measures both).
         fold_bn: run a copy of the model with its batch norms folded into the convs before them
             (:func:`fold_batchnorm`, checked on the first batch).
         static_padding: run timm's TF-"SAME" convs (the ``tf_`` backbones) without their per-call
-            padding copy (:func:`static_same_padding`, checked on the first batch). lite0 ran 1.5x
-            faster at 64 px and 1.2x at 112 px on the CPU (2 cores, batch 64, channels-last,
-            folded; the same features), 1.09x / 1.03-1.26x / 1.02-1.03x at 64 / 112 / 224 px on an
-            H200 (two runs; features within round-off).
+            padding copy (:func:`static_same_padding`, checked on the first batch; the same
+            features up to round-off). What it gains: bench/bench_extract_features.py.
         decode: the pixel limit and JPEG draft mode of image files and archive members
             (:class:`Decode`); an image above the limit is a failed row.
 

@@ -131,13 +131,14 @@ class PrototypeResult:
 
 
 SUB_ROWS = 16384  # rows per product at most: few, large ops (each op is a parallel region; on busy cores
-# every region waits for a free core, so 4,096-row sub-blocks made eq. 4 10-25% slower, same values)
+# every region waits for a free core, so smaller sub-blocks only add waits; same values either way;
+# bench/bench_make_prototypes.py)
 SCRATCH_ELEMS = 1 << 24  # but the B x C scratch of eq. 4 stays under 64 MB of float32 for large C
 
 
 POST_BYTES = 4 << 20  # eq. 4's cross term g_i . U_y runs on row pieces whose float32 gather of U is this size
 # (it stays in cache between the ops that read it; each op is still a region large enough for every
-# thread). A 16,384 x 1,280 block on 2 cores: 20 ms in 4,096-row pieces, 10 ms in 1,024-row ones.
+# thread; bench/profile_make_prototypes.py times eq. 4's pass).
 
 
 def _post_rows(dim: int) -> int:
@@ -186,9 +187,9 @@ def _index_add(sums: torch.Tensor, index: torch.Tensor, rows: torch.Tensor) -> t
     """``sums[index[i]] += rows[i]`` (the per-class sums of eq. 5), on one thread on the CPU.
 
     torch runs ``index_add_`` as its expanded-index ``scatter_add_``, which on the CPU sorts the
-    index in parallel: with 2 threads on 2 busy cores a 4,096-row call took 20-80 ms instead of
-    3-4 ms with one (bench/bench_make_prototypes.py). One thread adds the rows in the same order:
-    the same sums, bit for bit.
+    index in parallel: on few busy cores that sort waits for free cores and costs more than the
+    additions (bench/bench_make_prototypes.py). One thread adds the rows in the same order: the
+    same sums, bit for bit.
     """
     threads = torch.get_num_threads()
     if sums.device.type != "cpu" or threads == 1:
@@ -206,7 +207,7 @@ def _add_weighted_class_sums(sums: torch.Tensor, y: torch.Tensor, w: torch.Tenso
     A is the C x B matrix with A[y_i, i] = w_i in CSR form, its rows' entries in row order (a
     stable sort by class), so every class adds its rows in the same order as ``index_add_``. The
     product runs on every thread without the parallel sort that makes ``index_add_`` slow (see
-    :func:`_index_add`): 4x faster for an 8,192 x 1,280 block on 2 cores, and it scales with cores.
+    :func:`_index_add`), so it scales with cores (bench/profile_make_prototypes.py times eq. 5's pass).
     """
     order = torch.argsort(y, stable=True)
     crow = torch.zeros(sums.shape[0] + 1, dtype=torch.int64, device=y.device)
@@ -223,9 +224,9 @@ def _threads(n: int, device: torch.device | str):
     """Run the block with ``n`` torch threads on the CPU (nothing changes on a GPU).
 
     Elementwise work on a few MB (the probe's Adam updates, its B x C softmax) is one short
-    parallel region per op: with 2 threads on 2 busy cores each region waits for a free core, so
-    20 Adam steps on a 1,000 x 1,280 matrix took 1.4 s instead of 0.12 s on one thread. The
-    values are the same bit for bit: these ops compute every element the same way on any number
+    parallel region per op: with few threads on busy cores each region waits for a free core, so
+    the waits outweigh the work split (bench/profile_make_prototypes.py). The values are the same
+    bit for bit: these ops compute every element the same way on any number
     of threads (checked against the parallel run for the probe's reductions too)."""
     threads = torch.get_num_threads()
     if torch.device(device).type != "cpu" or threads == n:
@@ -246,9 +247,9 @@ def _small_ops(device: torch.device | str):
     steps and softmax, eq. 4's per-row terms): one thread when torch has at most
     ``SERIAL_SMALL_OPS_MAX_THREADS``, else all of them.
 
-    Measured with bench/profile_make_prototypes.py (N=200k, D=1,280, C=1,000): on 2 busy cores one
-    thread is faster (see :func:`_threads`); on 16 idle cores one thread left the stage at 3.1x the
-    bare product and every thread brought it to 1.5x. The values are the same either way.
+    With few threads on busy cores each small parallel region waits for a free core (see
+    :func:`_threads`); with many cores the work split pays. bench/profile_make_prototypes.py
+    (``--all-threads``) compares the two on the machine at hand. The values are the same either way.
     """
     threads = torch.get_num_threads()
     return _threads(1 if threads <= SERIAL_SMALL_OPS_MAX_THREADS else threads, device)
@@ -516,7 +517,7 @@ def fit_linear_probe(
             total = 0.0
             for i in range(0, len(X), batch_size):
                 idx = perm[i : i + batch_size]
-                xb, yb = X.index_select(0, idx), Y.index_select(0, idx)  # 6x faster than X[idx]
+                xb, yb = X.index_select(0, idx), Y.index_select(0, idx)  # not X[idx]: torch's slower general gather
                 logp = torch.log_softmax(mm(xb, W.t()) + b, dim=1)
                 total -= float(logp.gather(1, yb[:, None]).sum())
                 grad = logp.exp_()  # softmax - onehot, divided by the batch size

@@ -3,8 +3,8 @@
 Pure computation over one block of rows at a time, so the caller can stream any N with bounded
 memory: :func:`score_block` gives, per row, the distance to the nearest prototype of its labeled
 class, the weight w_i (eq. 6), and the nearest prototype of any class (found with a FAISS index
-over the prototypes). The default score goes beyond eq. 6 (README
-"Scoring beyond eq. 6"): :func:`fit_two_round_probe` fits a reweighted out-of-fold linear probe
+over the prototypes). The default score goes beyond eq. 6 (docs/method.md, "Scoring beyond
+eq. 6"): :func:`fit_two_round_probe` fits a reweighted out-of-fold linear probe
 and the open-set thresholds on a sample, and :func:`fused_weight` multiplies the probe's
 p(label | x), :func:`open_set_factor` and, with captions, :func:`caption_factor`.
 :func:`estimate_noise` estimates each class's noise rate without clean labels from the probe's
@@ -72,8 +72,8 @@ PRODUCT_ELEMS = 1 << 24  # the per-sub-block rows x prototypes product stays und
 
 def _sub_rows(dim: int, width: int) -> int:
     """Rows per sub-block: its float32 copy is at most SUB_BYTES (converted, normed and multiplied
-    while in cache: on one thread a 16,384 x 512 float16 block took 40 ms converted whole and then
-    multiplied, 7-8 ms in 2,048-row pieces), and its product with ``width`` columns at most
+    while still in cache, instead of a whole block converted first and read back from memory for
+    each step; bench/bench_score_noise.py), and its product with ``width`` columns at most
     PRODUCT_ELEMS."""
     return max(256, min(SUB_BYTES // (4 * max(dim, 1)), PRODUCT_ELEMS // max(width, 1)))
 
@@ -91,8 +91,8 @@ def _flat_metric(index: Any) -> str | None:
 
 def _padded_columns(m: torch.Tensor) -> torch.Tensor:
     """``m`` (D x P) with zero columns appended up to a multiple of 16 when P < 64, for the right
-    operand of a product whose extra columns the caller slices off. BLAS works in column panels:
-    on one thread 4,096 x 512 by 512 x 14 took 3.4 ms, by 512 x 16 2.1 ms."""
+    operand of a product whose extra columns the caller slices off. BLAS works in column panels,
+    and a ragged last panel goes through its slower edge code (bench/bench_score_noise.py runs C=14)."""
     width = m.shape[1] if m.shape[1] >= 64 else -(-m.shape[1] // 16) * 16
     out = torch.zeros((m.shape[0], width), dtype=m.dtype)
     out[:, : m.shape[1]] = m
@@ -101,7 +101,7 @@ def _padded_columns(m: torch.Tensor) -> torch.Tensor:
 
 class _Buffer:
     """A reusable float32 buffer: float16 sub-blocks are converted into it without a fresh
-    allocation (a fresh 32 MB conversion page-faults: 25 ms against 5 ms per 16,384 x 512 block)."""
+    allocation (a fresh buffer of that size page-faults on every block; bench/bench_score_noise.py)."""
 
     def __init__(self) -> None:
         self.buf: torch.Tensor | None = None
@@ -194,7 +194,8 @@ def score_block(
         outs = [(torch.empty(B, device=dev), torch.empty(B, dtype=torch.int64, device=dev), torch.empty(B, device=dev))
                 for _ in probes]
         # the round-1 probe's logits of the whole block: its noise-model outputs run after the sub-blocks, in
-        # pieces of GATHER_CELLS (a few large ops instead of a dozen small ones per sub-block: 4x less time)
+        # pieces of GATHER_CELLS (a few large ops instead of a dozen small ones per sub-block: each op has a
+        # fixed cost; bench/bench_score_noise.py)
         logits = torch.empty((B, Cp), device=dev) if len(probes) > 1 else None
     else:
         VT = _padded_columns(V.t().cpu()).to(dev)  # few prototypes: zero columns, sliced off after the product
@@ -367,9 +368,10 @@ def fit_probe(x: np.ndarray, y: np.ndarray, rows: np.ndarray, num_classes: int, 
         b = torch.tensor(init.b).to(dev)
     flat = W.view(D, K * num_classes)
     # Adam's moments and gradient in buffers allocated once: at C=1,000 each step goes over the
-    # 5 x 512 x 1,000 weights several times, and fresh 10 MB temporaries per op had made the update
-    # 3x slower. (torch.optim.Adam(fused=True) is faster still, but its first step imports
-    # torch._dynamo: 2.4 s and 150 MB more per process.)
+    # 5 x 512 x 1,000 weights several times, and fresh temporaries per op would allocate and fault in
+    # that much memory again at every step (bench/bench_score_noise.py --with-1000-classes).
+    # (torch.optim.Adam(fused=True) is not used: its first step imports torch._dynamo, which costs
+    # every process start-up time and memory; tests/test_score_fused.py checks it stays unimported.)
     mW, vW, mb, vb = torch.zeros_like(W), torch.zeros_like(W), torch.zeros_like(b), torch.zeros_like(b)
     gW, sW, gb, sb = torch.empty_like(W), torch.empty_like(W), torch.empty_like(b), torch.empty_like(b)
     step, total = 0, epochs * -(-n // batch_size)
@@ -378,7 +380,7 @@ def fit_probe(x: np.ndarray, y: np.ndarray, rows: np.ndarray, num_classes: int, 
         perm = torch.randperm(n, generator=gen).to(dev)
         for i in range(0, n, batch_size):
             idx = perm[i : i + batch_size]
-            # index_select, not X[idx]: 21 against 123 us for 256 x 512 rows (2 cores)
+            # index_select, not X[idx]: advanced indexing takes torch's general (slower) gather path
             xb, yb = X.index_select(0, idx), Y.index_select(0, idx)
             grad = torch.softmax((xb @ flat).view(len(idx), K, num_classes) + b, dim=2)
             grad.scatter_add_(2, yb.view(-1, 1, 1).expand(-1, K, 1), minus_one.expand(len(idx), K, 1))
@@ -905,8 +907,8 @@ def noise_model_outputs(logits: torch.Tensor, labels: torch.Tensor,
     suggested class and its confidence (E9, before the outside factor), in torch (``model`` from
     :meth:`NoiseModel.on`: T and T^-1 transposed). The same as :func:`wrong_label_score` and
     :func:`suggest_relabel` on p = softmax(z / tau)."""
-    # softmax(z / tau) written out: torch.softmax over rows of a dozen classes took 5.8 ms per 16,384 rows
-    # against 1 ms for these four ops
+    # softmax(z / tau) written out as four in-place ops: torch.softmax is slow over rows of only a dozen
+    # classes (bench/bench_score_noise.py, C=14)
     p = logits.mul(1.0 / model.temperature)
     p = p.sub_(p.amax(1, keepdim=True)).exp_()
     p = p.div_(p.sum(1, keepdim=True))  # eq. E7

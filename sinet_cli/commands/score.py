@@ -60,19 +60,6 @@ def id_hashes(ids: np.ndarray) -> np.ndarray:
     return h
 
 
-def scored_hashes(path: Path, chunk: int) -> np.ndarray:
-    with store.open_artifact(path, "scores") as art:
-        parts = [id_hashes(rows["ids"]) for _, rows in art.iter_rows(["ids"], chunk)]
-    return np.sort(np.concatenate(parts)) if parts else np.zeros(0, dtype=np.uint64)
-
-
-def is_member(h: np.ndarray, sorted_h: np.ndarray) -> np.ndarray:
-    if len(sorted_h) == 0:
-        return np.zeros(len(h), dtype=bool)
-    pos = np.minimum(np.searchsorted(sorted_h, h), len(sorted_h) - 1)
-    return sorted_h[pos] == h
-
-
 # -- suspects.tsv ----------------------------------------------------------------------------
 
 
@@ -280,11 +267,9 @@ def run_score_noise(folder: Path, config, *, features: Path | None = None, proto
     torn = store.unit_problem(proto_path, [proto_path, index_path], "make-prototypes")
     if torn:
         raise SinetError(torn)
-    with store.open_artifact(proto_path, "prototypes") as pa:
-        classes = pa.read("classes")
-        protos = np.ascontiguousarray(pa.read("prototypes"), dtype=np.float32)
-        proto_class = pa.read("prototype_class").astype(np.int64)
-        proto_fp = pa.fingerprint
+    pa = store.read_prototypes(proto_path)
+    classes, protos, proto_fp = pa.classes, np.ascontiguousarray(pa.prototypes), pa.fingerprint
+    proto_class = pa.prototype_class.astype(np.int64)
     feats = store.open_artifact(features_path, "features")
     try:
         check_features(feats, features_path, classes, proto_path, protos.shape[1])
@@ -295,8 +280,7 @@ def run_score_noise(folder: Path, config, *, features: Path | None = None, proto
                                            inputs)
         config = dataclasses.replace(config, image_text=label_emb is not None)
         params = config.params()
-        if not force and store.is_up_to_date(target, "scores", params, inputs) and \
-                store.outputs_current(target, [target, suspects_path]):
+        if not force and store.is_up_to_date(target, "scores", params, inputs, unit=target, files=[suspects_path]):
             console.info(f"{target}: up to date, nothing to do (use --force to rescore)")
             return
         from stages import score_noise as stage
@@ -321,8 +305,8 @@ def run_score_noise(folder: Path, config, *, features: Path | None = None, proto
         model = (protos, slots, proto_class, index)
         with file_lock(target, wait, "score-noise"):
             # checked again under the lock: another run may have written it meanwhile
-            if not force and store.is_up_to_date(target, "scores", params, inputs) and \
-                    store.outputs_current(target, [target, suspects_path]):
+            if not force and store.is_up_to_date(target, "scores", params, inputs, unit=target,
+                                                 files=[suspects_path]):
                 console.info(f"{target}: up to date, nothing to do (use --force to rescore)")
                 return
             state, info = previous_state(stage, target, config, params, proto_fp, force)
@@ -354,14 +338,8 @@ def run_score_noise(folder: Path, config, *, features: Path | None = None, proto
 
 def check_features(feats, features_path: Path, classes: np.ndarray, proto_path: Path, dim: int) -> None:
     """features.h5 holds the classes and the feature width of the prototypes."""
-    f_classes = feats.read("classes")
-    if len(f_classes) != len(classes) or (f_classes != classes).any():
-        raise SinetError(
-            f"{features_path} has {len(f_classes)} classes but {proto_path} was built for {len(classes)}"
-            if len(f_classes) != len(classes) else
-            f"{features_path} and {proto_path} disagree on class names "
-            f"(first: {f_classes[f_classes != classes][0]!r} vs {classes[f_classes != classes][0]!r})"
-        )
+    store.check_classes(features_path, feats.read("classes"), proto_path, classes,
+                        "extract the features and make the prototypes for the same classes")
     if feats.dims["D"] != dim:
         raise SinetError(f"{features_path} holds {feats.dims['D']}-d features but {proto_path} holds {dim}-d "
                          "prototypes; extract both with the same backbone")
@@ -414,8 +392,7 @@ def block_text_shares(stage, text: SideText, side_text: np.ndarray, labels: np.n
     srows = text.sample_rows
     hit = np.zeros(len(labels), dtype=bool)
     if len(srows):
-        pos = np.minimum(np.searchsorted(srows, block_rows), len(srows) - 1)
-        hit = srows[pos] == block_rows
+        pos, hit = store.match_ids(srows, block_rows)
         ts[hit] = text.sample_shares[pos[hit]]
     if (~hit).any():
         ts[~hit] = stage.text_shares(text.encoder, np.asarray(side_text)[~hit], text.label_embeddings, labels[~hit],
@@ -516,10 +493,9 @@ def run_scoring(stage, feats, features_path: Path, target: Path, suspects_path: 
                 if top is not None:
                     feed(top, start, rows)
                 n_old = start + len(rows["ids"])
-        existing = np.sort(np.concatenate(hashes)) if hashes else np.zeros(0, dtype=np.uint64)
-        new_mask = np.zeros(n, dtype=bool)
-        for start, rows in feats.iter_rows(["ids"], big):
-            new_mask[start : start + len(rows["ids"])] = ~is_member(id_hashes(rows["ids"]), existing)
+        existing = np.concatenate(hashes) if hashes else np.zeros(0, dtype=np.uint64)
+        wanted = [id_hashes(rows["ids"]) for _, rows in feats.iter_rows(["ids"], big)]
+        new_mask = ~store.match_ids(existing, np.concatenate(wanted) if wanted else np.zeros(0, np.uint64))[1]
         n_new = int(new_mask.sum())
         if n_new == 0:
             console.info(f"{target}: every id of {features_path} is already scored; nothing to do")

@@ -16,7 +16,7 @@
 # travels: its index path is not checked here.)
 #
 # Steps, each under its own time limit so that one stuck step leaves the others' figures:
-#   1. tests/test_cuda.py: the CUDA paths (probe fit, score_block, score-noise --device cuda,
+#   1. tests/cli/test_cuda.py: the CUDA paths (probe fit, score_block, score-noise --device cuda,
 #      make-prototypes, static padding and folding, extraction) against the CPU's
 #   2. bench_score_noise.py --device cuda at C=14 and C=1,000 (N=1M, D=512), and the CPU at C=1,000
 #      on this machine's cores (the same machine's baseline)
@@ -55,7 +55,7 @@ step() {  # step NAME SECONDS command...
 }
 STEPS=" ${STEPS:-tests score score_cpu extract proto} "
 want() { [[ "$STEPS" == *" $1 "* ]]; }
-want tests && step cuda_tests 120 python3 -m pytest -q -p no:cacheprovider tests/test_cuda.py
+want tests && step cuda_tests 120 python3 -m pytest -q -p no:cacheprovider tests/cli/test_cuda.py
 # (each step's figures are in its log: at most 8 files come back from the machine)
 want score && step score_cuda 150 python3 bench/bench_score_noise.py --device cuda --with-1000-classes --skip-rss \
   --repeats 2

@@ -274,7 +274,7 @@ def two_pass_uint8_resize(x: torch.Tensor, size: tuple[int, int], mode: str) -> 
     the width first, then the height, each pass antialiased and rounded and clamped to uint8 levels
     (one float resize skips the rounding and clamping between the passes: a bicubic's overshoot
     then moved pixels by up to 24 levels). Within 2 levels of the CPU kernel (bilinear and bicubic,
-    up- and downscaling: tests/test_extract_features.py checks it)."""
+    up- and downscaling: tests/cli/test_extract_features.py checks it)."""
     y = x.float()
     for hw in ((y.shape[-2], size[1]), size):
         if tuple(y.shape[-2:]) != tuple(hw):

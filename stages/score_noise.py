@@ -371,7 +371,7 @@ def fit_probe(x: np.ndarray, y: np.ndarray, rows: np.ndarray, num_classes: int, 
     # 5 x 512 x 1,000 weights several times, and fresh temporaries per op would allocate and fault in
     # that much memory again at every step (bench/bench_score_noise.py --with-1000-classes).
     # (torch.optim.Adam(fused=True) is not used: its first step imports torch._dynamo, which costs
-    # every process start-up time and memory; tests/test_score_fused.py checks it stays unimported.)
+    # every process start-up time and memory; tests/unit/test_stage_score_fused.py checks it stays unimported.)
     mW, vW, mb, vb = torch.zeros_like(W), torch.zeros_like(W), torch.zeros_like(b), torch.zeros_like(b)
     gW, sW, gb, sb = torch.empty_like(W), torch.empty_like(W), torch.empty_like(b), torch.empty_like(b)
     step, total = 0, epochs * -(-n // batch_size)

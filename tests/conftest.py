@@ -1,9 +1,18 @@
 import os
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
 
 os.environ.setdefault("CI", "1")  # no progress bars in tests
+
+# tests/unit, tests/cli and tests/e2e share helper modules (tests/fault_run.py, fixtures_layouts.py, ...)
+# and some test modules import another's helpers: every test folder is importable by module name
+_TESTS = Path(__file__).resolve().parent
+for _folder in (_TESTS, _TESTS / "unit", _TESTS / "cli", _TESTS / "e2e"):
+    if str(_folder) not in sys.path:
+        sys.path.insert(0, str(_folder))
 
 
 @pytest.fixture

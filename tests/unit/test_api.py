@@ -1,5 +1,5 @@
 """The public Python API (stages.api): the README's example runs, and the numbers are sane on a case
-whose wrong labels are known. Imports no sinet_cli module (tests/test_score_api.py compares the API
+whose wrong labels are known. Imports no sinet_cli module (tests/cli/test_score_api.py compares the API
 with the score-noise command)."""
 
 from __future__ import annotations

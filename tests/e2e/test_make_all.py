@@ -13,7 +13,7 @@ import pytest
 from fixtures_layouts import make_clothing1m, make_webvision, write_jpeg
 from sinet_cli import store
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 # tiny random-init backbone, 2 epochs, one training mode: seconds per stage
 TINY = ["BACKBONE=test_efficientnet", "EXTRACT_OPTS=--random-init", "IMAGE_SIZE=32", "EPOCHS=2", "WORKERS=0",
         "DEVICE=cpu", "MODES=C"]

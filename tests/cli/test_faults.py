@@ -29,8 +29,8 @@ from conftest import run_sinet
 from fault_fixtures import CLASSES, bilevel_png, write_crawl, write_graph
 from sinet_cli import store
 
-REPO = Path(__file__).resolve().parent.parent
-RUNNER = Path(__file__).resolve().parent / "fault_run.py"
+REPO = Path(__file__).resolve().parents[2]
+RUNNER = Path(__file__).resolve().parents[1] / "fault_run.py"
 ALL = ["features.h5", "graph.h5", "prototypes.h5", "prototypes.faiss", "scores.h5", "suspects.tsv"]
 TINY = ["--backbone", "test_efficientnet", "--random-init", "--image-size", "32", "--workers", "0",
         "--device", "cpu"]

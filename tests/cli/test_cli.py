@@ -15,7 +15,7 @@ import pytest
 
 from test_report import write_synthetic
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 # what tqdm draws: "Loading weights:  40%|####      | 41/103 [00:00<00:00, 11558.58it/s]"
 TQDM_BAR = re.compile(r"\d+%\|.*\||\d+/\d+ \[\d\d:\d\d|it/s\]|s/it\]|Loading weights|Batches:")
 

@@ -17,7 +17,7 @@ from fixtures_layouts import write_jpeg
 
 CLASSES = ["boot", "coat", "shirt"]
 TINY = ["--backbone", "test_efficientnet", "--random-init", "--image-size", "32", "--workers", "0", "--device", "cpu"]
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 
 
 def write_manifest(root: Path, n_per_class: int, start: int = 0, extra_lines: list[str] | None = None) -> Path:

@@ -409,7 +409,7 @@ def test_make_strict_variable_reaches_build_graph():
     import subprocess
     from pathlib import Path
 
-    repo = Path(__file__).resolve().parent.parent
+    repo = Path(__file__).resolve().parents[2]
 
     def graph_line(*args: str) -> str:
         done = subprocess.run(["make", "-n", "--no-print-directory", "-C", str(repo), "-o", ".install.stamp", "graph",

@@ -132,6 +132,9 @@ def _mark_ready() -> None:
 
 
 def main() -> None:
+    # Ctrl-C as on a terminal: a process started from a background job of a non-interactive shell
+    # (a test suite run with `&`) inherits SIGINT ignored, and the interrupt cases would not land
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     os.replace = _replace  # type: ignore[assignment]
     _mark_ready()
     _pause_at_call()

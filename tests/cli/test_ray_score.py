@@ -175,3 +175,29 @@ def test_without_ray_score_noise_engine_is_a_one_line_error(tmp_path, sinet, mon
     assert code == 1 and err == "sinet: error: --engine ray needs Ray, which is not installed: pip install " \
                                "'sinet[ray]'\n", err
     assert not (tmp_path / "scores.h5").exists()
+
+
+def test_side_text_is_encoded_on_the_workers_as_on_the_driver(cluster, tmp_path, sinet):
+    """With side text each worker loads the packaged sentence encoder and encodes its rows' captions."""
+    from sinet_cli import sideinfo
+
+    a, b = tmp_path / "local", tmp_path / "ray"
+    a.mkdir()
+    data = make_features(a / "features.h5", 100)
+    text = [f"a photo of a {('cat', 'dog', 'car')[c]}" if i % 4 else "" for i, c in enumerate(data["clean_labels"])]
+    store.write_artifact(a / "features.h5", "features", {**data, "side_text": text}, {"text": 1}, {})
+    make_prototypes_artifact(a)
+    encoder = sideinfo.load_text_encoder(str(sideinfo.default_text_encoder()), device="cpu")
+    emb = np.asarray(encoder.encode(["cat", "dog", "car"], normalize_embeddings=True), dtype=np.float32)
+    S = np.eye(3, dtype=np.float32)
+    store.write_artifact(a / "graph.h5", "graph", {"classes": ["c0", "c1", "c2"], "S_w": S, "S_l": S, "S_t": S,
+                                                    "label_embeddings": emb}, {}, {})
+    shutil.copytree(a, b)
+    opts = ("--probe-folds", "2", "--probe-epochs", "2", "--device", "cpu", *SMALL)
+    code, _, err = sinet("score-noise", "--out", a, *opts)
+    assert code == 0, err
+    code, _, err = sinet("score-noise", "--out", b, *opts, "--engine", "ray")
+    assert code == 0, err
+    s, _, _ = read_scores(b)
+    assert "text_share" in s and np.isnan(s["text_share"][np.arange(100) % 4 == 0]).all()
+    same_scores(a, b)

@@ -20,6 +20,7 @@ every node) to encode its rows' captions.
 from __future__ import annotations
 
 import os
+import warnings
 from dataclasses import dataclass
 from typing import Any, Iterator
 
@@ -129,7 +130,9 @@ def score_part(job: ScoreJob, index: int, start: int, stop: int, keep: np.ndarra
     from .. import store
     from ..commands.score import score_block_rows
 
-    # the object store's arrays are read-only; torch wants to own writable ones
+    # the object store's arrays are read-only: torch warns on wrapping them though scoring never writes
+    # into them (the state's probe weights are wrapped as they are; the small prototype arrays copied)
+    warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
     model = (np.array(job.prototypes), np.array(job.slots), np.array(job.prototype_class), _index(job))
     text = _side_text(job)
     outs = []
@@ -196,8 +199,10 @@ def scored_parts(job: ScoreJob, n: int, new_mask: np.ndarray | None, *, address:
                     done[k] = ray.get(ready[0])
                 except ray.exceptions.RayError as e:  # the worker died after its retries, or the task raised
                     part, s, e_ = parts[k]
+                    # an exception the task raised is not retried (it would raise again); a dead worker is
+                    after = "" if isinstance(e, ray.exceptions.RayTaskError) else f" after {retries} retries"
                     raise SinetError(f"scoring part {part} (rows {s}..{e_ - 1} of {job.features_path}) "
-                                     f"failed after {retries} retries: {_failure(ray, e)}; scores.h5 is unchanged, "
+                                     f"failed{after}: {_failure(ray, e)}; scores.h5 is unchanged, "
                                      "run the same command again") from None
         finally:
             for ref in running:

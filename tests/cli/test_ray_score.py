@@ -201,3 +201,23 @@ def test_side_text_is_encoded_on_the_workers_as_on_the_driver(cluster, tmp_path,
     s, _, _ = read_scores(b)
     assert "text_share" in s and np.isnan(s["text_share"][np.arange(100) % 4 == 0]).all()
     same_scores(a, b)
+
+
+def test_a_task_that_raises_fails_the_run_in_one_line_naming_it(cluster, tmp_path, sinet):
+    a, b = twin_folders(tmp_path, n=60)
+    code, _, err = sinet("score-noise", "--out", b, "--device", "cpu", *SMALL, "--engine", "ray", "--force")
+    assert code == 0, err
+    before = (b / "scores.h5").read_bytes(), (b / "suspects.tsv").read_bytes()
+    # a val row is damaged: the driver's fit reads train rows only, the task of part 1 finds it
+    import h5py
+
+    with h5py.File(b / "features.h5", "r+") as f:
+        x = f["features"][...]
+        x[54] = np.nan
+        f["features"][...] = x
+    code, _, err = sinet("score-noise", "--out", b, "--device", "cpu", *SMALL, "--engine", "ray", "--force",
+                         "--probe-rows", "0")
+    assert code == 1 and err.count("\n") == 1, err
+    assert "scoring part 1 (rows 48..59 of" in err and "failed: ArtifactError:" in err and "retries" not in err, err
+    assert "'img00054' (row 54) are not finite" in err
+    assert ((b / "scores.h5").read_bytes(), (b / "suspects.tsv").read_bytes()) == before

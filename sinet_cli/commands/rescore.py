@@ -140,7 +140,7 @@ def rescore(
             if table is not None:
                 append_new(table, data, features_path, folder, weights, retry_skipped, batch_size, workers,
                            chunk_rows, device, ray_opts)
-            score_new(folder, alpha, beta, max(0.0, wait - (time.monotonic() - t0)), device)
+            score_new(folder, alpha, beta, max(0.0, wait - (time.monotonic() - t0)), device, ray_opts)
     except (OSError, RuntimeError, ValueError) as e:  # disk full, CUDA, a library's refusal: one line for cron
         if is_storage_error(e):
             raise StorageError.from_os_error(e) from None
@@ -362,9 +362,10 @@ def scoring_options_readable(folder: Path) -> None:
 
 
 def score_new(folder: Path, alpha: float | None, beta: float | None, wait: float,
-              device: str = "auto") -> None:
+              device: str = "auto", ray_opts: dict | None = None) -> None:
     """score-noise's run with the options scores.h5 was made with (so that it only appends), on
-    rescore's ``--device``: it scores the ids scores.h5 lacks, and says so when there are none."""
+    rescore's ``--device`` (with ``ray_opts``, as Ray tasks): it scores the ids scores.h5 lacks, and
+    says so when there are none."""
     from stages.score_noise import ScoreConfig
 
     from .score import run_score_noise
@@ -378,4 +379,4 @@ def score_new(folder: Path, alpha: float | None, beta: float | None, wait: float
         config = ScoreConfig.from_params(recorded, alpha=alpha, beta=beta)
     except (TypeError, ValueError) as e:
         raise SinetError(f"{folder / 'scores.h5'}: its recorded options do not make a score ({e})") from None
-    run_score_noise(folder, config, wait=wait, device=device)
+    run_score_noise(folder, config, wait=wait, device=device, ray_opts=ray_opts)

@@ -25,6 +25,7 @@ from ..common import DataOpt, DeviceOpt, ForceOpt, OutOpt, artifact_dir, resolve
 from ..locks import Plan, file_lock, locked
 from ..errors import SinetError
 from ..progress import progress_bar
+from .extract import DEFAULT_PART_ROWS, RayAddressOpt, check_engine
 
 PANEL_EQ6 = "Weighting (eq. 6)"
 PANEL_FUSED = "Scoring beyond eq. 6 (--score fused)"
@@ -202,6 +203,16 @@ MaxSuspectsOpt = Annotated[int, typer.Option(
 ScoreWaitOpt = Annotated[float, typer.Option(
     help="Seconds to wait for another score-noise run on the same scores.h5.", rich_help_panel="Artifacts")]
 ChunkRowsOpt = Annotated[int, typer.Option(help="Rows per streamed block.", rich_help_panel="Compute")]
+ScoreEngineOpt = Annotated[str, typer.Option(
+    "--engine", help="local (this process) or ray: the state is fitted here, the rows are scored as Ray tasks "
+    "of --part-rows rows each, on a local Ray cluster or the one at --ray-address (the artifact folder on a file "
+    "system every node sees); needs pip install 'sinet\\[ray]' (docs/ray.md).", rich_help_panel="Compute")]
+ScoreRayRetriesOpt = Annotated[int, typer.Option(
+    "--ray-retries", help="--engine ray: retries of a task whose worker died; a part failing after them fails the "
+    "run, scores.h5 unchanged.", rich_help_panel="Compute")]
+ScorePartRowsOpt = Annotated[int, typer.Option(
+    "--part-rows", help="--engine ray: rows per task (rounded up to whole --chunk-rows blocks).",
+    rich_help_panel="Compute")]
 
 
 @app.command("score-noise")
@@ -213,7 +224,9 @@ def score_noise(
     probe_folds: ProbeFoldsOpt = 5, probe_epochs: ProbeEpochsOpt = 10, image_text: ImageTextOpt = None,
     text_temperature: TextTemperatureOpt = 0.05, text_floor: TextFloorOpt = 0.5, graph: GraphOpt = None,
     encoder: EncoderOpt = None, max_suspects: MaxSuspectsOpt = 100000, wait: ScoreWaitOpt = 0.0,
-    chunk_rows: ChunkRowsOpt = 16384, device: DeviceOpt = "auto", out: OutOpt = None, force: ForceOpt = False,
+    chunk_rows: ChunkRowsOpt = 16384, device: DeviceOpt = "auto", engine: ScoreEngineOpt = "local",
+    ray_address: RayAddressOpt = None, ray_retries: ScoreRayRetriesOpt = 3, part_rows: ScorePartRowsOpt = DEFAULT_PART_ROWS,
+    out: OutOpt = None, force: ForceOpt = False,
 ) -> None:
     """Weight every image by how likely its label is right: by default a reweighted out-of-fold
     probe times an open-set factor from its distance to its class prototype (eq. 6); --score paper
@@ -228,6 +241,7 @@ def score_noise(
 
     if chunk_rows < 1:
         raise SinetError("--chunk-rows must be >= 1")
+    check_engine(engine)
     try:
         config = ScoreConfig(alpha=alpha, beta=beta, score=score, open_set_quantile=open_set_quantile,
                              temperature=temperature, background=background, probe_rows=probe_rows,
@@ -237,7 +251,8 @@ def score_noise(
         raise SinetError(f"score-noise: {e}") from None
     run_score_noise(artifact_dir(out, data), config, features=features, prototypes=prototypes, graph=graph,
                     encoder=encoder, max_suspects=max_suspects, chunk_rows=chunk_rows, wait=wait, device=device,
-                    force=force)
+                    force=force, ray_opts=None if engine == "local" else {
+                        "address": ray_address, "retries": ray_retries, "part_rows": part_rows})
 
 
 @dataclass
@@ -247,16 +262,19 @@ class SideText:
 
     encoder: Any
     label_embeddings: np.ndarray
+    encoder_path: str | None = None  # where the encoder was loaded from (None: the default one)
     sample_rows: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
     sample_shares: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.float32))
 
 
 def run_score_noise(folder: Path, config, *, features: Path | None = None, prototypes: Path | None = None,
                     graph: Path | None = None, encoder: Path | None = None, max_suspects: int = 100000,
-                    chunk_rows: int = 16384, wait: float = 0.0, device: str = "auto", force: bool = False) -> None:
+                    chunk_rows: int = 16384, wait: float = 0.0, device: str = "auto", force: bool = False,
+                    ray_opts: dict | None = None) -> None:
     """score-noise on the artifacts of ``folder`` with ``config`` (stages.score_noise.ScoreConfig):
     scores.h5 + suspects.tsv, or only the ids scores.h5 lacks when it was made with the same options
-    and prototypes (rescore calls this too)."""
+    and prototypes (rescore calls this too). ``ray_opts`` (address, retries, part_rows): the state is
+    fitted here, the rows are scored as Ray tasks (``--engine ray``, engines.ray_score)."""
     import dataclasses
 
     features_path = features or folder / "features.h5"
@@ -301,7 +319,8 @@ def run_score_noise(folder: Path, config, *, features: Path | None = None, proto
         if label_emb is not None:
             from ..sideinfo import load_text_encoder
 
-            text = SideText(load_text_encoder(encoder), label_emb)
+            text = SideText(load_text_encoder(encoder), label_emb,
+                            encoder_path=None if encoder is None else os.path.abspath(encoder))
         model = (protos, slots, proto_class, index)
         with file_lock(target, wait, "score-noise"):
             # checked again under the lock: another run may have written it meanwhile
@@ -328,7 +347,8 @@ def run_score_noise(folder: Path, config, *, features: Path | None = None, proto
                 torch.set_num_threads(1 if serial else threads)
                 faiss.omp_set_num_threads(1 if serial else faiss_threads)
                 run_scoring(stage, feats, features_path, target, suspects_path, model, classes, params, inputs,
-                            config, state, info, text, append, max_suspects, chunk_rows, dev)
+                            config, state, info, text, append, max_suspects, chunk_rows, dev,
+                            None if ray_opts is None else {**ray_opts, "device": device})
             finally:
                 torch.set_num_threads(threads)
                 faiss.omp_set_num_threads(faiss_threads)
@@ -462,9 +482,12 @@ def write_state(writer, classes: np.ndarray, state, info: dict | None) -> None:
 
 def run_scoring(stage, feats, features_path: Path, target: Path, suspects_path: Path, model: tuple,
                 classes: np.ndarray, params: dict, inputs: dict, config, state, info: dict | None,
-                text: SideText | None, append: bool, max_suspects: int, chunk_rows: int, device: str = "cpu") -> None:
+                text: SideText | None, append: bool, max_suspects: int, chunk_rows: int, device: str = "cpu",
+                ray_opts: dict | None = None) -> None:
     """Score the rows of features.h5 (every row, or with a stored state only the ids scores.h5 lacks),
-    write scores.h5 and suspects.tsv together, and print the run's line."""
+    write scores.h5 and suspects.tsv together, and print the run's line. With ``ray_opts`` (address,
+    retries, part_rows, device) the blocks are scored as Ray tasks (engines.ray_score), written here
+    in row order as the local loop writes them."""
     n = feats.dims["N"]
     t0 = time.perf_counter()
     big = max(chunk_rows, 65536)
@@ -503,36 +526,30 @@ def run_scoring(stage, feats, features_path: Path, target: Path, suspects_path: 
         console.info(f"{target}: {n_old} ids already scored, scoring {n_new} new")
         optional = have
     total = n if new_mask is None else int(new_mask.sum())
-    fill = {"clean_labels": -1, "paths": "", "splits": ""}  # appended rows of a file that lacks the field
     writer = store.ArtifactWriter(target, "scores", params, inputs, mode="append" if append else "new")
     try:
         if not append:
             write_state(writer, classes, state, info)
         pos = n_old
-        read = ["ids", "labels", "features"] + [k for k in optional if k in feats]
-        if text is not None:
-            read.append("side_text")
-        # reads run one block ahead and writes one block behind, each on its own thread; on an error
-        # the reader is closed (its pending read waited for) before the file is
+        read = block_columns(feats, optional, text is not None)
+        ran_on = {"device": device}
+        if ray_opts is None:
+            scored = local_blocks(stage, feats, read, optional, new_mask, model, config, state, text, chunk_rows,
+                                  device)
+        else:
+            from ..engines import ray_score
+
+            job = ray_score.score_job(features_path, read, optional, state, config, model, text, chunk_rows)
+            scored = ray_score.scored_parts(job, n, new_mask, address=ray_opts.get("address"),
+                                            retries=ray_opts.get("retries", ray_score.DEFAULT_RETRIES),
+                                            part_rows=ray_opts.get("part_rows", ray_score.DEFAULT_PART_ROWS),
+                                            device=ray_opts.get("device", "auto"), resolved=ran_on)
+        # (local) reads run one block ahead and writes one block behind, each on its own thread; on an
+        # error the reader is closed (its pending read waited for) before the file is
         with progress_bar("score-noise", total) as advance, store.BackgroundAppender(writer) as appender, \
-                closing(feats.iter_rows(read, chunk_rows, prefetch=True)) as blocks:
-            for start, rows in blocks:
-                b = len(rows["ids"])
-                block_rows = np.arange(start, start + b)
-                if new_mask is not None:
-                    keep = new_mask[start : start + b]
-                    if not keep.any():
-                        continue
-                    rows = {k: v[keep] for k, v in rows.items()}
-                    block_rows = block_rows[keep]
-                labels = rows["labels"].astype(np.int64)
-                ts = (block_text_shares(stage, text, rows["side_text"], labels, block_rows, config.text_temperature)
-                      if text is not None else None)
-                out = {"ids": rows["ids"], "labels": labels,
-                       **stage.score_rows(rows["features"], labels, block_rows, state, config, *model, text_share=ts,
-                                          device=device)}
-                for k in optional:
-                    out[k] = rows[k] if k in rows else np.full(len(labels), fill[k])
+                closing(scored) as blocks:
+            for out in blocks:
+                labels = out["labels"]
                 appender.append(out)
                 collected.add(out)
                 if top is not None:
@@ -556,7 +573,7 @@ def run_scoring(stage, feats, features_path: Path, target: Path, suspects_path: 
         if flagged:  # apart from "detection", whose entries are ROC-AUC / AP figures of a score
             writer.set_attr("flag_detection", flagged)
         writer.set_attr("scored_last_run", total)
-        writer.set_attr("device", device)
+        writer.set_attr("device", ran_on["device"] if ray_opts is None else f"ray:{ran_on['device']}")
         fp = writer.commit(rename=False)
     except BaseException:
         writer.abort()
@@ -586,6 +603,47 @@ def run_scoring(stage, feats, features_path: Path, target: Path, suspects_path: 
         if flagged:
             msg += f", flagged precision {flagged['precision']:.3f} recall {flagged['recall']:.3f}"
     console.info(msg)
+
+
+# appended rows of a file that lacks the field
+FILL = {"clean_labels": -1, "paths": "", "splits": ""}
+
+
+def block_columns(feats, optional: list[str], with_text: bool) -> list[str]:
+    """The features.h5 columns a scored block is made from."""
+    return ["ids", "labels", "features"] + [k for k in optional if k in feats] + (["side_text"] if with_text else [])
+
+
+def score_block_rows(stage, rows: dict, block_rows: np.ndarray, optional: list[str], model: tuple, config, state,
+                     text: SideText | None, device: str) -> dict[str, np.ndarray]:
+    """scores.h5's columns of one block of features.h5 rows (``rows``, at positions ``block_rows``):
+    the same per block on either engine."""
+    labels = rows["labels"].astype(np.int64)
+    ts = (block_text_shares(stage, text, rows["side_text"], labels, block_rows, config.text_temperature)
+          if text is not None else None)
+    out = {"ids": rows["ids"], "labels": labels,
+           **stage.score_rows(rows["features"], labels, block_rows, state, config, *model, text_share=ts,
+                              device=device)}
+    for k in optional:
+        out[k] = rows[k] if k in rows else np.full(len(labels), FILL[k])
+    return out
+
+
+def local_blocks(stage, feats, read: list[str], optional: list[str], new_mask: np.ndarray | None, model: tuple,
+                 config, state, text: SideText | None, chunk_rows: int, device: str):
+    """The scored blocks of features.h5 in row order, computed in this process (only the rows of
+    ``new_mask`` when given)."""
+    with closing(feats.iter_rows(read, chunk_rows, prefetch=True)) as blocks:
+        for start, rows in blocks:
+            b = len(rows["ids"])
+            block_rows = np.arange(start, start + b)
+            if new_mask is not None:
+                keep = new_mask[start : start + b]
+                if not keep.any():
+                    continue
+                rows = {k: v[keep] for k, v in rows.items()}
+                block_rows = block_rows[keep]
+            yield score_block_rows(stage, rows, block_rows, optional, model, config, state, text, device)
 
 
 # the per-row columns of the estimate: scored rows carry them, appended rows get them from the stored state

@@ -39,7 +39,8 @@ DEFAULT_PART_ROWS = 65536
 #: Ray's retries of a task whose worker died.
 DEFAULT_RETRIES = 3
 #: Fault injection for tests: a folder; a file ``exit-K`` in it makes the next attempt of part K's
-#: task remove that file and end its worker process at once (as a killed or crashed worker ends).
+#: task remove that file and end its worker process at once (as a killed or crashed worker ends);
+#: ``score-exit-K`` does the same to scoring part K's task (engines.ray_score).
 FAULTS_ENV = "SINET_RAY_FAULTS"
 
 
@@ -143,12 +144,12 @@ def _model(job: PartJob) -> tuple[Any, Any]:
     return _MODELS[key]
 
 
-def _inject_fault(index: int) -> None:
+def _inject_fault(index: int, kind: str = "exit") -> None:
     folder = os.environ.get(FAULTS_ENV)
     if not folder:
         return
     try:
-        os.unlink(os.path.join(folder, f"exit-{index}"))
+        os.unlink(os.path.join(folder, f"{kind}-{index}"))
     except FileNotFoundError:
         return
     os._exit(1)

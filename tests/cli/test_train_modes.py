@@ -11,7 +11,8 @@ from PIL import Image
 
 import stages.train as stage
 from sinet_cli import store
-from test_train import _blobs, demo_artifacts  # noqa: F401  (fixture)
+from test_stage_train import _blobs
+from test_train import demo_artifacts  # noqa: F401  (fixture)
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")  # conftest.py
 

@@ -1,4 +1,5 @@
-"""SYNTHETIC demo captions (load_demo(captions=...), --captions) and how --image-text reads them."""
+"""SYNTHETIC demo captions (load_demo(captions=...), --captions); how --image-text reads them:
+tests/unit/test_stage_score_fused.py."""
 
 import numpy as np
 import pytest
@@ -7,7 +8,6 @@ from sinet_cli.common import load_table
 from sinet_cli.datasets import demo
 from sinet_cli.datasets.table import OUTSIDE
 from sinet_cli.errors import SinetError
-from stages import score_noise as sn
 
 NAMES = {"a": [["cat", "kitty"], ["dog"], ["bird", "fowl"]], "b": [["seven"], ["eight"]]}
 TEMPLATES = {"a": ("a photo of a {name}", "{name} for sale", "{name}"), "b": ("handwritten digit {name}",)}
@@ -67,26 +67,3 @@ def test_load_demo_captions_leave_labels_and_default_unchanged():
     assert 0.7 < own <= 1.0
     with pytest.raises(SinetError):
         load_table("manifest:x.tsv", captions="synthetic:0.2")
-
-
-class _Encoder:
-    """Stub sentence encoder: one-hot of the first class word a text contains."""
-
-    words = ("cat", "dog", "bird")
-
-    def encode(self, texts, normalize_embeddings=True, batch_size=256):
-        out = np.full((len(texts), 3), 1e-3, dtype=np.float32)
-        for i, t in enumerate(texts):
-            for k, w in enumerate(self.words):
-                if w in t:
-                    out[i, k] = 1.0
-                    break
-        return out / np.linalg.norm(out, axis=1, keepdims=True)
-
-
-def test_image_text_sees_only_side_text():
-    # rows as score-noise reads them: no clean labels among them, only features, side_text (and labels)
-    side_text = np.array(["a photo of a cat", "dog for sale", "a photo of a cat", ""])
-    labels = np.array([0, 1, 2, 0])  # row 2 is labeled bird, its caption says cat
-    t = sn.text_shares(_Encoder(), side_text, np.eye(3, dtype=np.float32), labels, 0.05)
-    assert t[0] > 0.99 and t[1] > 0.99 and t[2] < 0.01 and np.isnan(t[3])

@@ -10,8 +10,8 @@ import torch
 from stages import extract_features as fe
 from stages import make_prototypes as mp
 from stages import score_noise as sn
-from test_extract_features import _tf_style_model
-from test_make_prototypes import blobs, source_of
+from test_stage_extract_features import _tf_style_model
+from test_stage_make_prototypes import blobs, source_of
 from test_score_noise import make_features, make_prototypes_artifact, read_scores
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")

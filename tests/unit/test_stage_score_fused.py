@@ -190,3 +190,29 @@ def test_probe_fit_does_not_import_torch_dynamo():
             "assert 'torch._dynamo' not in sys.modules, 'torch._dynamo imported'\n")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
+
+
+# -- what --image-text reads of a row: its side text, nothing else ---------------------------------
+
+
+class _Encoder:
+    """Stub sentence encoder: one-hot of the first class word a text contains."""
+
+    words = ("cat", "dog", "bird")
+
+    def encode(self, texts, normalize_embeddings=True, batch_size=256):
+        out = np.full((len(texts), 3), 1e-3, dtype=np.float32)
+        for i, t in enumerate(texts):
+            for k, w in enumerate(self.words):
+                if w in t:
+                    out[i, k] = 1.0
+                    break
+        return out / np.linalg.norm(out, axis=1, keepdims=True)
+
+
+def test_image_text_sees_only_side_text():
+    # rows as score-noise reads them: no clean labels among them, only features, side_text (and labels)
+    side_text = np.array(["a photo of a cat", "dog for sale", "a photo of a cat", ""])
+    labels = np.array([0, 1, 2, 0])  # row 2 is labeled bird, its caption says cat
+    t = sn.text_shares(_Encoder(), side_text, np.eye(3, dtype=np.float32), labels, 0.05)
+    assert t[0] > 0.99 and t[1] > 0.99 and t[2] < 0.01 and np.isnan(t[3])

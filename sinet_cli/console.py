@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import re
 import sys
-import unicodedata
 
 from rich.console import Console
 
@@ -50,20 +49,11 @@ def error(message: str) -> None:
 
 
 # terminal escape sequences: CSI (colours, cursor moves) and OSC (titles, hyperlinks)
-_ANSI = re.compile(r"\x1b\[[0-?]*[ -/]*[@-~]|\x1b\][^\x07\x1b]*(?:\x07|\x1b\\)?|\x9b[0-?]*[ -/]*[@-~]")
-
-
-def plain(text: object, limit: int | None = None) -> str:
-    """A string from a crawl (a name, a title, a path) made safe for a terminal: ANSI escape
-    sequences are dropped, other control characters (newlines, tabs) become spaces, runs of spaces one, and
-    ``limit`` cuts it with an ellipsis. Rich markup in it stays literal because every writer
-    here prints with markup off."""
-    s = _ANSI.sub("", str(text))
-    s = "".join(" " if unicodedata.category(ch) in ("Cc", "Cf", "Zl", "Zp") else ch for ch in s)
-    s = " ".join(s.split())
-    if limit is not None and len(s) > limit:
-        s = s[: max(0, limit - 1)] + "…"
-    return s
+# A string from a crawl (a name, a title, a path) made safe for a terminal: ANSI escape sequences
+# dropped, other control characters become spaces, runs of spaces one, ``limit`` cuts it with an
+# ellipsis. Rich markup in it stays literal because every writer here prints with markup off. The
+# report's page uses the same function (it lives with the report's computation, below the CLI).
+from stages.report import plain  # noqa: E402
 
 
 _NUMBER = re.compile(r"^[-+]?(\d[\d,]*)?(\.\d+)?( ± [\d.]+)?%?$|^–$")

@@ -716,7 +716,9 @@ def check_classes(path: Path | str, classes: Any, other: Path | str, other_class
     difference otherwise; ``fix`` says what to rebuild."""
     a, b = [str(c) for c in classes], [str(c) for c in other_classes]
     if len(a) != len(b):
-        raise ArtifactError(f"{path} has {len(a)} classes but {other} has {len(b)}; {fix}")
+        only_a, only_b = [c for c in a if c not in b], [c for c in b if c not in a]
+        detail = f" (only in {path}: {only_a[0]!r})" if only_a else f" (only in {other}: {only_b[0]!r})" if only_b else ""
+        raise ArtifactError(f"{path} has {len(a)} classes but {other} has {len(b)}{detail}; {fix}")
     diff = [i for i, (x, y) in enumerate(zip(a, b)) if x != y]
     if diff:
         i = diff[0]

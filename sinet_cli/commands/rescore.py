@@ -197,14 +197,16 @@ def append_new(table, data: str, features_path: Path, folder: Path, weights: Pat
     ``ray_opts`` (address, retries, part_rows): extract them as Ray tasks (``--engine ray``)."""
     with store.open_artifact(features_path, "features") as art:
         stored = list(art.read("classes"))
-        if list(table.classes.names) != stored:
-            raise SinetError(class_mismatch(data, table.classes.names, features_path, stored))
+        # labels are indices into the class list: other classes would make them mean other things
+        store.check_classes(f"--data {data}", table.classes.names, features_path, stored,
+                            "pass --classes with the class table the artifacts were built for, or rebuild them")
         check_prototypes(folder / "prototypes.h5", features_path, stored, art.dims["D"])
         have = store.ids_in(art, table.ids)
         skipped_ids = list(art.read("skipped_ids")) if "skipped_ids" in art else []
         skipped_reasons = list(art.read("skipped_reasons")) if "skipped_reasons" in art else []
         had_skipped = "skipped_ids" in art
-        tried = np.isin(table.ids, np.asarray(skipped_ids, dtype=str)) if skipped_ids and not retry_skipped else None
+        tried = (store.match_ids(np.asarray(skipped_ids, dtype=str), table.ids)[1]
+                 if skipped_ids and not retry_skipped else None)
         new = ~have if tried is None else ~have & ~tried
         positions = np.flatnonzero(new)
         if len(positions) == 0:
@@ -240,7 +242,7 @@ def append_new(table, data: str, features_path: Path, folder: Path, weights: Pat
     if model.num_features != dim:
         raise SinetError(f"{features_path}: holds {dim}-d features but {params['backbone']} gives {model.num_features}")
     if skipped_ids and retry_skipped:  # retried images leave the skipped list; they re-enter it if they fail again
-        keep = ~np.isin(np.asarray(skipped_ids, dtype=str), table.ids[positions])
+        keep = ~store.match_ids(table.ids[positions], np.asarray(skipped_ids, dtype=str))[1]
         skipped_ids = [s for s, k in zip(skipped_ids, keep) if k]
         skipped_reasons = [r for r, k in zip(skipped_reasons, keep) if k]
     n_skipped = 0
@@ -322,19 +324,6 @@ def append_part_files(writer: store.ArtifactWriter, paths: list[Path], names: li
     finally:
         for a in arts:
             a.close()
-
-
-def class_mismatch(data: str, names: list[str], features_path: Path, stored: list[str]) -> str:
-    if len(names) != len(stored):
-        only_new = [n for n in names if n not in stored]
-        only_old = [n for n in stored if n not in names]
-        detail = (f"new: {only_new[0]!r}" if only_new else f"missing: {only_old[0]!r}") if only_new or only_old else ""
-        return (f"{data}: {len(names)} classes but {features_path} has {len(stored)}"
-                f"{f' ({detail})' if detail else ''}; pass --classes with the class table the artifacts were built "
-                "for, or rebuild them")
-    i = next(k for k, (a, b) in enumerate(zip(names, stored)) if a != b)
-    return (f"{data}: class {i} is {names[i]!r} but {stored[i]!r} in {features_path}; labels would not mean the "
-            "same classes (pass --classes with the class table the artifacts were built for)")
 
 
 def check_prototypes(proto_path: Path, features_path: Path, classes: list[str], dim: int) -> None:

@@ -375,7 +375,7 @@ def test_rows_of_ids_names_the_first_missing_id(tmp_path):
 
 def test_check_classes_names_the_first_difference():
     store.check_classes("a.h5", ["x", "y"], "b.h5", np.array(["x", "y"]), "fix")
-    with pytest.raises(store.ArtifactError, match=r"a.h5 has 2 classes but b.h5 has 3; rebuild"):
+    with pytest.raises(store.ArtifactError, match=r"a.h5 has 2 classes but b.h5 has 3 \(only in b.h5: 'z'\); rebuild"):
         store.check_classes("a.h5", ["x", "y"], "b.h5", ["x", "y", "z"], "rebuild")
     with pytest.raises(store.ArtifactError, match=r"disagree on class 1: 'y' vs 'w' \(2 classes differ\)"):
         store.check_classes("a.h5", ["x", "y", "z"], "b.h5", ["x", "w", "v"], "rebuild")

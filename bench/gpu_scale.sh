@@ -210,11 +210,12 @@ measure() {  # measure NAME SECONDS command...: a row of $OUT/scale.tsv
     wait "$smi" 2>/dev/null
     peak=$(sort -n "$WORK/$name.gpu.csv" | tail -n 1)
   fi
+  tail -n 2 "$OUT/$name.log"
   cat "$WORK/$name.time" >> "$OUT/$name.log" 2>/dev/null
   local rss
   rss=$(awk -F': ' '/Maximum resident set size/ {printf "%.0f", $2 / 1024}' "$WORK/$name.time" 2>/dev/null)
   echo "rc=$rc wall_s=$wall" >> "$OUT/$name.log"
-  tail -n 4 "$OUT/$name.log"
+  tail -n 1 "$OUT/$name.log"
   printf '%s\t%s\t%s\t%s\t%s\t%s\n' "$name" "$rc" "$wall" "${rss:-n/a}" "$peak" "$idle" >> "$OUT/scale.tsv"
 }
 if want scale; then

@@ -165,3 +165,17 @@ def make_webvision(
             lines.append(f"{name if val_bare_names else 'val_images_256/' + name} {c}")
     _lines(root / "info" / "val_filelist.txt", lines)
     return {"root": root, "train": train, "val": val, "text": text, "json": json_paths, "synsets": synsets}
+
+
+def score_on_flat_graph(art: Path, classes: list[str], run) -> None:
+    """Prototypes and scores for ``art``'s features.h5 over a flat class graph (S = 0.2 off the
+    diagonal, 1 on it), through the CLI runner ``run(*args) -> (code, out, err)``."""
+    from sinet_cli import store
+
+    C = len(classes)
+    S = np.full((C, C), 0.2, dtype=np.float32) + 0.8 * np.eye(C, dtype=np.float32)
+    store.write_artifact(art / "graph.h5", "graph", {"classes": classes, "S_w": S, "S_l": S, "S_t": 2 * S},
+                         {"test": True}, {})
+    for step in (["make-prototypes", "--out", art, "--device", "cpu"], ["score-noise", "--out", art]):
+        code, _, err = run(*step)
+        assert code == 0, err

@@ -10,6 +10,7 @@ import sys
 import numpy as np
 import pytest
 
+from fixtures_layouts import score_on_flat_graph
 from sinet_cli import store
 from sinet_cli.datasets import webdataset as wdr
 from sinet_cli.engines import ray_engine
@@ -124,13 +125,7 @@ def test_rescore_on_ray_adds_the_new_shards_only_and_leaves_the_recorded_ones_un
     code, _, err = sinet("extract-features", "--data", f"webdataset:{tmp_path}/crawl/*.tar", "--classes", classes,
                          *ARGS, "--engine", "ray", "--out", art)
     assert code == 0, err
-    C = len(CLASSES)
-    S = np.full((C, C), 0.2, dtype=np.float32) + 0.8 * np.eye(C, dtype=np.float32)
-    store.write_artifact(art / "graph.h5", "graph", {"classes": CLASSES, "S_w": S, "S_l": S, "S_t": 2 * S},
-                         {"test": True}, {})
-    for step in (["make-prototypes", "--out", art, "--device", "cpu"], ["score-noise", "--out", art]):
-        code, _, err = sinet(*step)
-        assert code == 0, err
+    score_on_flat_graph(art, CLASSES, sinet)
     before = features(art / "features.h5")
 
     opened: list[str] = []

@@ -11,6 +11,7 @@ import sys
 import numpy as np
 import pytest
 
+from fixtures_layouts import score_on_flat_graph
 from sinet_cli import store
 from sinet_cli.engines import ray_engine, ray_score
 from test_score_noise import grow, make_features, make_prototypes_artifact, read_scores
@@ -145,13 +146,7 @@ def test_rescore_on_ray_scores_the_new_rows_on_ray(cluster, tmp_path, sinet, mon
     code, _, err = sinet("extract-features", "--data", f"webdataset:{tmp_path}/crawl/*.tar", "--classes", classes,
                          *ARGS, "--out", art)
     assert code == 0, err
-    C = len(CLASSES)
-    S = np.full((C, C), 0.2, dtype=np.float32) + 0.8 * np.eye(C, dtype=np.float32)
-    store.write_artifact(art / "graph.h5", "graph", {"classes": CLASSES, "S_w": S, "S_l": S, "S_t": 2 * S},
-                         {"test": True}, {})
-    for step in (["make-prototypes", "--out", art, "--device", "cpu"], ["score-noise", "--out", art]):
-        code, _, err = sinet(*step)
-        assert code == 0, err
+    score_on_flat_graph(art, CLASSES, sinet)
     before, _, _ = read_scores(art)
     crawl(tmp_path, shards=2, per_shard=6, start=12, folder="crawl")
     code, _, err = sinet("rescore", "--data", f"webdataset:{tmp_path}/crawl/*.tar", "--classes", classes, "--out",

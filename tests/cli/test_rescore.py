@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from sinet_cli import store
-from fixtures_layouts import write_jpeg
+from fixtures_layouts import write_jpeg, score_on_flat_graph
 
 CLASSES = ["boot", "coat", "shirt"]
 TINY = ["--backbone", "test_efficientnet", "--random-init", "--image-size", "32", "--workers", "0", "--device", "cpu"]
@@ -48,13 +48,7 @@ def built(tmp_path_factory):
     manifest = write_manifest(root, 4)
     code, _, err = run_sinet("extract-features", "--data", f"manifest:{manifest}", *TINY, "--out", art)
     assert code == 0, err
-    C = len(CLASSES)
-    S = np.full((C, C), 0.2, dtype=np.float32) + 0.8 * np.eye(C, dtype=np.float32)
-    store.write_artifact(art / "graph.h5", "graph", {"classes": CLASSES, "S_w": S, "S_l": S, "S_t": 2 * S},
-                         {"test": True}, {})
-    for step in (["make-prototypes", "--out", art, "--device", "cpu"], ["score-noise", "--out", art]):
-        code, _, err = run_sinet(*step)
-        assert code == 0, err
+    score_on_flat_graph(art, CLASSES, run_sinet)
     return root, art
 
 

@@ -14,7 +14,7 @@ import webdataset as wds
 from PIL import Image
 
 import stages.extract_features as stage
-from fixtures_layouts import _pixels
+from fixtures_layouts import _pixels, score_on_flat_graph
 from sinet_cli import store
 from sinet_cli.common import dataset_name, load_table
 from sinet_cli.datasets import ClassTable
@@ -401,13 +401,7 @@ def test_rescore_appends_only_the_new_shards_ids(tmp_path, sinet):
     code, _, err = sinet("extract-features", "--data", f"webdataset:{tmp_path}/crawl/*.tar", "--classes", classes,
                          *TINY, "--workers", "0", "--out", art)
     assert code == 0, err
-    C = len(CLASSES)
-    S = np.full((C, C), 0.2, dtype=np.float32) + 0.8 * np.eye(C, dtype=np.float32)
-    store.write_artifact(art / "graph.h5", "graph", {"classes": CLASSES, "S_w": S, "S_l": S, "S_t": 2 * S},
-                         {"test": True}, {})
-    for step in (["make-prototypes", "--out", art, "--device", "cpu"], ["score-noise", "--out", art]):
-        code, _, err = sinet(*step)
-        assert code == 0, err
+    score_on_flat_graph(art, CLASSES, sinet)
     before = features(art / "features.h5")
 
     crawl(tmp_path, shards=1, per_shard=6, start=12, folder="new")  # new/00002.tar: samples 12-17

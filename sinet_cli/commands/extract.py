@@ -187,7 +187,17 @@ def extract_features(
                        feature_dim=info.feature_dim, address=ray_address, device=device, retries=ray_retries,
                        part_rows=part_rows)
         return
+    extract_local(stage, model, preprocess, decode, table, target, params, inputs, attrs, cfg, device=device,
+                  chunk_rows=chunk_rows, feature_dim=info.feature_dim)
+
+
+def extract_local(stage, model, preprocess, decode, table, target: Path, params: dict, inputs: dict, attrs: dict,
+                  cfg, *, device: str, chunk_rows: int, feature_dim: int) -> None:
+    """extract-features in this process: resumes from the committed chunks of ``target``'s partial file,
+    appends every batch through the store, and keeps what was committed when interrupted."""
     dev = resolve_device(device)
+    batch_size, workers, probs, dtype = cfg.batch_size, cfg.workers, cfg.probs, cfg.dtype
+    memory_format = cfg.memory_format
     lo, hi = cfg.rows(len(table))
     writer = store.ArtifactWriter(target, "features", params, inputs, mode="resume")
     start = int(writer.get_attr("next_position", lo)) if writer.resumed else lo
@@ -217,7 +227,7 @@ def extract_features(
                               f"(they are kept in {writer.partial.name})") from None
         raise
     console.info(
-        f"{target}: {writer.rows_committed} images, {info.feature_dim}-d features"
+        f"{target}: {writer.rows_committed} images, {feature_dim}-d features"
         f"{f', {len(skipped)} skipped' if skipped else ''} (fingerprint {fp[:12]})"
     )
 

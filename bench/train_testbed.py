@@ -64,6 +64,7 @@ RUNS = {
     "B": ["--mode", "B"],
     "C": ["--mode", "C"],
     "correct": ["--mode", "correct"],
+    "correct-soft": ["--mode", "correct", "--correct-target", "soft"],
     "correct-hard": ["--mode", "correct", "--correct-target", "hard"],
     "correct-dist": ["--mode", "correct", "--correct-target", "distribution"],
     "fixmatch": ["--mode", "fixmatch"],
@@ -76,7 +77,7 @@ RUNS = {
     "topk-graph": ["--mode", "C", "--topk-smoothing", "3", "--topk-neighbours", "3"],
     "oracle": ["--mode", "oracle"],
 }
-DEFAULT_RUNS = ("A", "B", "C", "correct", "fixmatch", "mixmatch", "graph", "oracle")
+DEFAULT_RUNS = ("A", "B", "C", "correct", "correct-soft", "fixmatch", "mixmatch", "graph", "oracle")
 GRAPHS = {"wordnet+text": "wordnet,text", "text": "text", "none": None}
 TRAIN = ["--on", "images", "--random-init", "--backbone", "test_resnet", "--image-size", "28", "--epochs", "15",
          "--batch-size", "128", "--min-crop", "0.5", "--workers", "0", "--device", "cpu"]

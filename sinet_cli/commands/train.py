@@ -282,12 +282,14 @@ def train(
                         "(1 - it stays on the label); 0.5 trusts both equally.", rich_help_panel=P_MODE)] = 0.5,
     topk_epochs: Annotated[Optional[int], typer.Option(help="Epochs of the initial top-k model (default "
                            "--epochs).", rich_help_panel=P_MODE)] = None,
-    correct_target: Annotated[str, typer.Option(help="--mode correct: soft (w on the label, the rest of the "
-                              "mass on the suggestion), hard (only the suggestion), or distribution (every image: "
-                              "w on the label, 1 - w over the other classes by the probe's probabilities).",
-                              rich_help_panel=P_MODE)] = "soft",
+    correct_target: Annotated[str, typer.Option(help="--mode correct: cleaned (keep the unflagged images, relabel "
+                              "flagged ones with a confident suggestion, drop the rest), soft (w on the label, the "
+                              "rest of the mass on the suggestion), hard (only the suggestion), or distribution (every "
+                              "image: w on the label, 1 - w over the other classes by the probe's probabilities).",
+                              rich_help_panel=P_MODE)] = "cleaned",
     min_confidence: Annotated[float, typer.Option(help="--mode correct: smallest confidence of a suggestion "
-                              "that is used.", rich_help_panel=P_MODE)] = 0.5,
+                              "that is used (cleaned: its confidence given that the label is wrong, eq. T2c).",
+                              rich_help_panel=P_MODE)] = 0.5,
     lambda_u: Annotated[Optional[float], typer.Option(help="--mode fixmatch / mixmatch: weight of the unlabeled "
                         "loss (default 1 for fixmatch, as FixMatch; 25 for mixmatch, as DivideMix on CIFAR-10).",
                         rich_help_panel=P_MODE)] = None,

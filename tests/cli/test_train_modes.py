@@ -55,7 +55,7 @@ def test_cli_new_modes_on_features_record_their_knobs(sinet, mode_artifacts):
     assert 0 <= m["forward"]["mode_stats"]["transition_error"] <= 2
     assert m["correct"]["params"]["suggestions"] == "scores.h5 probe"
     assert m["correct"]["params"]["flags"].startswith("w <= 0.5")
-    assert m["correct"]["params"]["correct_target"] == "soft" and m["correct"]["params"]["min_confidence"] == 0.5
+    assert m["correct"]["params"]["correct_target"] == "cleaned" and m["correct"]["params"]["min_confidence"] == 0.5
     code, _, err = sinet("train", "--mode", "correct", "--correct-target", "distribution", "--suffix", "d",
                          "--out", out, *FAST)
     assert code == 0, err
@@ -90,7 +90,7 @@ def test_cli_mode_errors_are_one_line(sinet, mode_artifacts, tmp_path):
     code, _, err = sinet("train", "--mode", "pseudo", "--out", out, *FAST)
     assert code == 1 and "fixmatch" in err
     code, _, err = sinet("train", "--mode", "correct", "--correct-target", "both", "--out", out, *FAST)
-    assert code == 1 and "soft, hard or distribution" in err
+    assert code == 1 and "cleaned, soft, hard or distribution" in err
     code, _, err = sinet("train", "--mode", "C", "--topk-neighbours", "2", "--out", out, *FAST)
     assert code == 1 and "--topk-smoothing" in err
     code, _, err = sinet("train", "--mode", "fixmatch", "--topk-smoothing", "2", "--out", out, *FAST)
@@ -129,8 +129,10 @@ def test_cli_new_modes_on_images(sinet, tmp_path, stored):
     scores = {"ids": ids[:9], "labels": labels[:9], "weight": w, "distance": z, "nearest_class":
               np.array([0, 1, 1, 0, 2, 2, 1, 2, 2]), "nearest_distance": z, "classes": ["a", "b", "c"]}
     if stored:  # score-noise's own flags and suggestions
+        # the flagged rows i2, i4, i6; i6's suggestion is not confident given a wrong label (0.4 / 1)
+        conf = np.where(np.arange(9) == 6, 0.4, 0.8).astype(np.float32)
         scores.update(flagged=(w < 0.5).astype(np.int8), suggested_class=(labels[:9] + 1) % 3,
-                      suggested_confidence=np.full(9, 0.8, np.float32))
+                      suggested_confidence=conf, flag_score=np.where(np.arange(9) == 6, 1.0, 1.0 - w))
     store.write_artifact(out / "scores.h5", "scores", scores, {"score": "fused"}, {})
     protos = np.eye(3, 4, dtype=np.float32)
     store.write_artifact(out / "prototypes.h5", "prototypes",
@@ -148,8 +150,9 @@ def test_cli_new_modes_on_images(sinet, tmp_path, stored):
         assert m["n_train"] == 9 and m["top1"] is not None and len(m["history"]) == 1
     m = json.loads((out / "train-correct" / "metrics.json").read_text())
     if stored:
-        assert m["params"]["suggestions"] == "scores.h5 suggested_class" and m["params"]["flags"] == "scores.h5 flagged"
-        assert m["mode_stats"] == {"flagged": 3, "corrected": 3, "corrected_right": 0.0}
+        assert m["params"]["suggestions"].startswith("scores.h5 suggested_class") and "T2c" in m["params"]["suggestions"]
+        assert m["params"]["flags"] == "scores.h5 flagged"
+        assert m["mode_stats"] == {"flagged": 3, "corrected": 2, "dropped": 1, "corrected_right": 0.0}
         assert json.loads((out / "train-fixmatch" / "metrics.json").read_text())["mode_stats"]["unlabeled"] == 3
     else:
         # no probe either: suggestions from eq. 7's weights over the prototypes (features.h5 by id);

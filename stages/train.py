@@ -1811,6 +1811,7 @@ class ModePlan:
     distribution: np.ndarray | None = None  # P (N, C) for --correct-target distribution and mode forward
     class_weights: np.ndarray | None = None  # eq. 7's w_ic for mode graph
     neighbours: np.ndarray | None = None  # S_t neighbours of every class
+    unlabeled: np.ndarray | None = None  # the semi-supervised modes' unlabeled images (set by mode_targets)
 
 
 def plan_mode(opts: TrainOptions, *, y: np.ndarray, w: np.ndarray, score_extra: dict, scores_params: dict,
@@ -1831,9 +1832,11 @@ def plan_mode(opts: TrainOptions, *, y: np.ndarray, w: np.ndarray, score_extra: 
         params["suggestions"] = "scores.h5 probe" if have_probe else "prototypes (eq. 7)"
         return probe() if have_probe else prototype_probabilities(eq7_weights())
 
-    if mode == "correct":
-        params["correct_target"] = opts.correct_target
-        if opts.correct_target == "distribution":  # the whole distribution: the probe's, else eq. 7's
+    if mode in ("correct", *SEMI_MODES):  # the semi-supervised modes split by the cleaned decisions (T3c)
+        cleaned = mode in SEMI_MODES or opts.correct_target == "cleaned"
+        if mode == "correct":
+            params["correct_target"] = opts.correct_target
+        if mode == "correct" and opts.correct_target == "distribution":  # the whole distribution: the probe's, else eq. 7's
             params["soft_keep"] = opts.soft_keep
             plan.distribution = distribution()
         else:
@@ -1841,7 +1844,7 @@ def plan_mode(opts: TrainOptions, *, y: np.ndarray, w: np.ndarray, score_extra: 
             if "suggested_class" in score_extra and "suggested_confidence" in score_extra:
                 s, q = score_extra["suggested_class"], score_extra["suggested_confidence"]
                 params["suggestions"] = "scores.h5 suggested_class"
-                if opts.correct_target == "cleaned" and "flag_score" in score_extra:
+                if cleaned and "flag_score" in score_extra:
                     q = conditional_confidence(q, score_extra["flag_score"])  # eq. T2c
                     params["suggestions"] += " (confidence given a wrong label, eq. T2c)"
                 plan.suggestion = (s, q)
@@ -1896,8 +1899,11 @@ def mode_targets(opts: TrainOptions, plan: ModePlan, targets: Targets, *, y: np.
     elif mode == "graph":
         targets = graph_targets(y, w, plan.class_weights, plan.neighbours)  # eq. T4
     elif mode in SEMI_MODES:
-        targets = hard_targets(y, np.where(plan.flagged, 0.0, w))  # the labeled images keep eq. 1
-        stats["unlabeled"] = int(plan.flagged.sum())
+        # labeled: the kept and the relabeled images (T3c); unlabeled: the dropped ones
+        targets, fixed = cleaned_targets(y, plan.flagged, *plan.suggestion, min_confidence=opts.min_confidence)
+        plan.unlabeled = plan.flagged & ~fixed
+        stats["corrected"] = int(fixed.sum())
+        stats["unlabeled"] = int(plan.unlabeled.sum())
     elif mode == "forward":
         targets = hard_targets(y)  # every image, its noisy label: T carries the noise (eq. F2)
     return targets, stats

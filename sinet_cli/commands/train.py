@@ -250,9 +250,10 @@ def _plan(a: dict) -> Plan:
 @locked("train", _plan)
 def train(
     mode: Annotated[str, typer.Option(help="A: all images, unweighted. B: only images with w > --threshold, "
-                                      "unweighted. C: weighted by w (SINet, eq. 1). correct: flagged images with a "
-                                      "confident suggested class train on it, the rest as C. fixmatch / mixmatch: "
-                                      "flagged images become unlabeled data (pseudo-labels between two "
+                                      "unweighted. C: weighted by w (SINet, eq. 1). correct: unflagged images train on "
+                                      "their label, flagged ones with a confident suggested class on it, the rest are "
+                                      "dropped. fixmatch / mixmatch: the same, the dropped images become unlabeled "
+                                      "data (pseudo-labels between two "
                                       "augmentations / DivideMix's MixMatch). graph: the doubt 1 - w goes to the "
                                       "label's neighbours in S_t by eq. 7. forward: all images, the output passed "
                                       "through the noise transition estimated from the probe. oracle: the clean "
@@ -287,7 +288,7 @@ def train(
                               "rest of the mass on the suggestion), hard (only the suggestion), or distribution (every "
                               "image: w on the label, 1 - w over the other classes by the probe's probabilities).",
                               rich_help_panel=P_MODE)] = "cleaned",
-    min_confidence: Annotated[float, typer.Option(help="--mode correct: smallest confidence of a suggestion "
+    min_confidence: Annotated[float, typer.Option(help="--mode correct, fixmatch, mixmatch: smallest confidence of a suggestion "
                               "that is used (cleaned: its confidence given that the label is wrong, eq. T2c).",
                               rich_help_panel=P_MODE)] = 0.5,
     lambda_u: Annotated[Optional[float], typer.Option(help="--mode fixmatch / mixmatch: weight of the unlabeled "
@@ -506,7 +507,7 @@ def phases(stage, opts, run_dir: Path, params: dict, inputs: dict, force: bool, 
                       (run_key if opts.on == "features" else main_key) + "-init", run_dir / "topk-init.pt", ft_ckpt,
                       confident=None if not opts.topk_smoothing else w_train[rows] > thr,
                       allowed=stage.neighbour_classes(y, plan.neighbours) if opts.topk_neighbours else None,
-                      semi=opts.semi(), unlabeled=plan.flagged if opts.semi() is not None else None,
+                      semi=opts.semi(), unlabeled=plan.unlabeled if opts.semi() is not None else None,
                       transition=transition, mode_stats=mode_stats)
     return ph
 

@@ -167,6 +167,13 @@ def _summary(stats: dict) -> str:
     return f"top-1 {stats['top1']:.2f} %, top-5 {stats['top5']:.2f} %"
 
 
+def _moved(mode_stats: dict) -> str:
+    """' (207 relabeled, 1761 dropped)': what a correction or semi-supervised mode did to the labels."""
+    words = {"corrected": "relabeled", "dropped": "dropped", "unlabeled": "unlabeled"}
+    parts = [f"{mode_stats[k]} {w}" for k, w in words.items() if k in mode_stats]
+    return f" ({', '.join(parts)})" if parts else ""
+
+
 @dataclass
 class Rows:
     """The dataset a run trains on, from features.h5 (--on features) or --data (--on images)."""
@@ -568,6 +575,7 @@ def record_run(stage, opts, folder: Path, run_dir: Path, d: Rows, ph, result, va
     merge_shared_metrics(folder / "metrics.json", opts.run, shared_entry)
     acc = _summary(stats) if stats["top1"] is not None else "no validation split"
     on_what = f"{len(rows)} images" + ("" if opts.train_subset == "all" else f" of subset {opts.train_subset}")
+    on_what += _moved(ph.mode_stats)
     if ft is not None:
         on_what += f", fine-tuned {ft_cfg.epochs} epochs on {len(ft)} of subset {opts.finetune_subset}"
     console.info(f"{run_dir}: model {opts.run} on {on_what}, {acc} on {len(va)} {eval_labels} val images")

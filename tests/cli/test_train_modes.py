@@ -48,6 +48,7 @@ def test_cli_new_modes_on_features_record_their_knobs(sinet, mode_artifacts):
         code, _, err = sinet("train", "--mode", mode, "--out", out, *FAST)
         assert code == 0, err
         assert f"train-{mode}" in err and "top-1" in err
+        assert ("relabeled" in err) == (mode in ("correct", "fixmatch", "mixmatch"))
     m = {k: json.loads((out / f"train-{k}" / "metrics.json").read_text()) for k in
          ("correct", "fixmatch", "mixmatch", "graph", "forward")}
     assert m["forward"]["params"]["transition_neighbours"] == 0 and m["forward"]["mean_weight"] == 1.0

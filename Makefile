@@ -79,9 +79,9 @@ RESCORE_OPTS ?=
 ON         ?= features
 EPOCHS     ?= 100
 SEEDS      ?= 0
-# the clean-label oracle needs known true labels: the demos have them; `correct` (docs/training-modes.md)
-# is the demos' mode beyond weighting
-MODES      ?= A B C $(if $(filter demo demo-mnist,$(DATASET)),correct oracle)
+# `correct` trains on the cleaned labels (docs/training-modes.md); the clean-label oracle needs known
+# true labels: the demos have them
+MODES      ?= A B C correct $(if $(filter demo demo-mnist,$(DATASET)),oracle)
 # train on the train rows of one subset (all, or e.g. Clothing1M's noisy), then optionally fine-tune
 # on another subset's train rows (e.g. clean) for FINETUNE_EPOCHS at FINETUNE_LR (default: last lr)
 TRAIN_SUBSET    ?= $(if $(CLOTHING1M),noisy,all)

@@ -354,6 +354,49 @@ def corrected_targets(labels: np.ndarray, weights: np.ndarray, flagged: np.ndarr
     return Targets(index, value.astype(np.float32)), fix
 
 
+def conditional_confidence(confidence: np.ndarray, wrong_label: np.ndarray) -> np.ndarray:
+    """The suggestion's confidence once the label is taken to be wrong (eq. T2c):
+
+        c_i = q_i / r_i  (clipped to [0, 1]),   r_i = min(1, max(0, s_i))
+
+    q_i: score-noise's posterior that the suggested class is the image's class (E9), r_i: its
+    probability that the label is wrong (E5, scores.h5 ``flag_score``). The posterior q_i also
+    counts the chance that the label is right, so under uniform flips it rarely reaches 1/2 even
+    when the suggestion is the likeliest wrong-label explanation by far; c_i is its share among the
+    classes other than the label, the quantity eq. T2 gives directly. 0 where r_i = 0."""
+    q = np.asarray(confidence, dtype=np.float64)
+    r = np.clip(np.nan_to_num(np.asarray(wrong_label, dtype=np.float64), nan=0.0, posinf=1.0), 0.0, 1.0)
+    c = np.where(r > 1e-12, q / np.maximum(r, 1e-12), 0.0)  # eq. T2c
+    return np.clip(c, 0.0, 1.0).astype(np.float32)
+
+
+def cleaned_targets(labels: np.ndarray, flagged: np.ndarray, suggested: np.ndarray, confidence: np.ndarray, *,
+                    min_confidence: float = 0.5) -> tuple[Targets, np.ndarray]:
+    """Training on the cleaned labels (mode ``correct``, the default ``--correct-target cleaned``,
+    eq. T3c): every image is kept, relabeled or dropped,
+
+        keep     (not flagged):                                     T_i = onehot(y_i)
+        relabel  (flagged, s_i != y_i, c_i >= ``min_confidence``):   T_i = onehot(s_i)
+        drop     (flagged otherwise, e.g. outside every class):      T_i = 0
+
+    c_i: the suggestion's confidence given that the label is wrong (eq. T2c, or eq. T2's q_i). The
+    decisions are hard: score-noise's flag already says which labels are wrong, and a kept image
+    trains at full weight (eq. 1's w_i < 1 on clean images only thins the data).
+    Returns the targets and the mask of relabeled images.
+    """
+    if not 0.0 <= min_confidence <= 1.0:
+        raise ValueError(f"correction confidence {min_confidence} outside [0, 1]")
+    y = np.asarray(labels, dtype=np.int64)
+    fl = np.asarray(flagged, bool)
+    s = np.asarray(suggested, dtype=np.int64)
+    c = np.asarray(confidence, dtype=np.float32)
+    if not (len(y) == len(fl) == len(s) == len(c)):
+        raise ValueError("labels, flags and suggestions differ in length")
+    fix = fl & (s != y) & (s >= 0) & (c > 0) & (c >= min_confidence)
+    value = np.where(fl, np.where(fix, 1.0, 0.0), 1.0).astype(np.float32)  # eq. T3c
+    return Targets(np.where(fix, s, y)[:, None], value[:, None]), fix
+
+
 def distribution_targets(labels: np.ndarray, weights: np.ndarray, probs: np.ndarray, *,
                          keep: int | None = None) -> Targets:
     """Label correction by the whole suggestion distribution (``correct --correct-target
@@ -1587,7 +1630,7 @@ def predict_images_topk(
 # -- a whole training run: options, the mode's plan, the phases ----------------------------------
 
 DEFAULT_ALPHA, DEFAULT_BETA = 1.2, 1.5  # eq. 6 defaults (tables 4-5), used when scores.h5 does not record them
-CORRECT_TARGETS = ("soft", "hard", "distribution")
+CORRECT_TARGETS = ("cleaned", "soft", "hard", "distribution")
 
 
 @dataclass
@@ -1610,7 +1653,7 @@ class TrainOptions:
     topk_smoothing: int = 0
     topk_mix: float = 0.5
     topk_epochs: int | None = None
-    correct_target: str = "soft"
+    correct_target: str = "cleaned"
     min_confidence: float = 0.5
     lambda_u: float | None = None
     pseudo_confidence: float = 0.95
@@ -1657,7 +1700,7 @@ class TrainOptions:
             (self.topk_neighbours >= 0 and (not self.topk_neighbours or self.topk_smoothing),
              "--topk-neighbours K restricts --topk-smoothing: give both, K >= 1"),
             (self.correct_target in CORRECT_TARGETS,
-             f"--correct-target {self.correct_target!r}: choose soft, hard or distribution"),
+             f"--correct-target {self.correct_target!r}: choose cleaned, soft, hard or distribution"),
             (self.graph_neighbours >= 1, "--graph-neighbours must be >= 1"),
             (self.transition_neighbours >= 0, "--transition-neighbours must be >= 0"),
             (not self.suffix or self.suffix.replace("-", "").replace("_", "").isalnum(),
@@ -1742,7 +1785,7 @@ class TrainOptions:
         return a, b
 
 
-SCORE_ROW_COLUMNS = ("flagged", "suggested_class", "suggested_confidence", "nearest_class")
+SCORE_ROW_COLUMNS = ("flagged", "suggested_class", "suggested_confidence", "nearest_class", "flag_score")
 SCORE_PROBE = ("probe_W", "probe_b")
 
 
@@ -1768,6 +1811,7 @@ class ModePlan:
     distribution: np.ndarray | None = None  # P (N, C) for --correct-target distribution and mode forward
     class_weights: np.ndarray | None = None  # eq. 7's w_ic for mode graph
     neighbours: np.ndarray | None = None  # S_t neighbours of every class
+    unlabeled: np.ndarray | None = None  # the semi-supervised modes' unlabeled images (set by mode_targets)
 
 
 def plan_mode(opts: TrainOptions, *, y: np.ndarray, w: np.ndarray, score_extra: dict, scores_params: dict,
@@ -1788,16 +1832,22 @@ def plan_mode(opts: TrainOptions, *, y: np.ndarray, w: np.ndarray, score_extra: 
         params["suggestions"] = "scores.h5 probe" if have_probe else "prototypes (eq. 7)"
         return probe() if have_probe else prototype_probabilities(eq7_weights())
 
-    if mode == "correct":
-        params["correct_target"] = opts.correct_target
-        if opts.correct_target == "distribution":  # the whole distribution: the probe's, else eq. 7's
+    if mode in ("correct", *SEMI_MODES):  # the semi-supervised modes split by the cleaned decisions (T3c)
+        cleaned = mode in SEMI_MODES or opts.correct_target == "cleaned"
+        if mode == "correct":
+            params["correct_target"] = opts.correct_target
+        if mode == "correct" and opts.correct_target == "distribution":  # the whole distribution: the probe's, else eq. 7's
             params["soft_keep"] = opts.soft_keep
             plan.distribution = distribution()
         else:
             params["min_confidence"] = opts.min_confidence
             if "suggested_class" in score_extra and "suggested_confidence" in score_extra:
-                plan.suggestion = (score_extra["suggested_class"], score_extra["suggested_confidence"])
+                s, q = score_extra["suggested_class"], score_extra["suggested_confidence"]
                 params["suggestions"] = "scores.h5 suggested_class"
+                if cleaned and "flag_score" in score_extra:
+                    q = conditional_confidence(q, score_extra["flag_score"])  # eq. T2c
+                    params["suggestions"] += " (confidence given a wrong label, eq. T2c)"
+                plan.suggestion = (s, q)
             else:
                 plan.suggestion = relabel_suggestions(distribution(), y)  # eq. T2
     if semi is not None:
@@ -1834,8 +1884,14 @@ def mode_targets(opts: TrainOptions, plan: ModePlan, targets: Targets, *, y: np.
             on_true = targets.value[:, 1:] * (targets.index[:, 1:] == clean[:, None]) * known[:, None]
             stats["moved_right"] = float(on_true.sum() / moved)
     elif mode == "correct":
-        targets, fixed = corrected_targets(y, w, plan.flagged, *plan.suggestion, min_confidence=opts.min_confidence,
-                                           soft=opts.correct_target == "soft")  # eq. T3
+        if opts.correct_target == "cleaned":
+            targets, fixed = cleaned_targets(y, plan.flagged, *plan.suggestion,
+                                             min_confidence=opts.min_confidence)  # eq. T3c
+            stats["dropped"] = int((plan.flagged & ~fixed).sum())
+        else:
+            targets, fixed = corrected_targets(y, w, plan.flagged, *plan.suggestion,
+                                               min_confidence=opts.min_confidence,
+                                               soft=opts.correct_target == "soft")  # eq. T3
         stats["corrected"] = int(fixed.sum())
         if known is not None and (fixed & known).any():
             sel = fixed & known
@@ -1843,8 +1899,11 @@ def mode_targets(opts: TrainOptions, plan: ModePlan, targets: Targets, *, y: np.
     elif mode == "graph":
         targets = graph_targets(y, w, plan.class_weights, plan.neighbours)  # eq. T4
     elif mode in SEMI_MODES:
-        targets = hard_targets(y, np.where(plan.flagged, 0.0, w))  # the labeled images keep eq. 1
-        stats["unlabeled"] = int(plan.flagged.sum())
+        # labeled: the kept and the relabeled images (T3c); unlabeled: the dropped ones
+        targets, fixed = cleaned_targets(y, plan.flagged, *plan.suggestion, min_confidence=opts.min_confidence)
+        plan.unlabeled = plan.flagged & ~fixed
+        stats["corrected"] = int(fixed.sum())
+        stats["unlabeled"] = int(plan.unlabeled.sum())
     elif mode == "forward":
         targets = hard_targets(y)  # every image, its noisy label: T carries the noise (eq. F2)
     return targets, stats

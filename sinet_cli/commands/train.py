@@ -167,6 +167,13 @@ def _summary(stats: dict) -> str:
     return f"top-1 {stats['top1']:.2f} %, top-5 {stats['top5']:.2f} %"
 
 
+def _moved(mode_stats: dict) -> str:
+    """' (207 relabeled, 1761 dropped)': what a correction or semi-supervised mode did to the labels."""
+    words = {"corrected": "relabeled", "dropped": "dropped", "unlabeled": "unlabeled"}
+    parts = [f"{mode_stats[k]} {w}" for k, w in words.items() if k in mode_stats]
+    return f" ({', '.join(parts)})" if parts else ""
+
+
 @dataclass
 class Rows:
     """The dataset a run trains on, from features.h5 (--on features) or --data (--on images)."""
@@ -250,9 +257,10 @@ def _plan(a: dict) -> Plan:
 @locked("train", _plan)
 def train(
     mode: Annotated[str, typer.Option(help="A: all images, unweighted. B: only images with w > --threshold, "
-                                      "unweighted. C: weighted by w (SINet, eq. 1). correct: flagged images with a "
-                                      "confident suggested class train on it, the rest as C. fixmatch / mixmatch: "
-                                      "flagged images become unlabeled data (pseudo-labels between two "
+                                      "unweighted. C: weighted by w (SINet, eq. 1). correct: unflagged images train on "
+                                      "their label, flagged ones with a confident suggested class on it, the rest are "
+                                      "dropped. fixmatch / mixmatch: the same, the dropped images become unlabeled "
+                                      "data (pseudo-labels between two "
                                       "augmentations / DivideMix's MixMatch). graph: the doubt 1 - w goes to the "
                                       "label's neighbours in S_t by eq. 7. forward: all images, the output passed "
                                       "through the noise transition estimated from the probe. oracle: the clean "
@@ -282,12 +290,14 @@ def train(
                         "(1 - it stays on the label); 0.5 trusts both equally.", rich_help_panel=P_MODE)] = 0.5,
     topk_epochs: Annotated[Optional[int], typer.Option(help="Epochs of the initial top-k model (default "
                            "--epochs).", rich_help_panel=P_MODE)] = None,
-    correct_target: Annotated[str, typer.Option(help="--mode correct: soft (w on the label, the rest of the "
-                              "mass on the suggestion), hard (only the suggestion), or distribution (every image: "
-                              "w on the label, 1 - w over the other classes by the probe's probabilities).",
-                              rich_help_panel=P_MODE)] = "soft",
-    min_confidence: Annotated[float, typer.Option(help="--mode correct: smallest confidence of a suggestion "
-                              "that is used.", rich_help_panel=P_MODE)] = 0.5,
+    correct_target: Annotated[str, typer.Option(help="--mode correct: cleaned (keep the unflagged images, relabel "
+                              "flagged ones with a confident suggestion, drop the rest), soft (w on the label, the "
+                              "rest of the mass on the suggestion), hard (only the suggestion), or distribution (every "
+                              "image: w on the label, 1 - w over the other classes by the probe's probabilities).",
+                              rich_help_panel=P_MODE)] = "cleaned",
+    min_confidence: Annotated[float, typer.Option(help="--mode correct, fixmatch, mixmatch: smallest confidence of a suggestion "
+                              "that is used (cleaned: its confidence given that the label is wrong, eq. T2c).",
+                              rich_help_panel=P_MODE)] = 0.5,
     lambda_u: Annotated[Optional[float], typer.Option(help="--mode fixmatch / mixmatch: weight of the unlabeled "
                         "loss (default 1 for fixmatch, as FixMatch; 25 for mixmatch, as DivideMix on CIFAR-10).",
                         rich_help_panel=P_MODE)] = None,
@@ -504,7 +514,7 @@ def phases(stage, opts, run_dir: Path, params: dict, inputs: dict, force: bool, 
                       (run_key if opts.on == "features" else main_key) + "-init", run_dir / "topk-init.pt", ft_ckpt,
                       confident=None if not opts.topk_smoothing else w_train[rows] > thr,
                       allowed=stage.neighbour_classes(y, plan.neighbours) if opts.topk_neighbours else None,
-                      semi=opts.semi(), unlabeled=plan.flagged if opts.semi() is not None else None,
+                      semi=opts.semi(), unlabeled=plan.unlabeled if opts.semi() is not None else None,
                       transition=transition, mode_stats=mode_stats)
     return ph
 
@@ -565,6 +575,7 @@ def record_run(stage, opts, folder: Path, run_dir: Path, d: Rows, ph, result, va
     merge_shared_metrics(folder / "metrics.json", opts.run, shared_entry)
     acc = _summary(stats) if stats["top1"] is not None else "no validation split"
     on_what = f"{len(rows)} images" + ("" if opts.train_subset == "all" else f" of subset {opts.train_subset}")
+    on_what += _moved(ph.mode_stats)
     if ft is not None:
         on_what += f", fine-tuned {ft_cfg.epochs} epochs on {len(ft)} of subset {opts.finetune_subset}"
     console.info(f"{run_dir}: model {opts.run} on {on_what}, {acc} on {len(va)} {eval_labels} val images")

@@ -48,6 +48,7 @@ def test_cli_new_modes_on_features_record_their_knobs(sinet, mode_artifacts):
         code, _, err = sinet("train", "--mode", mode, "--out", out, *FAST)
         assert code == 0, err
         assert f"train-{mode}" in err and "top-1" in err
+        assert ("relabeled" in err) == (mode in ("correct", "fixmatch", "mixmatch"))
     m = {k: json.loads((out / f"train-{k}" / "metrics.json").read_text()) for k in
          ("correct", "fixmatch", "mixmatch", "graph", "forward")}
     assert m["forward"]["params"]["transition_neighbours"] == 0 and m["forward"]["mean_weight"] == 1.0
@@ -55,7 +56,7 @@ def test_cli_new_modes_on_features_record_their_knobs(sinet, mode_artifacts):
     assert 0 <= m["forward"]["mode_stats"]["transition_error"] <= 2
     assert m["correct"]["params"]["suggestions"] == "scores.h5 probe"
     assert m["correct"]["params"]["flags"].startswith("w <= 0.5")
-    assert m["correct"]["params"]["correct_target"] == "soft" and m["correct"]["params"]["min_confidence"] == 0.5
+    assert m["correct"]["params"]["correct_target"] == "cleaned" and m["correct"]["params"]["min_confidence"] == 0.5
     code, _, err = sinet("train", "--mode", "correct", "--correct-target", "distribution", "--suffix", "d",
                          "--out", out, *FAST)
     assert code == 0, err
@@ -65,7 +66,8 @@ def test_cli_new_modes_on_features_record_their_knobs(sinet, mode_artifacts):
     assert 0 < m["correct"]["mode_stats"]["corrected"] <= m["correct"]["mode_stats"]["flagged"]
     assert 0 <= m["correct"]["mode_stats"]["corrected_right"] <= 1
     assert m["fixmatch"]["params"]["lambda_u"] == 1.0 and m["fixmatch"]["params"]["pseudo_confidence"] == 0.95
-    assert m["fixmatch"]["mode_stats"]["unlabeled"] == m["fixmatch"]["mode_stats"]["flagged"] > 0
+    fm = m["fixmatch"]["mode_stats"]  # the flagged images are relabeled (labeled) or unlabeled
+    assert fm["unlabeled"] + fm["corrected"] == fm["flagged"] > 0
     assert "pseudo_labeled" in m["fixmatch"]["history"][-1]
     assert m["mixmatch"]["params"]["lambda_u"] == 25.0 and "loss_u" in m["mixmatch"]["history"][-1]
     assert m["graph"]["params"]["graph_neighbours"] == 3 and {"graph", "prototypes"} <= set(m["graph"]["inputs"])
@@ -90,7 +92,7 @@ def test_cli_mode_errors_are_one_line(sinet, mode_artifacts, tmp_path):
     code, _, err = sinet("train", "--mode", "pseudo", "--out", out, *FAST)
     assert code == 1 and "fixmatch" in err
     code, _, err = sinet("train", "--mode", "correct", "--correct-target", "both", "--out", out, *FAST)
-    assert code == 1 and "soft, hard or distribution" in err
+    assert code == 1 and "cleaned, soft, hard or distribution" in err
     code, _, err = sinet("train", "--mode", "C", "--topk-neighbours", "2", "--out", out, *FAST)
     assert code == 1 and "--topk-smoothing" in err
     code, _, err = sinet("train", "--mode", "fixmatch", "--topk-smoothing", "2", "--out", out, *FAST)
@@ -129,8 +131,10 @@ def test_cli_new_modes_on_images(sinet, tmp_path, stored):
     scores = {"ids": ids[:9], "labels": labels[:9], "weight": w, "distance": z, "nearest_class":
               np.array([0, 1, 1, 0, 2, 2, 1, 2, 2]), "nearest_distance": z, "classes": ["a", "b", "c"]}
     if stored:  # score-noise's own flags and suggestions
+        # the flagged rows i2, i4, i6; i6's suggestion is not confident given a wrong label (0.4 / 1)
+        conf = np.where(np.arange(9) == 6, 0.4, 0.8).astype(np.float32)
         scores.update(flagged=(w < 0.5).astype(np.int8), suggested_class=(labels[:9] + 1) % 3,
-                      suggested_confidence=np.full(9, 0.8, np.float32))
+                      suggested_confidence=conf, flag_score=np.where(np.arange(9) == 6, 1.0, 1.0 - w))
     store.write_artifact(out / "scores.h5", "scores", scores, {"score": "fused"}, {})
     protos = np.eye(3, 4, dtype=np.float32)
     store.write_artifact(out / "prototypes.h5", "prototypes",
@@ -148,9 +152,12 @@ def test_cli_new_modes_on_images(sinet, tmp_path, stored):
         assert m["n_train"] == 9 and m["top1"] is not None and len(m["history"]) == 1
     m = json.loads((out / "train-correct" / "metrics.json").read_text())
     if stored:
-        assert m["params"]["suggestions"] == "scores.h5 suggested_class" and m["params"]["flags"] == "scores.h5 flagged"
-        assert m["mode_stats"] == {"flagged": 3, "corrected": 3, "corrected_right": 0.0}
-        assert json.loads((out / "train-fixmatch" / "metrics.json").read_text())["mode_stats"]["unlabeled"] == 3
+        assert m["params"]["suggestions"].startswith("scores.h5 suggested_class") and "T2c" in m["params"]["suggestions"]
+        assert m["params"]["flags"] == "scores.h5 flagged"
+        assert m["mode_stats"] == {"flagged": 3, "corrected": 2, "dropped": 1, "corrected_right": 0.0}
+        # i2 and i4 relabeled, i6 (not confident) unlabeled
+        assert json.loads((out / "train-fixmatch" / "metrics.json").read_text())["mode_stats"] == {
+            "flagged": 3, "corrected": 2, "unlabeled": 1}
     else:
         # no probe either: suggestions from eq. 7's weights over the prototypes (features.h5 by id);
         # flags by the suspect rule: w <= 0.5 (i2, i4, i6) or a nearer prototype of another class

@@ -141,7 +141,7 @@ def test_make_all_command_lines_for_each_dataset_kind(kind, root):
     assert out.count(f"--out {art}") == 8
     # the summary comes last: what a run ends with
     assert out.index("sinet_cli report ") < out.index("sinet_cli export ") < out.index("sinet_cli summary ")
-    assert "for mode in A B C ;" in out  # no oracle: true labels of the training images are not known
+    assert "for mode in A B C correct ;" in out  # no oracle: true labels of the training images are not known
     assert "--hierarchy auto" in out and "--lenient" not in out  # Clothing1M needs no workaround
     assert "--classes" not in out
 

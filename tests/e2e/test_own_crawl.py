@@ -55,13 +55,14 @@ def test_make_all_on_a_plain_image_folder_without_clean_labels_or_val_split(tmp_
         assert sorted(f.read("classes")) == sorted(NAMES)
     # train: skipped, one line per model saying why and what to add; recorded for summary and report
     skips = [line for line in err.splitlines() if "not trained:" in line]
-    assert len(skips) == 3, err
-    for mode, line in zip("ABC", skips):
+    modes = ("A", "B", "C", "correct")
+    assert len(skips) == len(modes), err
+    for mode, line in zip(modes, skips):
         assert line.startswith(f"{art / ('train-' + mode)}: not trained: {art / 'features.h5'} has no val split")
         assert "add a val split" in line and "DIR/val/<class>/" in line
     runs = json.loads((art / "metrics.json").read_text())["train"]
-    assert {m: r["skipped"] for m, r in runs.items()} == {m: "no val split" for m in "ABC"}
-    assert not any((art / f"train-{m}" / "model.pt").exists() for m in "ABC")
+    assert {m: r["skipped"] for m, r in runs.items()} == {m: "no val split" for m in modes}
+    assert not any((art / f"train-{m}" / "model.pt").exists() for m in modes)
 
     # summary (make's last step): what is known, and what is not
     assert out.index("Noise (") < out.index("outputs:")
@@ -72,7 +73,7 @@ def test_make_all_on_a_plain_image_folder_without_clean_labels_or_val_split(tmp_
     assert f"estimated noise {100 * estimate['overall']:.1f}%" in out
     assert f"flagged {flagged} of 300" in out
     assert "not known: no clean labels: no ROC-AUC/AP" in out
-    assert "not known: not trained (A, B, C): no val split" in out
+    assert "not known: not trained (A, B, C, correct): no val split" in out
     assert re.search(rf"^ report\s+{re.escape(str(art / 'report' / 'index.html'))}$", out, re.M), out
     assert f"{art / 'suspects.tsv'}" in out and f"{art / 'export' / 'cleaned.tsv'}" in out
     for name in ("ankle_boot", "Down Coat", "T-shirt", "sneakers"):
@@ -82,7 +83,7 @@ def test_make_all_on_a_plain_image_folder_without_clean_labels_or_val_split(tmp_
     page = (art / "report" / "index.html").read_text()
     unknown = page[page.index('id="not-known"'):]
     unknown = unknown[: unknown.index("</ul>")]
-    assert "No clean labels" in unknown and "Not trained (A, B, C): no val split" in unknown
+    assert "No clean labels" in unknown and "Not trained (A, B, C, correct): no val split" in unknown
     assert "Accuracy on the validation split" not in page and 'id="suspects"' in page
     for name in NAMES:
         assert f">{name}<" in page or f">{name}</a>" in page

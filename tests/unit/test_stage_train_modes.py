@@ -62,6 +62,30 @@ def test_corrected_targets_eq_t3_soft_and_hard():
         stage.corrected_targets(y, w, flagged, s, q, min_confidence=1.5)
 
 
+def test_conditional_confidence_eq_t2c():
+    q = np.array([0.3, 0.2, 0.5, 0.4, 0.3], np.float32)
+    r = np.array([0.6, 0.0, 0.4, np.nan, np.inf])  # E5 unclipped: r = 0, above 1, NaN and inf (a foreign label)
+    # 0.3 / 0.6; no chance of a wrong label: 0; 0.5 / 0.4 clipped to 1; NaN counts as 0; inf as r = 1
+    np.testing.assert_allclose(stage.conditional_confidence(q, r), [0.5, 0.0, 1.0, 0.0, 0.3], rtol=1e-6)
+
+
+def test_cleaned_targets_eq_t3c_keep_relabel_drop():
+    y = np.array([0, 1, 2, 0, 1])
+    flagged = np.array([False, True, True, True, True])
+    s = np.array([1, 0, 2, 2, 2])
+    c = np.array([0.9, 0.6, 0.9, 0.4, 0.0], np.float32)
+    # row 0 kept at full weight whatever its suggestion; row 1 relabeled to 0; row 2's suggestion is its
+    # label, row 3 not confident, row 4 outside every class (confidence 0): dropped
+    t, fixed = stage.cleaned_targets(y, flagged, s, c, min_confidence=0.5)
+    assert fixed.tolist() == [False, True, False, False, False]
+    np.testing.assert_allclose(t.dense(3), [[1, 0, 0], [1, 0, 0], [0, 0, 0], [0, 0, 0], [0, 0, 0]])
+    t0, fixed0 = stage.cleaned_targets(y, flagged, s, c, min_confidence=0.0)  # row 3 now relabeled; row 4 never
+    assert fixed0.tolist() == [False, True, False, True, False]
+    np.testing.assert_allclose(t0.dense(3)[3], [0, 0, 1])
+    with pytest.raises(ValueError, match="outside"):
+        stage.cleaned_targets(y, flagged, s, c, min_confidence=-0.1)
+
+
 def test_distribution_targets_eq_t3d():
     P = np.array([[0.5, 0.3, 0.1, 0.1], [0.0, 1.0, 0.0, 0.0], [0.2, 0.2, 0.2, 0.4]])
     y = np.array([0, 1, 3])

@@ -357,10 +357,10 @@ def corrected_targets(labels: np.ndarray, weights: np.ndarray, flagged: np.ndarr
 def conditional_confidence(confidence: np.ndarray, wrong_label: np.ndarray) -> np.ndarray:
     """The suggestion's confidence once the label is taken to be wrong (eq. T2c):
 
-        c_i = q_i / r_i  (clipped to [0, 1]),   r_i = min(1, max(0, s_i))
+        c_i = q_i / r_i  (clipped to [0, 1]),   r_i = min(1, max(0, f_i))
 
-    q_i: score-noise's posterior that the suggested class is the image's class (E9), r_i: its
-    probability that the label is wrong (E5, scores.h5 ``flag_score``). The posterior q_i also
+    q_i: score-noise's posterior that the suggested class is the image's class (E9), f_i: its
+    unclipped probability that the label is wrong (E5, scores.h5 ``flag_score``; NaN counts as 0). The posterior q_i also
     counts the chance that the label is right, so under uniform flips it rarely reaches 1/2 even
     when the suggestion is the likeliest wrong-label explanation by far; c_i is its share among the
     classes other than the label, the quantity eq. T2 gives directly. 0 where r_i = 0."""
@@ -1836,7 +1836,7 @@ def plan_mode(opts: TrainOptions, *, y: np.ndarray, w: np.ndarray, score_extra: 
         cleaned = mode in SEMI_MODES or opts.correct_target == "cleaned"
         if mode == "correct":
             params["correct_target"] = opts.correct_target
-        if mode == "correct" and opts.correct_target == "distribution":  # the whole distribution: the probe's, else eq. 7's
+        if mode == "correct" and opts.correct_target == "distribution":  # the probe's distribution, else eq. 7's
             params["soft_keep"] = opts.soft_keep
             plan.distribution = distribution()
         else:

@@ -295,8 +295,9 @@ def train(
                               "rest of the mass on the suggestion), hard (only the suggestion), or distribution (every "
                               "image: w on the label, 1 - w over the other classes by the probe's probabilities).",
                               rich_help_panel=P_MODE)] = "cleaned",
-    min_confidence: Annotated[float, typer.Option(help="--mode correct, fixmatch, mixmatch: smallest confidence of a suggestion "
-                              "that is used (cleaned: its confidence given that the label is wrong, eq. T2c).",
+    min_confidence: Annotated[float, typer.Option(help="--mode correct, fixmatch, mixmatch: smallest confidence "
+                              "of a suggestion that is used (cleaned: its confidence given that the label is "
+                              "wrong, eq. T2c).",
                               rich_help_panel=P_MODE)] = 0.5,
     lambda_u: Annotated[Optional[float], typer.Option(help="--mode fixmatch / mixmatch: weight of the unlabeled "
                         "loss (default 1 for fixmatch, as FixMatch; 25 for mixmatch, as DivideMix on CIFAR-10).",

@@ -404,13 +404,7 @@ def train(
     if opts.needs_scores:
         w_train, scores_params, d.inputs["scores"] = read_weights(stage, scores or folder / "scores.h5", d.source,
                                                                   d.ids[tr], d.labels[tr], score_extra)
-    thr = None
-    if mode == "B" or topk_smoothing:
-        thr = stage.default_threshold(w_train) if threshold is None else float(threshold)
-    try:
-        rows, y, w = stage.select_rows(mode, d.labels[tr], w_train, tr_clean, thr)
-    except ValueError as e:
-        raise SinetError(f"{d.source}: {e}") from None
+    thr, rows, y, w = training_rows(stage, opts, d, tr, w_train, tr_clean)
     params = opts.provenance(thr)
     weight_path = image_weights(opts, weights, d.inputs)
     x = None if d.features is None else np.asarray(d.features[tr][rows], np.float32)
@@ -424,11 +418,7 @@ def train(
         src.features()
     plan = stage.plan_mode(opts, y=y, w=w, score_extra=score_extra, scores_params=scores_params, params=params,
                            features_of_rows=src.features, eq7_weights=src.eq7_weights, neighbours_of=src.neighbours)
-    metrics_path, model_path = run_dir / "metrics.json", run_dir / "model.pt"
-    if not force and store.is_up_to_date(metrics_path, store.JSON_RECORD, params, d.inputs, unit=run_dir,
-                                         files=[model_path]):
-        record_shared_entry(folder / "metrics.json", opts.run, metrics_path)
-        console.info(f"{run_dir}: up to date, nothing to do (use --force to retrain)")
+    if not force and already_trained(opts, folder, run_dir, params, d.inputs):
         return
     dev, rank, world = resolve_device(device), 0, 1
     if on == "images":
@@ -452,6 +442,32 @@ def train(
     if rank == 0:
         record_run(stage, opts, folder, run_dir, d, ph, result, val_pred, ft_result, va, ft, rows, y, tr_clean, thr,
                    params, round(time.time() - t0, 2))
+
+
+def training_rows(stage, opts, d: Rows, tr: np.ndarray, w_train: np.ndarray | None,
+                  tr_clean: np.ndarray | None) -> tuple[float | None, np.ndarray, np.ndarray, np.ndarray]:
+    """The threshold of mode B and top-k smoothing (given, else the median weight), and the training
+    rows the mode keeps with their labels and weights (``stage.select_rows``)."""
+    thr = None
+    if opts.mode == "B" or opts.topk_smoothing:
+        thr = stage.default_threshold(w_train) if opts.threshold is None else float(opts.threshold)
+    try:
+        rows, y, w = stage.select_rows(opts.mode, d.labels[tr], w_train, tr_clean, thr)
+    except ValueError as e:
+        raise SinetError(f"{d.source}: {e}") from None
+    return thr, rows, y, w
+
+
+def already_trained(opts, folder: Path, run_dir: Path, params: dict, inputs: dict) -> bool:
+    """True (and said) when run_dir holds this run's model and metrics for the same params and inputs;
+    the shared metrics.json then gets its entry back if a kill came between the two writes."""
+    metrics_path = run_dir / "metrics.json"
+    if not store.is_up_to_date(metrics_path, store.JSON_RECORD, params, inputs, unit=run_dir,
+                               files=[run_dir / "model.pt"]):
+        return False
+    record_shared_entry(folder / "metrics.json", opts.run, metrics_path)
+    console.info(f"{run_dir}: up to date, nothing to do (use --force to retrain)")
+    return True
 
 
 def skipped_without_val(opts, folder: Path, run_dir: Path, features_path: Path, data: str | None,
